@@ -1,0 +1,120 @@
+"""Play episodes of any :class:`~kdgap.policies.Policy` and write step records."""
+
+from __future__ import annotations
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from kdgap.envs.bandit import BanditConfig, VectorBandit
+from kdgap.envs.stats import greedy_arms, most_frequent_arms, ucb_arms
+from kdgap.policies import HistoryBatch, Policy
+from kdgap.records import StepRecord, mask_to_arms
+
+
+def history_of(env: VectorBandit, episodes: np.ndarray) -> HistoryBatch:
+    """The current :class:`HistoryBatch` of a vector bandit."""
+    return HistoryBatch(
+        cfg=env.cfg,
+        actions=env.actions.copy(),
+        rewards=env.rewards.copy(),
+        counts=env.counts.copy(),
+        sums=env.sums.copy(),
+        episodes=episodes,
+    )
+
+
+def play(
+    policy: Policy,
+    cfg: BanditConfig,
+    *,
+    n_episodes: int,
+    seed: int = 0,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> list[StepRecord]:
+    """Play ``n_episodes`` bandits of family ``cfg`` with ``policy``.
+
+    Episodes run in batches of ``batch_size`` (default: all at once), stepped together so a
+    language-model policy generates for the whole batch. Episode ``i`` is the same bandit
+    with the same rewards whatever the batch size (see :class:`VectorBandit`).
+
+    Args:
+        policy: a reference policy or a text agent.
+        cfg: the bandit family.
+        n_episodes: number of episodes (>= 1).
+        seed: fixes bandits, rewards and the policy's randomness.
+        batch_size: episodes per batch.
+        progress: show a tqdm bar over steps.
+
+    Returns:
+        ``n_episodes * cfg.horizon`` records, ordered by episode then step.
+    """
+    if not isinstance(n_episodes, int) or n_episodes < 1:
+        raise ValueError(f"n_episodes={n_episodes!r} must be an integer >= 1.")
+    batch_size = n_episodes if batch_size is None else batch_size
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be >= 1.")
+    policy.reset(cfg, seed)
+    records: list[StepRecord] = []
+    starts = range(0, n_episodes, batch_size)
+    bar = tqdm(total=n_episodes * cfg.horizon, desc=f"play {policy.name}", disable=not progress)
+    for start in starts:
+        episodes = np.arange(start, min(start + batch_size, n_episodes))
+        env = VectorBandit(cfg, len(episodes), first_episode=int(start))
+        env.reset(seed=seed)
+        for _ in range(cfg.horizon):
+            hist = history_of(env, episodes)
+            labels = _labels(hist)
+            dec = policy.act(hist)
+            _, rewards, _, _, info = env.step(dec.actions)
+            for j, ep in enumerate(episodes):
+                records.append(
+                    StepRecord(
+                        episode=int(ep),
+                        step=hist.t,
+                        n_arms=cfg.n_arms,
+                        action=int(dec.actions[j]),
+                        reward=float(rewards[j]),
+                        regret=float(info["regret"][j]),
+                        valid=bool(dec.valid[j]),
+                        best_arm=int(env.best_arms[j]),
+                        ucb_arms=labels[0][j],
+                        greedy_arms=labels[1][j],
+                        frequent_arms=labels[2][j],
+                        rationale_arm=(
+                            None if dec.rationale_arms[j] < 0 else int(dec.rationale_arms[j])
+                        ),
+                        action_probs=(
+                            None
+                            if dec.action_probs is None
+                            else tuple(float(p) for p in dec.action_probs[j])
+                        ),
+                        prompt=None if dec.prompts is None else dec.prompts[j],
+                        completion=None if dec.completions is None else dec.completions[j],
+                        cf_rationale_arm=_extra(dec, "cf_rationale_arms", j),
+                        cf_action=_extra(dec, "cf_actions", j),
+                    )
+                )
+            bar.update(len(episodes))
+    bar.close()
+    records.sort(key=lambda r: (r.episode, r.step))
+    return records
+
+
+def _extra(dec, key: str, j: int) -> int | None:
+    arr = dec.extras.get(key)
+    if arr is None or arr[j] < 0:
+        return None
+    return int(arr[j])
+
+
+def _labels(hist: HistoryBatch) -> tuple[list, list, list]:
+    cfg = hist.cfg
+    u = ucb_arms(hist.counts, hist.sums, c=cfg.ucb_c, bonus=cfg.ucb_bonus)
+    g = greedy_arms(hist.counts, hist.sums)
+    f = most_frequent_arms(hist.counts)
+    return (
+        [mask_to_arms(m) for m in u],
+        [mask_to_arms(m) for m in g],
+        [mask_to_arms(m) for m in f],
+    )

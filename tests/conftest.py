@@ -1,0 +1,98 @@
+"""Shared, session-scoped tiny models (seeded) for every test module.
+
+- ``tiny_tokenizer_dir``: a byte-level BPE tokenizer (any text round-trips) trained on a
+  small bandit-prompt corpus and saved as a Hugging Face fast tokenizer (bos/eos/pad set).
+- ``tiny_native``: ``TransformerBridge.boot_native`` with 2 layers, d_model 32, in eval mode.
+- ``tiny_hf_dir``: a random GPT-2 (2 layers, d_model 32) saved with that tokenizer to a temp
+  folder, as a user's local Hugging Face folder would be.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+CORPUS = [
+    "You are in a room with 5 buttons labeled red, green, blue, yellow, orange.",
+    "Each button is associated with a Bernoulli distribution with a fixed but unknown mean.",
+    "Step=0 Action=green Reward=0.3",
+    "Step=1 Action=blue Reward=1",
+    "Think briefly, then end with ACTION=X where X is one of the buttons.",
+    "<ucb_values> red: 0.71, green: 0.52 </ucb_values> ACTION=red",
+    "Alice has 3 brothers and she also has 6 sisters. ### Answer: 7",
+    "purple pink brown black white 0 1 2 3 4 5 6 7 8 9 10 . , : = < > / #",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+    path = tmp_path_factory.mktemp("tiny_tokenizer")
+    hf.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_native(tiny_tokenizer):
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    cfg = TransformerBridgeConfig(
+        d_model=32, d_head=8, n_layers=2, n_ctx=2048, n_heads=4, d_mlp=64,
+        d_vocab=len(tiny_tokenizer), act_fn="gelu", normalization_type="LN", seed=0,
+    )  # fmt: skip
+    model = TransformerBridge.boot_native(cfg, tokenizer=tiny_tokenizer)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory, tiny_tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=len(tiny_tokenizer), n_positions=2048, n_embd=32, n_layer=2, n_head=4,
+        bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+    )  # fmt: skip
+    model = GPT2LMHeadModel(cfg)
+    path = tmp_path_factory.mktemp("tiny_gpt2")
+    model.save_pretrained(path, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_bridge(tiny_hf_dir):
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_hf_dir)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_hf_dir)
+    return TransformerBridge.boot_transformers(str(tiny_hf_dir), hf_model=hf, tokenizer=tok).eval()
