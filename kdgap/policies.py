@@ -14,7 +14,7 @@ import numpy as np
 from jaxtyping import Bool, Float, Int
 
 from kdgap.envs.bandit import BanditConfig
-from kdgap.envs.stats import greedy_arms, ucb_arms
+from kdgap.envs.stats import ucb_arms
 
 
 @dataclass
@@ -35,7 +35,7 @@ class HistoryBatch:
     rewards: Float[np.ndarray, "n t"]
     counts: Int[np.ndarray, "n arms"]
     sums: Float[np.ndarray, "n arms"]
-    episodes: Int[np.ndarray, "n"]
+    episodes: Int[np.ndarray, " n"]
 
     @property
     def t(self) -> int:
@@ -60,9 +60,9 @@ class Decisions:
         prompts, completions: texts, or None for non-text policies.
     """
 
-    actions: Int[np.ndarray, "n"]
-    valid: Bool[np.ndarray, "n"]
-    rationale_arms: Int[np.ndarray, "n"]
+    actions: Int[np.ndarray, " n"]
+    valid: Bool[np.ndarray, " n"]
+    rationale_arms: Int[np.ndarray, " n"]
     action_probs: Float[np.ndarray, "n arms"] | None = None
     prompts: list[str] | None = None
     completions: list[str] | None = None

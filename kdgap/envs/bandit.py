@@ -84,7 +84,7 @@ class BanditConfig:
         return asdict(self)
 
 
-def draw_means(cfg: BanditConfig, rng: np.random.Generator) -> Float[np.ndarray, "arms"]:
+def draw_means(cfg: BanditConfig, rng: np.random.Generator) -> Float[np.ndarray, " arms"]:
     """Arm means of one bandit drawn from ``cfg``'s family."""
     if cfg.reward == "bernoulli" and cfg.gap is not None:
         means = np.full(cfg.n_arms, 0.5 - cfg.gap / 2)
@@ -192,6 +192,6 @@ class VectorBandit(gym.vector.VectorEnv):
         return float(self._streams[env, arm, pull_index])
 
     @property
-    def best_arms(self) -> Int[np.ndarray, "n_envs"]:
+    def best_arms(self) -> Int[np.ndarray, " n_envs"]:
         """Index of the highest-mean arm of every bandit."""
         return self.means.argmax(axis=1)

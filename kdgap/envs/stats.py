@@ -101,8 +101,8 @@ def first_arm(mask: Bool[np.ndarray, "... arms"]) -> Int[np.ndarray, "..."]:
 
 
 def counts_and_sums(
-    actions: Int[np.ndarray, "steps"], rewards: Float[np.ndarray, "steps"], n_arms: int
-) -> tuple[Int[np.ndarray, "arms"], Float[np.ndarray, "arms"]]:
+    actions: Int[np.ndarray, " steps"], rewards: Float[np.ndarray, " steps"], n_arms: int
+) -> tuple[Int[np.ndarray, " arms"], Float[np.ndarray, " arms"]]:
     """Per-arm pull counts and reward sums of one history."""
     actions = np.asarray(actions, dtype=np.int64)
     if actions.size and (actions.min() < 0 or actions.max() >= n_arms):
