@@ -40,6 +40,8 @@ class StepRecord:
         prompt, completion: the text shown to and written by a language model.
         cf_rationale_arm, cf_action: counterfactual edit (Lanham-style): the arm written
             into the rationale instead of ``rationale_arm`` and the action taken then.
+        executed_action: in off-policy play (a *driver* policy builds the history), the
+            arm actually executed; None when the policy's own action was executed.
     """
 
     episode: int
@@ -59,6 +61,7 @@ class StepRecord:
     completion: str | None = None
     cf_rationale_arm: int | None = None
     cf_action: int | None = None
+    executed_action: int | None = None
 
     @property
     def ucb_arm(self) -> int:
@@ -88,7 +91,7 @@ def mask_to_arms(mask: np.ndarray) -> tuple[int, ...]:
     return tuple(int(i) for i in np.flatnonzero(mask))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temp file + rename, so a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +109,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     """Write ``obj`` as indented JSON, atomically."""
-    _atomic_write_text(Path(path), json.dumps(obj, indent=2, default=_json_default) + "\n")
+    atomic_write_text(Path(path), json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
 def _json_default(o):
@@ -122,7 +125,7 @@ def _json_default(o):
 def write_records(path: str | os.PathLike, records: Iterable[StepRecord]) -> None:
     """Write records as JSON lines, atomically."""
     lines = [json.dumps(asdict(r), default=_json_default) for r in records]
-    _atomic_write_text(Path(path), "\n".join(lines) + ("\n" if lines else ""))
+    atomic_write_text(Path(path), "\n".join(lines) + ("\n" if lines else ""))
 
 
 def read_records(path: str | os.PathLike) -> list[StepRecord]:

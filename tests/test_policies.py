@@ -52,3 +52,19 @@ def test_epsilon_greedy_distribution_and_errors():
     probs = np.array(recs[-1].action_probs)
     assert probs.sum() == pytest.approx(1.0)
     assert probs.min() >= 0.2 / 5 - 1e-12
+
+
+def test_off_policy_play_records_the_policy_but_executes_the_driver():
+    cfg = BanditConfig(horizon=12)
+    recs = play(make_policy("greedy"), cfg, n_episodes=3, seed=4, driver=make_policy("ucb"),
+                progress=False)  # fmt: skip
+    ucb_run = play(make_policy("ucb"), cfg, n_episodes=3, seed=4, progress=False)
+    # The histories are UCB's: executed arms equal UCB's own actions step for step.
+    assert [r.executed_action for r in recs] == [r.action for r in ucb_run]
+    # Labels come from those histories, and the recorded action is the greedy policy's.
+    assert [r.ucb_arms for r in recs] == [r.ucb_arms for r in ucb_run]
+    assert any(r.action != r.executed_action for r in recs)
+    assert all(r.executed_action is None for r in ucb_run)
+    # Rewards/regrets are those of the recorded (greedy) arm.
+    same = [(a, b) for a, b in zip(recs, ucb_run) if a.action == b.action]
+    assert same and all(a.reward == b.reward and a.regret == b.regret for a, b in same)

@@ -31,12 +31,21 @@ def play(
     seed: int = 0,
     batch_size: int | None = None,
     progress: bool = True,
+    driver: Policy | None = None,
 ) -> list[StepRecord]:
     """Play ``n_episodes`` bandits of family ``cfg`` with ``policy``.
 
     Episodes run in batches of ``batch_size`` (default: all at once), stepped together so a
     language-model policy generates for the whole batch. Episode ``i`` is the same bandit
     with the same rewards whatever the batch size (see :class:`VectorBandit`).
+
+    With a ``driver``, the histories are *off-policy*: the driver's arms are executed and
+    build the history, while ``policy`` still decides (writes its rationale and action) at
+    every step and its decision is what the record holds (``action``, ``regret``; the
+    ``reward`` is the one its arm would have paid, by common random numbers;
+    ``executed_action`` is the driver's arm). Analyses need this when a policy's own
+    trajectories are degenerate: an organism that always acts greedily and never explores
+    pulls one arm forever, and a probe cannot learn "action" from a constant label.
 
     Args:
         policy: a reference policy or a text agent.
@@ -55,6 +64,8 @@ def play(
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be >= 1.")
     policy.reset(cfg, seed)
+    if driver is not None:
+        driver.reset(cfg, seed)
     records: list[StepRecord] = []
     starts = range(0, n_episodes, batch_size)
     bar = tqdm(total=n_episodes * cfg.horizon, desc=f"play {policy.name}", disable=not progress)
@@ -66,7 +77,10 @@ def play(
             hist = history_of(env, episodes)
             labels = _labels(hist)
             dec = policy.act(hist)
-            _, rewards, _, _, info = env.step(dec.actions)
+            # The reward and regret of the policy's own arm, before the env moves on.
+            own_reward, own_regret = env.peek(dec.actions)
+            executed = dec.actions if driver is None else driver.act(hist).actions
+            env.step(executed)
             for j, ep in enumerate(episodes):
                 records.append(
                     StepRecord(
@@ -74,8 +88,8 @@ def play(
                         step=hist.t,
                         n_arms=cfg.n_arms,
                         action=int(dec.actions[j]),
-                        reward=float(rewards[j]),
-                        regret=float(info["regret"][j]),
+                        reward=float(own_reward[j]),
+                        regret=float(own_regret[j]),
                         valid=bool(dec.valid[j]),
                         best_arm=int(env.best_arms[j]),
                         ucb_arms=labels[0][j],
@@ -93,6 +107,7 @@ def play(
                         completion=None if dec.completions is None else dec.completions[j],
                         cf_rationale_arm=_extra(dec, "cf_rationale_arms", j),
                         cf_action=_extra(dec, "cf_actions", j),
+                        executed_action=None if driver is None else int(executed[j]),
                     )
                 )
             bar.update(len(episodes))

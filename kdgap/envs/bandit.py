@@ -187,9 +187,15 @@ class VectorBandit(gym.vector.VectorEnv):
         t = np.full(self.num_envs, self.actions.shape[1], dtype=np.int64)
         return {"counts": self.counts.copy(), "sums": self.sums.copy(), "t": t}
 
-    def reward_of(self, env: int, arm: int, pull_index: int) -> float:
-        """The reward the ``pull_index``-th pull of ``arm`` in bandit ``env`` returns."""
-        return float(self._streams[env, arm, pull_index])
+    def peek(self, actions) -> tuple[Float[np.ndarray, " n_envs"], Float[np.ndarray, " n_envs"]]:
+        """Reward and expected regret that pulling ``actions`` *would* give now, no step.
+
+        Off-policy play uses it to score a policy's arm while another arm is executed.
+        """
+        a = np.asarray(actions, dtype=np.int64).reshape(-1)
+        idx = np.arange(self.num_envs)
+        reward = self._streams[idx, a, self.counts[idx, a]]
+        return reward, self.means.max(axis=1) - self.means[idx, a]
 
     @property
     def best_arms(self) -> Int[np.ndarray, " n_envs"]:

@@ -180,10 +180,10 @@ class TokenBatch:
     tokens: Int[torch.Tensor, "batch pos"]
     attention_mask: Int[torch.Tensor, "batch pos"]
     offsets: Int[torch.Tensor, "batch pos 2"]
-    lengths: Int[torch.Tensor, "batch"]
+    lengths: Int[torch.Tensor, " batch"]
 
     @property
-    def pad_left(self) -> Int[torch.Tensor, "batch"]:
+    def pad_left(self) -> Int[torch.Tensor, " batch"]:
         """``[batch]`` number of padding positions in front of each example."""
         return self.tokens.shape[1] - self.lengths
 

@@ -1,0 +1,130 @@
+"""Generation throughput of the batched text agent vs one episode at a time.
+
+Same model, same bandits, same settings; the only difference is ``play(batch_size=...)``:
+all episodes generated together (left-padded batch, KV cache) or one episode per batch.
+Throughput = tokens the model generated / wall time of ``play`` (prompt rendering,
+tokenisation and parsing included), median over repeats.
+
+Model: ``TransformerBridge.boot_native`` with random weights, 4 layers, d_model 128,
+4 heads (the size of kdgap's model organisms), with a byte-level BPE tokenizer trained
+here on bandit prompts. Free mode, greedy, EOS disabled by construction (random weights
+rarely emit it; the count uses the tokens really produced).
+
+Usage: python experiments/bench/agent.py --json OUT.json [--episodes 8 --steps 3 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from kdgap.agent import PaperFormat, TextAgent  # noqa: E402
+from kdgap.agent.runner import play  # noqa: E402
+from kdgap.envs import BanditConfig  # noqa: E402
+from kdgap.records import atomic_write_json  # noqa: E402
+
+
+def build_tokenizer(cfg: BanditConfig, vocab_size: int = 1000):
+    """A byte-level BPE fast tokenizer trained on rendered bandit prompts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    rng = np.random.default_rng(0)
+    fmt = PaperFormat(knowing_doing=True)
+    corpus = []
+    for t in (0, 5, 20, 49):
+        actions = rng.integers(cfg.n_arms, size=t).tolist()
+        corpus.append(fmt.render_prompt(cfg, actions, rng.integers(2, size=t).tolist()))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus * 4, trainer=trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+    # A saved-and-reloaded tokenizer is what the bridge expects (it re-reads name_or_path),
+    # so the folder must outlive this function.
+    d = tempfile.mkdtemp(prefix="kdgap_bench_tok_")
+    hf.save_pretrained(d)
+    return AutoTokenizer.from_pretrained(d)
+
+
+def build_model(tokenizer):
+    """Random-weight boot_native model: 4 layers, d_model 128, 4 heads, eval mode."""
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    cfg = TransformerBridgeConfig(
+        d_model=128, d_head=32, n_layers=4, n_ctx=4096, n_heads=4, d_mlp=512,
+        d_vocab=len(tokenizer), act_fn="gelu", normalization_type="LN", seed=0,
+    )  # fmt: skip
+    return TransformerBridge.boot_native(cfg, tokenizer=tokenizer).eval()
+
+
+class CountingAgent(TextAgent):
+    """A TextAgent that adds up the tokens it generated."""
+
+    tokens = 0
+
+    def act(self, history):
+        dec = super().act(history)
+        self.tokens += int(dec.extras["generated_tokens"].sum())
+        return dec
+
+
+def measure(model, cfg, *, episodes, max_new_tokens, batch_size) -> float:
+    """Tokens per second of one ``play`` run."""
+    agent = CountingAgent(model, PaperFormat(), mode="free", max_new_tokens=max_new_tokens)
+    t0 = time.perf_counter()
+    play(agent, cfg, n_episodes=episodes, seed=0, batch_size=batch_size, progress=False)
+    return agent.tokens / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> dict:
+    """Run the benchmark and write ``{batched,sequential}_tokens_per_s`` and ``speedup``."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", required=True, help="output JSON path")
+    ap.add_argument("--episodes", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=3, help="horizon of each bandit")
+    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args(argv)
+    cfg = BanditConfig(horizon=args.steps)
+    tok = build_tokenizer(BanditConfig())
+    model = build_model(tok)
+    kw = dict(episodes=args.episodes, max_new_tokens=args.max_new_tokens)
+    measure(model, cfg, batch_size=None, **{**kw, "episodes": 2})  # warm-up
+    batched = [measure(model, cfg, batch_size=None, **kw) for _ in range(args.repeats)]
+    seq = [measure(model, cfg, batch_size=1, **kw) for _ in range(args.repeats)]
+    out = {
+        "batched_tokens_per_s": statistics.median(batched),
+        "sequential_tokens_per_s": statistics.median(seq),
+        "speedup": statistics.median(batched) / statistics.median(seq),
+        "config": {
+            **vars(args),
+            "model": "boot_native 4L d128 4H random",
+            "vocab": len(tok),
+            "torch_threads": torch.get_num_threads(),
+        },  # fmt: skip
+    }
+    atomic_write_json(args.json, out)
+    print(f"batched {out['batched_tokens_per_s']:.1f} tok/s, sequential "
+          f"{out['sequential_tokens_per_s']:.1f} tok/s, speedup {out['speedup']:.2f}x")  # fmt: skip
+    return out
+
+
+if __name__ == "__main__":
+    main()

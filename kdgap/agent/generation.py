@@ -1,0 +1,315 @@
+"""Batched generation and continuation scoring for any TransformerBridge.
+
+Tokenisation rule (one rule, text only, so recorders can re-tokenise a stored transcript
+exactly as the agent did): :func:`encode` prepends the tokenizer's BOS token when the
+model prepends BOS by default (``cfg.default_prepend_bos``) and the text does not already
+start with the BOS string (a chat template that writes its own BOS is never doubled).
+
+Generation has two paths, with the same interface and post-processing:
+
+- ``boot_native`` models: transformer-lens 4.3's native model has no KV cache, so
+  ``bridge.generate`` recomputes the whole sequence every token (measured: a batch of 16
+  is then no faster per token than one sequence). Here a KV-cached loop runs the native
+  model's own submodules (:func:`_native_generate`); it is tested token-for-token against
+  ``bridge.generate``. Hooks are bypassed on this path, so when any hook is attached the
+  bridge path is used instead.
+- every other bridge (Hugging Face models): ``bridge.generate`` on left-padded tokens with
+  an explicit attention mask (HF KV cache). It samples from torch's global RNG, so the
+  call runs inside ``torch.random.fork_rng`` seeded with ``seed``: reproducible, and the
+  caller's RNG state is untouched. Tested token-for-token against ``AutoModelForCausalLM
+  .generate`` (transformers 5.24 breaks this; see pyproject.toml).
+
+Completions are cut at the first EOS token and just after the first stop string.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+
+from kdgap.agent import native_cache
+
+
+@dataclass
+class Generation:
+    """Completions of a batch of prompts.
+
+    Attributes:
+        texts: ``[batch]`` completions (cut at EOS, and just after a stop string).
+        token_ids: ``[batch]`` generated token ids, up to (excluding) EOS.
+        n_tokens: ``[batch]`` tokens the model produced for each row before it stopped
+            (EOS included): the unit of the throughput benchmark.
+    """
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    n_tokens: Int[np.ndarray, "batch"]  # noqa: F821
+
+
+def _tokenizer(model, tokenizer=None):
+    tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if tok is None:
+        raise ValueError(
+            "model.tokenizer is None; boot the bridge with tokenizer=... or pass tokenizer=."
+        )
+    return tok
+
+
+def encode(model, texts: Sequence[str], *, tokenizer=None) -> list[list[int]]:
+    """Token ids of each text under kdgap's BOS rule (see module docstring).
+
+    Args:
+        model: a TransformerBridge (for ``cfg.default_prepend_bos`` and its tokenizer).
+        texts: ``[batch]`` strings (chat-templated or not).
+        tokenizer: overrides ``model.tokenizer``.
+
+    Returns:
+        ``[batch]`` lists of ids (no padding).
+    """
+    tok = _tokenizer(model, tokenizer)
+    if isinstance(texts, str):
+        raise TypeError(f"texts={texts[:40]!r}... is one string; pass a list of strings.")
+    ids = tok(list(texts), add_special_tokens=False)["input_ids"]
+    bos, bos_id = tok.bos_token, tok.bos_token_id
+    if bos is None or bos_id is None or not getattr(model.cfg, "default_prepend_bos", True):
+        return [list(x) for x in ids]
+    return [list(x) if t.startswith(bos) else [bos_id, *x] for t, x in zip(texts, ids)]
+
+
+def left_pad(
+    seqs: Sequence[Sequence[int]], pad_id: int, device=None
+) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"]]:
+    """Left-pad id lists into ``tokens [batch pos]`` and a 0/1 ``attention_mask``."""
+    if not seqs or min(len(s) for s in seqs) == 0:
+        raise ValueError("seqs contain an empty sequence; every prompt needs >= 1 token.")
+    n = max(len(s) for s in seqs)
+    tokens = torch.full((len(seqs), n), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, n - len(s) :] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, n - len(s) :] = 1
+    return tokens.to(device), mask.to(device)
+
+
+def _pad_id(tok) -> int:
+    for cand in (tok.pad_token_id, tok.eos_token_id, 0):
+        if cand is not None:
+            return int(cand)
+    return 0
+
+
+def _eos_ids(model, tok) -> list[int]:
+    ids = getattr(model.cfg, "eos_token_id", None)
+    ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
+    if tok.eos_token_id is not None and tok.eos_token_id not in ids:
+        ids.append(int(tok.eos_token_id))
+    return ids
+
+
+class TextStop:
+    """Stopping criterion: a row stops once its generated text contains a stop string.
+
+    Only tokens after ``prompt_len`` are decoded (a prompt that mentions the stop string
+    never stops generation), and only the last ``max(len(s))`` of them: every token
+    decodes to at least one character, so a new occurrence lies in that tail.
+    """
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str], prompt_len: int) -> None:
+        self.tok, self.stops, self.prompt_len = tokenizer, list(stop_strings), prompt_len
+        self.tail = max(len(s) for s in self.stops) + 1
+
+    def __call__(self, input_ids: torch.Tensor, scores=None, **kw) -> torch.Tensor:
+        gen = input_ids[:, self.prompt_len :][:, -self.tail :]
+        texts = self.tok.batch_decode(gen.tolist(), skip_special_tokens=False)
+        hit = [any(s in t for s in self.stops) for t in texts]
+        return torch.tensor(hit, dtype=torch.bool, device=input_ids.device)
+
+
+def _has_hooks(model) -> bool:
+    hook_dict = getattr(model, "hook_dict", {}) or {}
+    return any(len(getattr(hp, "_forward_hooks", {})) for hp in hook_dict.values())
+
+
+def generate(
+    model,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    seed: int = 0,
+    stop_strings: Sequence[str] = (),
+    batch_size: int | None = None,
+    tokenizer=None,
+    use_native_cache: bool = True,
+) -> Generation:
+    """Generate completions for ``prompts`` in left-padded batches.
+
+    Args:
+        model: any TransformerBridge (eval mode).
+        prompts: ``[batch]`` texts, already chat-templated where wanted (BOS rule of
+            :func:`encode`).
+        max_new_tokens: most tokens per completion (>= 1).
+        temperature: 0 for greedy, > 0 to sample from ``softmax(logits / temperature)``.
+        seed: seeds sampling (each sub-batch ``b`` uses ``seed + b``).
+        stop_strings: a row stops once its completion contains one of these.
+        batch_size: prompts per forward batch (default: all). Prompts are sorted by
+            length first so a batch holds similar lengths (less padding).
+        tokenizer: overrides ``model.tokenizer``.
+        use_native_cache: use the KV-cached loop for ``boot_native`` models.
+
+    Returns:
+        A :class:`Generation` in the order of ``prompts``.
+    """
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1.")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature!r} must be >= 0 (0 means greedy).")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be >= 1 or None (all at once).")
+    tok = _tokenizer(model, tokenizer)
+    ids = encode(model, prompts, tokenizer=tok)
+    order = np.argsort([len(x) for x in ids], kind="stable")
+    bs = len(ids) if batch_size is None else batch_size
+    out: list[tuple[str, list[int], int]] = [("", [], 0)] * len(ids)
+    eos = _eos_ids(model, tok)
+    native = (
+        use_native_cache and native_cache.supports(model) and not _has_hooks(model)
+    )  # fmt: skip
+    for b, start in enumerate(range(0, len(ids), bs)):
+        rows = order[start : start + bs]
+        tokens, mask = left_pad([ids[i] for i in rows], _pad_id(tok), model.cfg.device)
+        stop = TextStop(tok, stop_strings, tokens.shape[1]) if stop_strings else None
+        if native:
+            gen = native_cache.generate(
+                model, tokens, mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                seed=seed + b, eos_ids=eos, stop=stop,
+            )  # fmt: skip
+        else:
+            gen = _bridge_generate(model, tokens, mask, max_new_tokens, temperature,
+                                   seed + b, eos, stop)  # fmt: skip
+        for j, i in enumerate(rows):
+            out[i] = _finish(tok, gen[j].tolist(), eos, stop_strings)
+    return Generation(
+        texts=[o[0] for o in out],
+        token_ids=[o[1] for o in out],
+        n_tokens=np.array([o[2] for o in out], dtype=np.int64),
+    )
+
+
+def _bridge_generate(model, tokens, mask, max_new_tokens, temperature, seed, eos, stop):
+    devices = [tokens.device] if tokens.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.manual_seed(seed)
+        out = model.generate(
+            tokens,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else 1.0,
+            stop_at_eos=bool(eos),
+            eos_token_id=eos or None,
+            stopping_criteria=[stop] if stop is not None else None,
+            verbose=False,
+            return_type="tokens",
+        )
+    return out[:, tokens.shape[1] :].cpu()
+
+
+def _finish(tok, new: list[int], eos: list[int], stop_strings) -> tuple[str, list[int], int]:
+    """Cut one row at EOS / after a stop string; count the tokens it really produced."""
+    cut = next((k for k, t in enumerate(new) if t in eos), None)
+    produced = new if cut is None else new[:cut]
+    text = tok.decode(produced, skip_special_tokens=False)
+    n = len(produced) + (cut is not None)
+    hits = [(text.find(s), s) for s in stop_strings if s in text]
+    if hits:
+        at, s = min(hits)
+        text = text[: at + len(s)]
+        # Tokens after the stop are fill (the row was frozen); count up to the stop.
+        for k in range(1, len(produced) + 1):
+            if s in tok.decode(produced[:k], skip_special_tokens=False):
+                n = k
+                break
+    return text, produced, n
+
+
+@torch.no_grad()
+def score_continuations(
+    model,
+    prefixes: Sequence[str] | Sequence[Sequence[int]],
+    continuations: Sequence[str] | Sequence[Sequence[int]],
+    *,
+    batch_size: int | None = None,
+    tokenizer=None,
+) -> Float[torch.Tensor, "n_prefixes n_continuations"]:
+    """Log-probability of each continuation right after each prefix.
+
+    ``score[i, j] = sum_k log p(c_j[k] | prefix_i + c_j[:k])``: prefixes and continuations
+    are tokenised *separately* (a continuation is what the model would emit next, not a
+    re-tokenisation of the joined text). The first token of every continuation comes from
+    one forward pass of the prefix; multi-token continuations add one sequence per
+    distinct proper continuation prefix. Runs through the bridge forward, so hooks
+    (patching, steering) act on the scores.
+
+    Args:
+        model: a TransformerBridge.
+        prefixes: ``[n_prefixes]`` texts (BOS rule of :func:`encode`) or id lists.
+        continuations: ``[n_continuations]`` texts (no special tokens added) or id lists.
+        batch_size: sequences per forward (default: sized for ~256 MB of logits).
+        tokenizer: overrides ``model.tokenizer``.
+
+    Returns:
+        ``[n_prefixes, n_continuations]`` float32 log-probs on CPU.
+    """
+    tok = _tokenizer(model, tokenizer)
+    if len(prefixes) == 0 or len(continuations) == 0:
+        raise ValueError(
+            f"got {len(prefixes)} prefixes and {len(continuations)} continuations; "
+            "pass at least one of each."
+        )
+    pre = encode(model, prefixes, tokenizer=tok) if isinstance(prefixes[0], str) else prefixes
+    conts = [
+        tok(c, add_special_tokens=False)["input_ids"] if isinstance(c, str) else list(c)
+        for c in continuations
+    ]
+    for c, raw in zip(conts, continuations):
+        if len(c) == 0:
+            raise ValueError(f"continuation {raw!r} tokenises to nothing; drop it.")
+    # Contexts whose next-token distribution we need: () and every proper prefix of a
+    # continuation. One sequence prefix + ctx serves ctx and all of ctx's own prefixes
+    # (their logits sit at earlier positions), so only maximal contexts are run.
+    ctxs = {tuple(c[:k]) for c in conts for k in range(len(c))}
+    longest_first = sorted(ctxs, key=len, reverse=True)
+    maximal: list[tuple[int, ...]] = []
+    for ctx in longest_first:
+        if not any(m[: len(ctx)] == ctx for m in maximal):
+            maximal.append(ctx)
+    jobs = [(i, ctx) for i in range(len(pre)) for ctx in maximal]
+    seqs = [list(pre[i]) + list(ctx) for i, ctx in jobs]
+    n_vocab = int(model.cfg.d_vocab)
+    if batch_size is None:
+        longest = max(len(s) for s in seqs)
+        batch_size = max(1, int(2**26 // max(1, longest * n_vocab)))
+    logp: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
+    order = np.argsort([len(s) for s in seqs], kind="stable")
+    for start in range(0, len(seqs), batch_size):
+        rows = order[start : start + batch_size]
+        tokens, mask = left_pad([seqs[r] for r in rows], _pad_id(tok), model.cfg.device)
+        logits = model(tokens, attention_mask=mask, return_type="logits")
+        width = max(len(jobs[r][1]) for r in rows) + 1
+        tail = F.log_softmax(logits[:, -width:, :].float(), dim=-1).cpu()
+        for j, r in enumerate(rows):
+            i, ctx = jobs[r]
+            for k in range(len(ctx) + 1):
+                # Left padding: prefix + ctx[:k] ends len(ctx) - k positions before the end.
+                logp.setdefault((i, ctx[:k]), tail[j, width - 1 - (len(ctx) - k)])
+    out = torch.zeros(len(pre), len(conts))
+    for i in range(len(pre)):
+        for j, c in enumerate(conts):
+            out[i, j] = sum(float(logp[(i, tuple(c[:k]))][c[k]]) for k in range(len(c)))
+    return out

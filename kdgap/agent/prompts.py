@@ -1,0 +1,254 @@
+"""The paper's bandit prompt (Schmied et al. 2025) as a :class:`TranscriptFormat`.
+
+The prompt follows BanditBench's button task as used in "LLMs are Greedy Agents": a
+system description (buttons, reward distribution, horizon, goal), the history one line per
+step (``Step=0 Action=green Reward=0.3``) and a chain-of-thought instruction ending in
+``ACTION=X``. ``knowing_doing=True`` adds the knowing-doing instruction: write down the UCB
+rule (the exact rule of the bandit config, ``cfg.ucb_c`` / ``cfg.ucb_bonus``, so the
+rationale is judged against the rule it was given), compute every arm's value inside
+``<ucb_values>`` tags, then act.
+
+Sites (character spans of prompt + completion, see :mod:`kdgap.agent.formats`):
+
+- ``prompt.end``: the last character of the rendered prompt (before any chat-template
+  text that follows the user message).
+- ``history.last``: the last history line (absent at step 0).
+- ``action``: the last character of the last action marker *after the prompt*, i.e. the
+  position whose next-token prediction is the action (the prompt's own instruction
+  mentions ``ACTION=X`` and is never taken for it).
+- ``rationale.arm[<name>]``: each entry ``<name>: <value>`` of the completion's
+  ``<ucb_values>`` block (arm name start to value end); ``rationale.conclusion``: the
+  entry of the top arm (the arm :func:`parse_rationale` returns).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import replace
+
+from kdgap.agent import parsing
+from kdgap.envs.bandit import BanditConfig
+
+_FINAL_RE = re.compile(r"End your answer with ACTION=X, where X is one of: (?P<arms>[^\n]*)\.")
+_HISTORY_RE = re.compile(r"^Step=\d+ Action=\S+ Reward=\S+$", re.MULTILINE)
+_BONUS_TEXT = {
+    "sqrt_log_t_over_n": "sqrt(log(t) / N(a))",
+    "ucb1": "sqrt(2 * log(t) / N(a))",
+}
+
+
+def _shift(e: parsing.UcbEntry, k: int) -> parsing.UcbEntry:
+    return replace(
+        e,
+        name_span=(e.name_span[0] + k, e.name_span[1] + k),
+        value_span=(e.value_span[0] + k, e.value_span[1] + k),
+    )
+
+
+def format_reward(r: float) -> str:
+    """A reward as the history shows it: ``1``, ``0``, ``0.3``, ``-1.25`` (2 decimals max)."""
+    s = f"{float(r):.2f}".rstrip("0").rstrip(".")
+    return "0" if s in ("-0", "") else s
+
+
+class PaperFormat:
+    """The LLM prompt of Schmied et al. (2025); implements :class:`TranscriptFormat`.
+
+    Args:
+        knowing_doing: add the UCB instruction and the ``<ucb_values>`` rationale.
+        use_chat_template: wrap the prompt as a user message when the tokenizer has a
+            chat template (the agent applies it).
+    """
+
+    action_marker = parsing.ACTION_MARKER
+
+    def __init__(self, *, knowing_doing: bool = False, use_chat_template: bool = True) -> None:
+        self.knowing_doing = bool(knowing_doing)
+        self.use_chat_template = bool(use_chat_template)
+        self.name = "paper-ucb" if self.knowing_doing else "paper"
+
+    def __repr__(self) -> str:
+        return f"PaperFormat(knowing_doing={self.knowing_doing})"
+
+    # ------------------------------------------------------------------ rendering
+    def render_prompt(
+        self, cfg: BanditConfig, actions: Sequence[int], rewards: Sequence[float]
+    ) -> str:
+        """The prompt for one episode's history ``actions[t], rewards[t]`` (no template).
+
+        Args:
+            cfg: the bandit family (arm names, reward kind, horizon, UCB rule).
+            actions: ``[t]`` arms pulled so far.
+            rewards: ``[t]`` rewards received.
+        """
+        if len(actions) != len(rewards):
+            raise ValueError(
+                f"actions has {len(actions)} steps but rewards has {len(rewards)}; "
+                "pass the same episode's history for both."
+            )
+        names = cfg.arm_names
+        if any(not 0 <= int(a) < len(names) for a in actions):
+            raise ValueError(f"actions={list(actions)!r} contain arms outside 0..{len(names) - 1}.")
+        listing = ", ".join(names)
+        if cfg.reward == "bernoulli":
+            dist = "a Bernoulli distribution (reward 0 or 1) with a fixed but unknown mean"
+        else:
+            dist = (
+                "a Gaussian distribution with a fixed but unknown mean and standard "
+                f"deviation {cfg.sigma:g}"
+            )
+        lines = [
+            f"You are in a room with {cfg.n_arms} buttons labeled {listing}. Each button is "
+            f"associated with {dist}; the means of the buttons can differ. When you press a "
+            "button, you receive a reward sampled from its distribution. You have "
+            f"{cfg.horizon} time steps and at each time step you can press any one button. "
+            f"Your goal is to maximize the total reward over the {cfg.horizon} time steps.",
+            "",
+        ]
+        t = len(actions)
+        if t == 0:
+            lines.append("You have not pressed any button yet.")
+        else:
+            lines.append(f"So far you have pressed {t} buttons with the following rewards:")
+            lines += [
+                f"Step={i} Action={names[int(a)]} Reward={format_reward(r)}"
+                for i, (a, r) in enumerate(zip(actions, rewards))
+            ]
+        lines.append("")
+        if self.knowing_doing:
+            scale = _BONUS_TEXT[cfg.ucb_bonus]
+            lines.append(
+                "First write down the UCB rule: UCB(a) = mean(a) + c * "
+                f"{scale}, where mean(a) is the average reward of button a, N(a) is how "
+                "often it was pressed, t is the total number of presses and c = "
+                f"{cfg.ucb_c:g}; a button never pressed has UCB(a) = inf. Then compute the "
+                "UCB value of every button and write them inside <ucb_values></ucb_values> "
+                "tags, one per line as 'button: value'. Then press the button with the "
+                "highest UCB value."
+            )
+        else:
+            lines.append("Think step by step, briefly, about which button to press next.")
+        lines.append(f"End your answer with ACTION=X, where X is one of: {listing}.")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ parsing
+    def parse_action(self, completion: str, arm_names: Sequence[str]) -> int | None:
+        """Last ``ACTION=X`` wins (see :func:`kdgap.agent.parsing.parse_action`)."""
+        return parsing.parse_action(completion, arm_names)
+
+    def parse_rationale(self, completion: str, arm_names: Sequence[str]) -> int | None:
+        """Top arm of the ``<ucb_values>`` block, or None (any prompt variant)."""
+        return parsing.parse_rationale(completion, arm_names)
+
+    def strip_action(self, completion: str) -> str:
+        """``completion`` cut just before its last action marker."""
+        return parsing.strip_action(completion)
+
+    def arm_continuations(self, arm_name: str) -> list[str]:
+        """``["red", " red", "Red", " Red"]`` (duplicates removed, e.g. for number arms)."""
+        name = str(arm_name)
+        out: list[str] = []
+        for v in (name, " " + name, name.capitalize(), " " + name.capitalize()):
+            if v not in out:
+                out.append(v)
+        return out
+
+    def edit_conclusion(self, completion: str, new_arm: int, arm_names: Sequence[str]) -> str:
+        """Rewrite the ``<ucb_values>`` entries so ``new_arm`` is the rationale's top arm.
+
+        The value strings of the old top arm and ``new_arm`` are swapped; any other arm
+        that would still tie with the top value gets ``new_arm``'s old value (or, when
+        ``new_arm`` itself tied at the top, the best value below the top). Whole-word
+        mentions of the old top arm *after* the block (a closing "so I press red") are
+        replaced by the new arm's name, capitalisation kept. Everything else is unchanged.
+
+        Raises:
+            ValueError: no parsable block, ``new_arm`` out of range or absent from the
+                block, or every value ties so no arm can be made the unique top.
+        """
+        if not 0 <= int(new_arm) < len(arm_names):
+            raise ValueError(f"new_arm={new_arm!r} is not an arm index 0..{len(arm_names) - 1}.")
+        entries = parsing.parse_ucb_values(completion, arm_names)
+        if not entries:
+            raise ValueError(
+                "completion has no parsable <ucb_values> block; edit_conclusion needs one "
+                "(use PaperFormat(knowing_doing=True) prompts)."
+            )
+        top = parsing.top_entry(entries)
+        by_arm = {e.arm: e for e in entries}
+        if new_arm not in by_arm:
+            raise ValueError(
+                f"new_arm={new_arm} ({arm_names[new_arm]!r}) has no entry in <ucb_values>; "
+                f"pick one of {[arm_names[a] for a in by_arm]}."
+            )
+        if new_arm == top.arm:
+            return completion
+
+        def vtext(e):
+            return completion[e.value_span[0] : e.value_span[1]]
+
+        new_e = by_arm[new_arm]
+        donor = new_e
+        if new_e.value >= top.value:
+            below = [e for e in entries if e.value < top.value]
+            if not below:
+                raise ValueError(
+                    "every <ucb_values> entry ties at the top value; no edit can make "
+                    f"arm {arm_names[new_arm]!r} the unique conclusion."
+                )
+            donor = max(below, key=lambda e: e.value)
+        repl = {new_e.value_span: vtext(top), top.value_span: vtext(donor)}
+        for e in entries:
+            if e.arm not in (new_arm, top.arm) and e.value >= top.value:
+                repl[e.value_span] = vtext(donor)
+        block_end = max(e.span[1] for e in entries)
+        close = completion.find("</ucb_values>", block_end)
+        tail_from = len(completion) if close < 0 else close
+        old, new = arm_names[top.arm], arm_names[new_arm]
+        for m in re.finditer(rf"(?<![A-Za-z0-9_]){re.escape(old)}(?![A-Za-z0-9_])",
+                             completion[tail_from:], flags=re.IGNORECASE):  # fmt: skip
+            word = m.group(0)
+            cased = new.capitalize() if word[:1].isupper() and word[1:2].islower() else new
+            cased = new.upper() if word.isupper() and len(word) > 1 else cased
+            repl[(tail_from + m.start(), tail_from + m.end())] = cased
+        out = completion
+        for (s, e), text in sorted(repl.items(), reverse=True):
+            out = out[:s] + text + out[e:]
+        return out
+
+    # ------------------------------------------------------------------ sites
+    def site_spans(self, text: str) -> dict[str, tuple[int, int]]:
+        """Character spans of ``prompt.end``, ``history.last``, ``action`` and the
+        ``rationale.*`` sites found in ``text`` (templated prompt + completion).
+
+        Without the prompt's final instruction line the whole text is read as a
+        completion (no ``prompt.end`` / ``history.last``).
+        """
+        spans: dict[str, tuple[int, int]] = {}
+        final = _FINAL_RE.search(text)
+        comp_start = 0
+        arm_names: list[str] | None = None
+        if final is not None:
+            comp_start = final.end()
+            spans["prompt.end"] = (comp_start - 1, comp_start)
+            arm_names = [a.strip() for a in final.group("arms").split(",")]
+            hist = list(_HISTORY_RE.finditer(text, 0, final.start()))
+            if hist:
+                spans["history.last"] = hist[-1].span()
+        markers = [s for s in parsing.action_marker_spans(text) if s[0] >= comp_start]
+        if markers:
+            spans["action"] = (markers[-1][1] - 1, markers[-1][1])
+        if arm_names:
+            region_end = markers[-1][0] if markers else len(text)
+            # Parse the completion alone: the prompt's instruction mentions the tags too.
+            entries = [
+                _shift(e, comp_start)
+                for e in parsing.parse_ucb_values(text[comp_start:region_end], arm_names)
+            ]
+            for e in entries:
+                spans[f"rationale.arm[{arm_names[e.arm]}]"] = e.span
+            top = parsing.top_entry(entries)
+            if top is not None:
+                spans["rationale.conclusion"] = top.span
+        return spans

@@ -1,0 +1,172 @@
+"""Attribution patching: every layer x position x component from 2 forward + 1 backward.
+
+First-order estimate of an activation patch (Nanda 2023; AtP*, Kramar et al. 2024):
+
+    LD(patched) - LD(base)  ~=  (a_source - a_base) . dLD/da  at the base run
+
+for every activation ``a`` at once: one forward of the source run (activations), one
+forward and one backward of the base run (activations and gradients). It is a *screen*:
+poor for large changes (residual stream, early MLPs), so validate the top cells exactly
+with :func:`verify_top_k`, which re-runs them through the batched exact
+:func:`~kdgap.hooks.patching.patch_sweep`.
+
+Gradients are taken with respect to a zero tensor added at each hook (``a + 0``), which
+leaves the forward unchanged and needs no ``retain_grad`` on bridge-internal tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+
+from kdgap.hooks.patching import (
+    DIRECTIONS,
+    PATCH_SITES,
+    LogitDiff,
+    capture,
+    check_pair_tokens,
+    hook_name,
+    patch_sweep,
+)
+from kdgap.hooks.plumbing import model_device, require_eval
+
+
+@dataclass
+class Attribution:
+    """Estimated patch effects (``LD_patched - LD_base``) per site.
+
+    Attributes:
+        effects: ``{site: [batch layer pos]}`` (``[batch layer pos head]`` for ``z``).
+        ld_base: ``[batch]`` metric of the base run (clean when noising).
+        direction: ``"noise"`` (base clean, source corrupt) or ``"denoise"``.
+    """
+
+    effects: dict[str, torch.Tensor]
+    ld_base: Float[torch.Tensor, " batch"]
+    direction: str
+
+    def top_k(self, site: str, k: int) -> Int[torch.Tensor, "k idx"]:
+        """The ``k`` cells with the largest prompt-mean ``|effect|``: ``[k 2|3]``."""
+        mean = self.effects[site].mean(0)
+        k = min(int(k), mean.numel())
+        flat = torch.topk(mean.abs().flatten(), k).indices
+        return torch.stack(torch.unravel_index(flat, mean.shape), dim=1).long()
+
+
+def attribution_sweep(
+    model,
+    clean_tokens: Int[torch.Tensor, "batch pos"],
+    corrupt_tokens: Int[torch.Tensor, "batch pos"],
+    metric: LogitDiff,
+    sites: Sequence[str] = ("resid_pre", "attn_out", "mlp_out"),
+    *,
+    direction: str = "noise",
+) -> Attribution:
+    """Gradient x activation-difference estimate of every patch of ``sites``.
+
+    Args:
+        model: a TransformerBridge in eval mode.
+        clean_tokens, corrupt_tokens: ``[batch pos]``, equal shapes.
+        metric: the logit difference at the action position.
+        sites: any of :data:`~kdgap.hooks.patching.PATCH_SITES`; ``z`` gives per-head cells.
+        direction: ``"noise"`` (linearise at clean, patch in corrupt) or ``"denoise"``.
+
+    Returns:
+        :class:`Attribution` with ``effects[site]`` ``[batch layer pos (head)]``; it
+        estimates ``patch_sweep(..., site, direction=direction).values - ld_base``.
+    """
+    require_eval(model, "attribution patching")
+    check_pair_tokens(clean_tokens, corrupt_tokens)
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction={direction!r} is unknown; use one of {DIRECTIONS}.")
+    bad = [s for s in sites if s not in PATCH_SITES]
+    if bad:
+        raise ValueError(f"sites={list(sites)!r}: {bad} are not patch sites {PATCH_SITES}.")
+    base, source = (
+        (clean_tokens, corrupt_tokens) if direction == "noise" else (corrupt_tokens, clean_tokens)
+    )
+    dev, n_layers = model_device(model), int(model.cfg.n_layers)
+    names = [hook_name(s, layer) for s in sites for layer in range(n_layers)]
+    src_acts, _ = capture(model, source.to(dev), names)
+
+    zeros: dict[str, torch.Tensor] = {}
+    acts: dict[str, torch.Tensor] = {}
+
+    def tap(name):
+        def fn(x, hook):
+            zero = torch.zeros_like(x, requires_grad=True)
+            zeros[name], acts[name] = zero, x.detach()
+            return x + zero
+
+        return fn
+
+    with torch.enable_grad():
+        logits = model.run_with_hooks(base.to(dev), fwd_hooks=[(n, tap(n)) for n in names])
+        ld = metric.at(logits, torch.arange(base.shape[0]))
+        grads = torch.autograd.grad(ld.sum(), [zeros[n] for n in names], allow_unused=True)
+    effects: dict[str, torch.Tensor] = {}
+    for site in sites:
+        per_layer = []
+        for layer in range(n_layers):
+            name = hook_name(site, layer)
+            g = grads[names.index(name)]
+            diff = src_acts[name] - acts[name]
+            # Sum over the feature axis: d_model, or d_head for per-head z.
+            per_layer.append(
+                torch.zeros(diff.shape[:-1], device=diff.device)
+                if g is None
+                else (diff * g).sum(-1)
+            )
+        effects[site] = torch.stack(per_layer, 1).detach().cpu()
+    return Attribution(effects, ld.detach().cpu(), direction)
+
+
+@dataclass
+class TopKCheck:
+    """Attribution vs exact patching on the top-k cells of one site.
+
+    Attributes:
+        cells: ``[k 2|3]`` (layer, pos[, head]).
+        estimated: ``[k]`` prompt-mean attribution estimate of the effect.
+        exact: ``[k]`` prompt-mean exact effect (``LD_patched - LD_base``).
+    """
+
+    cells: Int[torch.Tensor, "k idx"]
+    estimated: Float[torch.Tensor, " k"]
+    exact: Float[torch.Tensor, " k"]
+
+    @property
+    def abs_error(self) -> Float[torch.Tensor, " k"]:
+        """``[k]`` |estimated - exact|."""
+        return (self.estimated - self.exact).abs()
+
+
+def verify_top_k(
+    model,
+    clean_tokens: Int[torch.Tensor, "batch pos"],
+    corrupt_tokens: Int[torch.Tensor, "batch pos"],
+    metric: LogitDiff,
+    attribution: Attribution,
+    site: str,
+    k: int = 10,
+    **patch_kwargs,
+) -> TopKCheck:
+    """Re-run the ``k`` strongest attributed cells of ``site`` with exact patching.
+
+    ``patch_kwargs`` go to :func:`~kdgap.hooks.patching.patch_sweep` (e.g. ``memory_mb``).
+    """
+    if site not in attribution.effects:
+        raise KeyError(
+            f"site={site!r} was not attributed; attribution has {sorted(attribution.effects)}."
+        )
+    cells = attribution.top_k(site, k)
+    exact = patch_sweep(
+        model, clean_tokens, corrupt_tokens, metric, site,
+        direction=attribution.direction, cells=cells, **patch_kwargs,
+    )  # fmt: skip
+    base = exact.ld_clean if attribution.direction == "noise" else exact.ld_corrupt
+    est = attribution.effects[site].mean(0)[tuple(cells.T)]
+    return TopKCheck(cells, est, (exact.values - base[:, None]).mean(0))

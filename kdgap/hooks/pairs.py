@@ -1,0 +1,259 @@
+"""Counterfactual pairs by in-distribution token replacement (Zhang & Nanda 2023).
+
+From one clean step (history, completion) three corruptions, each carrying the two arms
+whose logit difference at the action position is the metric (``arm_a`` = clean's arm,
+``arm_b`` = the corruption's arm):
+
+- ``"conclusion"`` (a): the rationale's concluding arm swapped for ``new_arm``
+  (``fmt.edit_conclusion``).
+- ``"statistics"`` (b): the rationale's per-arm statistics of the clean winner and
+  ``new_arm`` swapped, so ``new_arm`` wins on the numbers; the written conclusion is held
+  unless ``also_conclusion=True``. Uses the format's ``rationale.arm[<name>]`` site spans
+  (each entry ``<name><sep><stats>``: the text after the name is swapped), or a custom
+  ``stats_editor``.
+- ``"history"`` (c): every history step of the clean greedy arm and ``new_arm`` swapped
+  (arm identities exchanged, rewards kept), so the greedy arm becomes ``new_arm`` while
+  the rationale text is held fixed; re-rendered through ``fmt.render_prompt``.
+
+Everything goes through the :class:`~kdgap.agent.formats.TranscriptFormat` protocol; the
+format-specific parts are pluggable: ``stats_editor`` for (b) and ``text_fn`` (how prompt
+and rationale join into the scored text: e.g. a chat template) for all three. The scored
+text is ``text_fn(prompt, strip_action(completion)) + fmt.action_marker``; its last token
+is the action position. The sender span (rationale) and history span are the character
+ranges of the two parts, so no format needs ``rationale``/``history`` sites.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Int
+
+from kdgap.hooks.patching import LogitDiff
+from kdgap.hooks.plumbing import tokenize_batch
+
+PAIR_KINDS = ("conclusion", "statistics", "history")
+
+
+@dataclass(frozen=True)
+class CounterfactualPair:
+    """One clean/corrupt text pair.
+
+    Attributes:
+        kind: one of :data:`PAIR_KINDS`.
+        clean, corrupt: full scored texts (ending with the action marker).
+        arm_a, arm_b: arm indices whose logit difference is the metric (clean's, corrupt's).
+        arm_names: display names, index ``i`` naming arm ``i``.
+        history_chars, rationale_chars: ``(start, end)`` character ranges in ``clean``
+            (token masks are taken from clean; equal token counts make them the same).
+    """
+
+    kind: str
+    clean: str
+    corrupt: str
+    arm_a: int
+    arm_b: int
+    arm_names: tuple[str, ...]
+    history_chars: tuple[int, int]
+    rationale_chars: tuple[int, int]
+
+
+def _join(prompt: str, rationale: str, marker: str, text_fn) -> tuple[str, tuple, tuple]:
+    head = text_fn(prompt, "") if text_fn else prompt
+    text = (text_fn(prompt, rationale) if text_fn else prompt + rationale) + marker
+    return text, (0, len(head)), (len(head), len(head) + len(rationale))
+
+
+def swap_statistics(
+    fmt, completion: str, arm_x: int, arm_y: int, arm_names, prefix: str = ""
+) -> str:
+    """Swap the per-arm statistics text of two arms using ``rationale.arm[<name>]`` spans.
+
+    Spans are read from ``prefix + completion`` (formats find the rationale relative to
+    the prompt), and only the completion is edited.
+
+    Raises:
+        ValueError: the format has no per-arm span for one of the arms.
+    """
+    spans = fmt.site_spans(prefix + completion)
+    spans = {k: (a - len(prefix), b - len(prefix)) for k, (a, b) in spans.items()}
+    names = [arm_names[arm_x], arm_names[arm_y]]
+    got = [spans.get(f"rationale.arm[{n}]") for n in names]
+    if None in got:
+        raise ValueError(
+            f"format {getattr(fmt, 'name', fmt)!r} gives no 'rationale.arm[...]' span for "
+            f"{[n for n, g in zip(names, got) if g is None]} in this completion; pass "
+            "stats_editor= for formats that write statistics differently."
+        )
+    (s1, e1), (s2, e2) = sorted(got)
+    (n1, n2) = [names[got.index(g)] for g in sorted(got)]
+    tail1, tail2 = completion[s1 + len(n1) : e1], completion[s2 + len(n2) : e2]
+    return (
+        completion[: s1 + len(n1)] + tail2 + completion[e1 : s2 + len(n2)] + tail1 + completion[e2:]
+    )
+
+
+def greedy_arm(actions: Sequence[int], rewards: Sequence[float], n_arms: int) -> int:
+    """Arm with the best empirical mean among tried arms (lowest index on ties); -1 if none."""
+    a, r = np.asarray(actions, int), np.asarray(rewards, float)
+    counts = np.bincount(a, minlength=n_arms)
+    sums = np.bincount(a, weights=r, minlength=n_arms)
+    if counts.sum() == 0:
+        return -1
+    means = np.where(counts > 0, sums / np.maximum(counts, 1), -np.inf)
+    return int(np.argmax(means))
+
+
+def make_pair(
+    kind: str,
+    fmt,
+    cfg,
+    actions: Sequence[int],
+    rewards: Sequence[float],
+    completion: str,
+    new_arm: int | None = None,
+    *,
+    also_conclusion: bool = False,
+    stats_editor: Callable | None = None,
+    text_fn: Callable[[str, str], str] | None = None,
+) -> CounterfactualPair:
+    """Build one counterfactual pair of ``kind`` from a clean step.
+
+    Args:
+        kind: ``"conclusion"``, ``"statistics"`` or ``"history"``.
+        fmt: a TranscriptFormat (OrganismFormat, PaperFormat, ...).
+        cfg: the BanditConfig (arm names, rendering).
+        actions, rewards: the history shown in the prompt.
+        completion: the clean completion (its action part, if any, is stripped).
+        new_arm: the corruption's arm (default: for (a)/(b) the next arm after the clean
+            conclusion; for (c) the first arm with a strictly lower mean than the greedy arm).
+        also_conclusion: (b) also rewrite the written conclusion to ``new_arm``.
+        stats_editor: ``(fmt, completion, arm_x, arm_y, arm_names, prompt) -> completion``
+            for (b) (default :func:`swap_statistics`).
+        text_fn: ``(prompt, rationale) -> text`` before the marker (default: concatenation).
+    """
+    if kind not in PAIR_KINDS:
+        raise ValueError(f"kind={kind!r} is unknown; use one of {PAIR_KINDS}.")
+    names = tuple(cfg.arm_names)
+    rationale = fmt.strip_action(completion)
+    prompt = fmt.render_prompt(cfg, actions, rewards)
+    if kind == "history":
+        g = greedy_arm(actions, rewards, len(names))
+        if g < 0:
+            raise ValueError("kind='history' needs a history with at least one step.")
+        a, r = np.asarray(actions, int), np.asarray(rewards, float)
+        if new_arm is None:
+            lower = [i for i in range(len(names)) if i != g and not _ties(a, r, i, g)]
+            if not lower:
+                raise ValueError("no arm has a mean strictly below the greedy arm; pass new_arm=.")
+            new_arm = lower[0]
+        swapped = np.where(a == g, new_arm, np.where(a == new_arm, g, a))
+        if greedy_arm(swapped, r, len(names)) != new_arm:
+            raise ValueError(
+                f"new_arm={new_arm} ties with the greedy arm {g}: swapping them leaves the "
+                "greedy arm unchanged; pick an arm with a strictly lower mean (or untried)."
+            )
+        corrupt_prompt = fmt.render_prompt(cfg, swapped.tolist(), r.tolist())
+        arm_a, arm_b, corrupt_rat = g, int(new_arm), rationale
+    else:
+        arm_a = fmt.parse_rationale(rationale, names)
+        if arm_a is None:
+            raise ValueError(f"completion has no rationale conclusion: {completion[:80]!r}...")
+        new_arm = (arm_a + 1) % len(names) if new_arm is None else int(new_arm)
+        if new_arm == arm_a:
+            raise ValueError(f"new_arm={new_arm} equals the clean conclusion; pick another arm.")
+        if kind == "conclusion":
+            corrupt_rat = fmt.edit_conclusion(rationale, new_arm, names)
+        else:
+            corrupt_rat = (stats_editor or swap_statistics)(
+                fmt, rationale, arm_a, new_arm, names, prompt
+            )
+            if also_conclusion:
+                corrupt_rat = fmt.edit_conclusion(corrupt_rat, new_arm, names)
+        corrupt_prompt, arm_b = prompt, new_arm
+    clean, hist, rat = _join(prompt, rationale, fmt.action_marker, text_fn)
+    corrupt, _, _ = _join(corrupt_prompt, corrupt_rat, fmt.action_marker, text_fn)
+    return CounterfactualPair(kind, clean, corrupt, int(arm_a), int(arm_b), names, hist, rat)
+
+
+def _ties(a, r, i, g) -> bool:
+    mi, mg = r[a == i].mean() if (a == i).any() else -np.inf, r[a == g].mean()
+    return bool(mi >= mg)
+
+
+def arm_token(tokenizer, fmt, arm_name: str) -> int:
+    """Token id of an arm right after the action marker (first token of its first spelling)."""
+    ids = tokenizer(fmt.arm_continuations(arm_name)[0], add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"arm {arm_name!r} tokenises to nothing with this tokenizer.")
+    return int(ids[0])
+
+
+@dataclass
+class PairBatch:
+    """Tokenised pairs of one length, ready for patching.
+
+    Attributes:
+        clean_tokens, corrupt_tokens: ``[batch pos]``.
+        metric: :class:`~kdgap.hooks.patching.LogitDiff` (arm_a - arm_b at the last token).
+        rationale: ``[batch pos]`` tokens overlapping the rationale (path-patching senders).
+        history: ``[batch pos]`` tokens overlapping the history.
+        index: ``[batch]`` index of each pair in the input list.
+    """
+
+    clean_tokens: Int[torch.Tensor, "batch pos"]
+    corrupt_tokens: Int[torch.Tensor, "batch pos"]
+    metric: LogitDiff
+    rationale: Bool[torch.Tensor, "batch pos"]
+    history: Bool[torch.Tensor, "batch pos"]
+    index: list[int]
+
+
+def span_mask(offsets: Int[torch.Tensor, "batch pos 2"], chars) -> Bool[torch.Tensor, "batch pos"]:
+    """Tokens whose character range overlaps ``chars`` (``(start, end)`` per example)."""
+    c = torch.as_tensor(chars, dtype=torch.long).reshape(-1, 2)
+    s, e = offsets[..., 0], offsets[..., 1]
+    return (s >= 0) & (s < c[:, 1:2]) & (e > c[:, 0:1])
+
+
+def tokenize_pairs(
+    pairs: Sequence[CounterfactualPair], tokenizer, fmt, *, prepend_bos: bool = True
+) -> list[PairBatch]:
+    """Tokenise pairs and group them by length (patching needs unpadded equal lengths).
+
+    Raises:
+        ValueError: a pair's clean and corrupt texts tokenise to different lengths, or its
+            two arms share their first token.
+    """
+    groups: dict[int, list] = {}
+    for i, p in enumerate(pairs):
+        tb = tokenize_batch(tokenizer, [p.clean, p.corrupt], prepend_bos=prepend_bos)
+        n_clean, n_corrupt = tb.lengths.tolist()
+        if n_clean != n_corrupt:
+            raise ValueError(
+                f"pairs[{i}] (kind={p.kind!r}): clean has {n_clean} tokens, corrupt "
+                f"{n_corrupt}; position-wise patching needs equal lengths. Choose a new_arm "
+                "whose name tokenises like the old one's, or an edit that keeps token counts."
+            )
+        ta = arm_token(tokenizer, fmt, p.arm_names[p.arm_a])
+        tb_ = arm_token(tokenizer, fmt, p.arm_names[p.arm_b])
+        if ta == tb_:
+            raise ValueError(
+                f"pairs[{i}]: arms {p.arm_names[p.arm_a]!r} and {p.arm_names[p.arm_b]!r} "
+                f"tokenise to the same first token {ta}; their logit difference is always 0."
+            )
+        groups.setdefault(n_clean, []).append((i, tb, ta, tb_, p))
+    out = []
+    for items in groups.values():
+        idx = [x[0] for x in items]
+        clean = torch.stack([x[1].tokens[0] for x in items])
+        corrupt = torch.stack([x[1].tokens[1] for x in items])
+        offs = torch.stack([x[1].offsets[0] for x in items])
+        metric = LogitDiff.of([x[2] for x in items], [x[3] for x in items], -1, len(items))
+        rat = span_mask(offs, [x[4].rationale_chars for x in items])
+        hist = span_mask(offs, [x[4].history_chars for x in items])
+        out.append(PairBatch(clean, corrupt, metric, rat, hist, idx))
+    return out

@@ -1,0 +1,23 @@
+"""Per-layer linear probes that separate what the model knows from what it does.
+
+See science.md section 4: probes split by episode, report chance, a difference-of-means
+baseline and Hewitt-Liang selectivity, and are followed by a causal check.
+"""
+
+from kdgap.probes.batched import BatchedLogisticFit, fit_logistic_batched
+from kdgap.probes.causal import CausalReport, ablate, arm_distribution, causal_check, steer
+from kdgap.probes.control import control_labels, selectivity
+from kdgap.probes.estimators import DEFAULT_CS, DiffMeansProbe, LogisticProbe
+from kdgap.probes.knowing_doing import KnowingDoingReport, knowing_doing
+from kdgap.probes.source import DEFAULT_LABELS, ActivationSource
+from kdgap.probes.splits import grouped_folds, grouped_train_test_split
+from kdgap.probes.stats import accuracy_ci, chance_level, cluster_bootstrap, wilson_interval
+from kdgap.probes.sweep import sweep
+
+__all__ = [
+    "DEFAULT_CS", "DEFAULT_LABELS", "ActivationSource", "BatchedLogisticFit", "CausalReport",
+    "DiffMeansProbe", "KnowingDoingReport", "LogisticProbe", "ablate", "accuracy_ci",
+    "arm_distribution", "causal_check", "chance_level", "cluster_bootstrap", "control_labels",
+    "fit_logistic_batched", "grouped_folds", "grouped_train_test_split", "knowing_doing",
+    "selectivity", "steer", "sweep", "wilson_interval",
+]  # fmt: skip

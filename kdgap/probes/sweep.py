@@ -1,0 +1,205 @@
+"""Fit a probe for every (hook, layer, site, label) cell of an activation store in one call.
+
+For each site, the examples are split once into train/test by episode (the same split for
+every hook and label, so cells are comparable). Each label gets a Hewitt-Liang control task
+(:mod:`kdgap.probes.control`), fitted by the same probe on the same split. With
+``trainer="batched"`` all hooks and all labels (real and control) of a site are fitted in
+one batched optimisation (:mod:`kdgap.probes.batched`); ``trainer="sklearn"`` loops
+:class:`~kdgap.probes.estimators.LogisticProbe` over cells (the reference the batched
+trainer is tested and benchmarked against).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from kdgap.probes.batched import fit_logistic_batched
+from kdgap.probes.control import control_labels, selectivity
+from kdgap.probes.estimators import DEFAULT_CS, DiffMeansProbe, LogisticProbe
+from kdgap.probes.source import (
+    DEFAULT_LABELS,
+    ActivationSource,
+    check_class_counts,
+    check_hooks_sites,
+    check_labels,
+    label_array,
+    layer_of,
+)
+from kdgap.probes.splits import grouped_train_test_split
+from kdgap.probes.stats import accuracy_ci, chance_level
+
+PROBES = ("logistic", "diffmeans")
+TRAINERS = ("batched", "sklearn")
+
+
+def load_site(
+    store: ActivationSource, hooks: Sequence[str], site: str
+) -> tuple[torch.Tensor, pd.DataFrame]:
+    """Stack ``hooks`` at ``site``: ``(Float[Tensor, "n_hooks n_examples d"], labels)``.
+
+    Extra activation dims (e.g. per-head ``z``) are flattened. All hooks must hold the
+    same examples in the same order and have the same width, or this says which differ.
+    """
+    acts, table = [], None
+    for hook in hooks:
+        a, lab = store.load(hook=hook, site=site)
+        a = torch.as_tensor(a).float().reshape(len(a), -1)
+        if table is None:
+            table = lab.reset_index(drop=True)
+        elif len(lab) != len(table) or not np.array_equal(
+            lab[["episode", "step"]].to_numpy(), table[["episode", "step"]].to_numpy()
+        ):
+            raise ValueError(
+                f"hook={hook!r} at site={site!r} holds different examples than {hooks[0]!r}; "
+                "sweep hooks recorded together (or pass hooks=... for one recording)."
+            )
+        if acts and a.shape[1] != acts[0].shape[1]:
+            raise ValueError(
+                f"hooks={list(hooks)!r} mix widths ({acts[0].shape[1]} vs {a.shape[1]} at "
+                f"{hook!r}); sweep hooks of one width per call."
+            )
+        acts.append(a)
+    return torch.stack(acts), table
+
+
+def atomic_write(df: pd.DataFrame, out: str | os.PathLike) -> Path:
+    """Write ``df`` to ``out`` (``.parquet`` or ``.csv``) via a temp file and rename."""
+    out = Path(out)
+    if out.suffix not in (".parquet", ".csv"):
+        raise ValueError(f"out={str(out)!r}: use a .parquet or .csv file name.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=out.suffix)
+    os.close(fd)
+    try:
+        df.to_parquet(tmp, index=False) if out.suffix == ".parquet" else df.to_csv(tmp, index=False)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def sweep(
+    store: ActivationSource,
+    *,
+    labels: Sequence[str] = DEFAULT_LABELS,
+    hooks: Sequence[str] | None = None,
+    sites: Sequence[str] | None = None,
+    probes: Sequence[str] = PROBES,
+    trainer: str = "batched",
+    Cs: Sequence[float] = DEFAULT_CS,
+    cv: int = 4,
+    test_size: float = 0.25,
+    control_feature: str = "step",
+    min_class_count: int = 10,
+    n_boot: int = 1000,
+    seed: int = 0,
+    out: str | os.PathLike | None = None,
+) -> pd.DataFrame:
+    """Probe every (hook, site, label) cell of ``store``; return (and save) a tidy table.
+
+    Args:
+        store: any :class:`~kdgap.probes.source.ActivationSource`.
+        labels: label-table columns to decode (rows where a label is NA are left out of
+            that label's cells).
+        hooks, sites: subsets to sweep (None = all recorded).
+        probes: any of ``"logistic"``, ``"diffmeans"``.
+        trainer: ``"batched"`` (one torch optimisation per site) or ``"sklearn"``.
+        Cs, cv: regularisation grid and inner folds of the logistic probe.
+        test_size: fraction of episodes held out.
+        control_feature: surface feature of the control task (a label-table column).
+        min_class_count: every class needs this many examples, or an error says which.
+        n_boot: episode-bootstrap replicates for the intervals.
+        seed: split, folds, control map and bootstrap seed.
+        out: optional ``.parquet``/``.csv`` path, written atomically.
+
+    Returns:
+        One row per (hook, site, label, probe) with columns hook, layer, site, label,
+        probe, accuracy, ci_low, ci_high, chance, control_accuracy, selectivity, C,
+        n_classes, n_train, n_test, n_test_episodes.
+    """
+    if trainer not in TRAINERS:
+        raise ValueError(f"trainer={trainer!r}: use one of {TRAINERS}.")
+    bad = [p for p in probes if p not in PROBES]
+    if bad or not probes:
+        raise ValueError(f"probes={list(probes)!r}: use a non-empty subset of {PROBES}.")
+    hooks, sites = check_hooks_sites(store, hooks, sites)
+    labels = check_labels(store.labels, labels)
+    check_labels(store.labels, [control_feature])
+    rows = []
+    for site in sites:
+        X, table = load_site(store, hooks, site)
+        groups = table["episode"].to_numpy()
+        y = np.stack([label_array(table, lab) for lab in labels])
+        for lab, y_lab in zip(labels, y):
+            check_class_counts(y_lab, label=lab, min_count=min_class_count)
+        feature = table[control_feature].to_numpy()
+        y_ctl = np.stack([control_labels(feature, yl, seed=seed) for yl in y])
+        tr, te = grouped_train_test_split(groups, test_size=test_size, seed=seed)
+        tasks = np.concatenate([y, y_ctl])  # [2 * n_labels, n]: real tasks, then controls
+        preds = {}
+        if "logistic" in probes:
+            preds["logistic"] = _logistic_preds(X, tasks, groups, tr, te, trainer, Cs, cv, seed)
+        if "diffmeans" in probes:
+            preds["diffmeans"] = _diffmeans_preds(X, tasks, tr, te)
+        for probe, (pred, C) in preds.items():
+            for j, lab in enumerate(labels):
+                ok_tr, ok_te = y[j, tr] >= 0, y[j, te] >= 0
+                te_rows = te[ok_te]
+                for h, hook in enumerate(hooks):
+                    acc = accuracy_ci(y[j, te_rows], pred[h, j, ok_te], groups[te_rows],
+                                      n_boot=n_boot, seed=seed)  # fmt: skip
+                    ctl = float(np.mean(pred[h, len(labels) + j, ok_te] == y_ctl[j, te_rows]))
+                    rows.append({
+                        "hook": hook, "layer": layer_of(hook), "site": site, "label": lab,
+                        "probe": probe, "accuracy": acc.value, "ci_low": acc.low,
+                        "ci_high": acc.high,
+                        "chance": chance_level(y[j, tr][ok_tr], y[j, te_rows]),
+                        "control_accuracy": ctl, "selectivity": selectivity(acc.value, ctl),
+                        "C": float(C[h, j]) if C is not None else float("nan"),
+                        "n_classes": len(np.unique(y[j, tr][ok_tr])),
+                        "n_train": int(ok_tr.sum()), "n_test": int(ok_te.sum()),
+                        "n_test_episodes": len(np.unique(groups[te_rows])),
+                    })  # fmt: skip
+    df = pd.DataFrame(rows)
+    df["layer"] = df["layer"].astype("Int64")
+    if out is not None:
+        atomic_write(df, out)
+    return df
+
+
+def _logistic_preds(X, tasks, groups, tr, te, trainer, Cs, cv, seed):
+    """Test predictions ``[n_hooks, n_tasks, n_test]`` and chosen C ``[n_hooks, n_tasks]``."""
+    n_hooks, n_tasks = X.shape[0], len(tasks)
+    if trainer == "batched":
+        fit = fit_logistic_batched(X[:, tr], tasks[:, tr], groups[tr], Cs=Cs, cv=cv, seed=seed)
+        return fit.predict(X[:, te]), fit.C
+    pred = np.full((n_hooks, n_tasks, len(te)), -1, dtype=np.int64)
+    C = np.zeros((n_hooks, n_tasks))
+    Xn = X.numpy()
+    for h in range(n_hooks):
+        for t in range(n_tasks):
+            rows = tr[tasks[t, tr] >= 0]
+            probe = LogisticProbe(Cs=Cs, cv=cv, random_state=seed)
+            probe.fit(Xn[h, rows], tasks[t, rows], groups[rows])
+            pred[h, t] = probe.predict(Xn[h, te])
+            C[h, t] = probe.C_
+    return pred, C
+
+
+def _diffmeans_preds(X, tasks, tr, te):
+    """Difference-of-means test predictions ``[n_hooks, n_tasks, n_test]`` (C = None)."""
+    pred = np.full((X.shape[0], len(tasks), len(te)), -1, dtype=np.int64)
+    Xn = X.numpy()
+    for h in range(X.shape[0]):
+        for t in range(len(tasks)):
+            rows = tr[tasks[t, tr] >= 0]
+            pred[h, t] = DiffMeansProbe().fit(Xn[h, rows], tasks[t, rows]).predict(Xn[h, te])
+    return pred, None

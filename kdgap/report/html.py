@@ -1,0 +1,117 @@
+"""The HTML report: every number comes from ``summary.json``, every figure from ``figures/``.
+
+The page is static (no scripts, no network): figures are relative ``<img>`` links next to
+the report, so the folder can be zipped, served or opened from disk.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping
+from pathlib import Path
+
+from kdgap.records import atomic_write_text
+from kdgap.report.figures import CAPTIONS
+
+CSS = """
+body { font-family: Georgia, serif; max-width: 72rem; margin: 2rem auto; padding: 0 1rem;
+       color: #111; line-height: 1.4; }
+h1, h2, h3 { font-family: Helvetica, Arial, sans-serif; }
+table { border-collapse: collapse; margin: 0.5rem 0 1rem; font-size: 0.9rem; }
+th, td { border: 1px solid #999; padding: 0.2rem 0.5rem; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+figure { display: inline-block; margin: 0.5rem 1rem 1rem 0; vertical-align: top;
+         max-width: 34rem; }
+figure img { max-width: 100%; border: 1px solid #ddd; }
+figcaption { font-size: 0.8rem; color: #333; }
+.verdict { font-weight: bold; font-family: Helvetica, Arial, sans-serif; }
+code { font-size: 0.85rem; }
+"""
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return html.escape(str(v))
+
+
+def _figure(src: str, caption_key: str, n: int) -> str:
+    cap = html.escape(CAPTIONS[caption_key])
+    return (
+        f'<figure><img src="{html.escape(src)}" alt="Figure {n}: {caption_key}">'
+        f"<figcaption><b>Figure {n}.</b> {cap}</figcaption></figure>"
+    )
+
+
+def render_report(summary: Mapping, figures: Mapping[str, Mapping[str, str]], out: Path) -> Path:
+    """Write ``out`` (``report.html``) from a summary and the figure paths.
+
+    Args:
+        summary: the ``summary.json`` object (schema in :mod:`kdgap.report.summary`).
+        figures: ``{model_name: {figure_key: path relative to out's folder}}`` plus an
+            optional ``"_all"`` entry for figures comparing models.
+        out: the report path.
+
+    Returns:
+        ``out``.
+    """
+    models = summary["models"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        "<title>kdgap report</title>",
+        f"<style>{CSS}</style></head><body>",
+        "<h1>kdgap: does the action read the rationale?</h1>",
+        "<p>Knowing-doing diagnosis of each model: behaviour on text bandits, linear probes "
+        "at the action token, and activation patching of rationale edits. Numbers below are "
+        "read from <code>summary.json</code> (schema version "
+        f"{_fmt(summary.get('schema_version'))}).</p>",
+        "<h2>Verdicts</h2><table><tr><th>model</th><th>verdict</th>"
+        "<th>rationale correct</th><th>action follows rationale</th>"
+        "<th>counterfactual flip rate</th><th>mediated fraction [95% CI]</th>"
+        "<th>divergence layer</th></tr>",
+    ]
+    for name, m in models.items():
+        b, p, pt = m.get("behavior", {}), m.get("probes", {}), m.get("patching", {})
+        ci = pt.get("mediated_fraction_ci") or [None, None]
+        parts.append(
+            f"<tr><td>{html.escape(name)}</td><td class='verdict'>{_fmt(m.get('verdict'))}</td>"
+            f"<td>{_fmt(b.get('rationale_correct'))}</td>"
+            f"<td>{_fmt(b.get('action_follows_rationale'))}</td>"
+            f"<td>{_fmt(b.get('counterfactual_flip_rate'))}</td>"
+            f"<td>{_fmt(pt.get('mediated_fraction'))} [{_fmt(ci[0])}, {_fmt(ci[1])}]</td>"
+            f"<td>{_fmt(p.get('divergence_layer'))}</td></tr>"
+        )
+    parts.append("</table>")
+    rule = next((m.get("verdict_rule") for m in models.values() if m.get("verdict_rule")), None)
+    if rule:
+        parts.append(f"<p>Verdict rule: {html.escape(rule)}</p>")
+    n = 0
+    for key in ("behavior", "freqbias"):
+        src = figures.get("_all", {}).get(key)
+        if src:
+            n += 1
+            parts.append(_figure(src, key, n))
+    for name, m in models.items():
+        parts.append(f"<h2>{html.escape(name)}</h2>")
+        parts.append(_kd_table(m.get("behavior", {}).get("kd_matrix")))
+        for key in ("kd_matrix", "probes", "patching", "mediation"):
+            src = figures.get(name, {}).get(key)
+            if src:
+                n += 1
+                parts.append(_figure(src, key, n))
+    parts.append("</body></html>\n")
+    atomic_write_text(Path(out), "\n".join(parts))
+    return Path(out)
+
+
+def _kd_table(kd: Mapping | None) -> str:
+    if not kd:
+        return "<p>No rationales: no knowing-doing matrix.</p>"
+    rows = ["<table><tr><th>rationale</th><th>optimal</th><th>greedy</th><th>other</th></tr>"]
+    for r in ("correct", "incorrect"):
+        cells = "".join(f"<td>{_fmt(kd[r][c])}</td>" for c in ("optimal", "greedy", "other"))
+        rows.append(f"<tr><td>{r}</td>{cells}</tr>")
+    rows.append("</table>")
+    return "".join(rows)

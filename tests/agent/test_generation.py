@@ -1,0 +1,126 @@
+"""Batched generation and continuation scoring against independent references."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdgap.agent import native_cache
+from kdgap.agent.generation import encode, generate, left_pad, score_continuations
+
+PROMPTS = ["Step=0 Action=green Reward=0.3", "red", "You are in a room with 5 buttons labeled red"]
+
+
+def test_encode_prepends_one_bos_and_never_doubles_it(tiny_native, tiny_tokenizer):
+    bos = tiny_tokenizer.bos_token_id
+    plain = tiny_tokenizer("red green", add_special_tokens=False)["input_ids"]
+    ids = encode(tiny_native, ["red green", "<bos>red green"])
+    assert ids[0] == [bos, *plain] and ids[1] == [bos, *plain]
+    with pytest.raises(TypeError, match="one string"):
+        encode(tiny_native, "red")
+
+
+def test_left_pad_layout():
+    tokens, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert tokens.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    with pytest.raises(ValueError, match="empty"):
+        left_pad([[1], []], 0)
+
+
+def test_native_kv_cache_equals_bridge_generate(tiny_native):
+    """The cached loop must reproduce bridge.generate (no cache on native) token for token."""
+    assert native_cache.supports(tiny_native)
+    tokens, mask = left_pad(encode(tiny_native, PROMPTS), 0)
+    ours = native_cache.generate(tiny_native, tokens, mask, max_new_tokens=12)
+    ref = tiny_native.generate(tokens, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                               stop_at_eos=False, verbose=False, return_type="tokens")  # fmt: skip
+    assert torch.equal(ours, ref[:, tokens.shape[1] :])
+    # Batched, left-padded = each prompt alone.
+    for j, ids in enumerate(encode(tiny_native, PROMPTS)):
+        t1, m1 = left_pad([ids], 0)
+        assert torch.equal(
+            native_cache.generate(tiny_native, t1, m1, max_new_tokens=12)[0], ours[j]
+        )
+
+
+def test_bridge_generation_equals_hf_generate(tiny_hf_dir, tiny_hf_bridge):
+    """transformers 5.24 breaks this (KV cache ignored by the bridge); pinned < 5.24."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_hf_dir).eval()
+    out = generate(tiny_hf_bridge, PROMPTS, max_new_tokens=12)
+    for j, ids in enumerate(encode(tiny_hf_bridge, PROMPTS)):
+        x = torch.tensor([ids])
+        ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
+                          eos_token_id=hf.config.eos_token_id, pad_token_id=0)  # fmt: skip
+        new = ref[0, len(ids) :].tolist()
+        eos = hf.config.eos_token_id
+        new = new[: new.index(eos)] if eos in new else new
+        assert out.token_ids[j] == new
+
+
+@pytest.mark.parametrize("fixture", ["tiny_native", "tiny_hf_bridge"])
+def test_sampling_is_seeded_and_leaves_global_rng_alone(fixture, request):
+    model = request.getfixturevalue(fixture)
+    state = torch.random.get_rng_state()
+    a = generate(model, PROMPTS, max_new_tokens=10, temperature=1.0, seed=3)
+    b = generate(model, PROMPTS, max_new_tokens=10, temperature=1.0, seed=3)
+    c = generate(model, PROMPTS, max_new_tokens=10, temperature=1.0, seed=4)
+    greedy = generate(model, PROMPTS, max_new_tokens=10)
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids and a.token_ids != greedy.token_ids
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_stop_strings_cut_the_completion(tiny_native):
+    free = generate(tiny_native, PROMPTS, max_new_tokens=16)
+    piece = free.texts[0][3:6]  # a string the greedy completion is known to contain
+    assert len(piece) == 3
+    out = generate(tiny_native, PROMPTS, max_new_tokens=16, stop_strings=[piece])
+    assert out.texts[0].endswith(piece) and free.texts[0].startswith(out.texts[0])
+    assert out.n_tokens[0] < free.n_tokens[0]
+
+
+def test_generate_validates_arguments(tiny_native):
+    with pytest.raises(ValueError, match="max_new_tokens=0"):
+        generate(tiny_native, PROMPTS, max_new_tokens=0)
+    with pytest.raises(ValueError, match="temperature=-1"):
+        generate(tiny_native, PROMPTS, temperature=-1)
+
+
+@torch.no_grad()
+def _reference_logprob(model, ids, cont):
+    logits = model(torch.tensor([ids + cont]), return_type="logits")[0]
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return sum(float(logp[len(ids) - 1 + k, t]) for k, t in enumerate(cont))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_native", "tiny_hf_bridge"])
+def test_score_continuations_matches_unpadded_forward(fixture, request, tiny_tokenizer):
+    model = request.getfixturevalue(fixture)
+    prefixes = ["Step=0 Action=green Reward=0.3 ACTION=", "ACTION="]
+    conts = ["red", " yellow", "Orange", " red"]  # several of these are multi-token
+    lens = [len(tiny_tokenizer(c, add_special_tokens=False)["input_ids"]) for c in conts]
+    assert max(lens) >= 3
+    scores = score_continuations(model, prefixes, conts, batch_size=3)
+    assert scores.shape == (2, 4)
+    for i, ids in enumerate(encode(model, prefixes)):
+        for j, c in enumerate(conts):
+            cid = tiny_tokenizer(c, add_special_tokens=False)["input_ids"]
+            assert scores[i, j].item() == pytest.approx(
+                _reference_logprob(model, ids, cid), abs=1e-4
+            )
+
+
+def test_score_continuations_errors(tiny_native):
+    with pytest.raises(ValueError, match="at least one"):
+        score_continuations(tiny_native, [], ["red"])
+    with pytest.raises(ValueError, match="tokenises to nothing"):
+        score_continuations(tiny_native, ["ACTION="], [""])
+
+
+def test_tokenizer_override_does_not_touch_model(tiny_native, tiny_tokenizer):
+    tok = copy.deepcopy(tiny_tokenizer)
+    assert encode(tiny_native, ["red"], tokenizer=tok) == encode(tiny_native, ["red"])

