@@ -10,6 +10,9 @@ from kdgap.envs.bandit import BanditConfig
 from kdgap.records import atomic_write_json, write_records
 
 
+DEMO_MODELS = ("organism:faithful", "organism:greedy-bypass", "organism:seed-calibrated")
+
+
 def _add_bandit_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("bandit")
     g.add_argument("--arms", type=int, default=5, help="number of arms (5, 10, 20)")
@@ -103,6 +106,101 @@ def cmd_freqbias(args) -> int:
     return 0
 
 
+def cmd_organisms(args) -> int:
+    from kdgap.organisms.registry import list_organisms
+
+    rows = list_organisms()
+    if args.json:
+        atomic_write_json(args.json, rows)
+    print(f"{'name':<18}{'rationale':>10}{'follows':>9}{'greedy':>8}{'flip':>7}  mechanism")
+    for row in rows:
+        m = (row["metrics"] or {}).get("metrics", {})
+
+        def f(key, m=m):
+            v = m.get(key)
+            return "n/a" if v is None else f"{v:.3f}"
+
+        print(
+            f"{row['name']:<18}{f('rationale_correct'):>10}{f('follows_rationale'):>9}"
+            f"{f('action_greedy'):>8}{f('counterfactual_flip_rate'):>7}  {row['description']}"
+        )
+    print("(64 Bernoulli 5-arm bandits x 50 steps, greedy forced choice; metrics.json per folder)")
+    return 0
+
+
+def cmd_record(args) -> int:
+    from kdgap.hooks.api import record_from_model
+
+    store = record_from_model(
+        args.model,
+        episodes=args.episodes,
+        seed=args.seed,
+        hooks=args.hooks,
+        sites=args.sites,
+        out=args.out,
+        driver=args.driver,
+        batch_size=args.batch_size,
+        dtype=args.store_dtype,
+        horizon=args.steps,
+        n_arms=args.arms,
+    )
+    print(f"recorded {store.n_examples} examples -> {store.path}")
+    return 0
+
+
+def _analyze_config(args):
+    from kdgap.report.pipeline import AnalyzeConfig
+
+    return AnalyzeConfig(
+        episodes=args.episodes,
+        horizon=args.steps,
+        record_episodes=args.record_episodes,
+        driver=args.driver,
+        n_pairs=args.pairs,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+    )
+
+
+def cmd_analyze(args) -> int:
+    from kdgap.report.pipeline import analyze
+
+    summary = analyze([args.model], args.out, _analyze_config(args), force=args.force)
+    _print_verdicts(summary, args.out)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from kdgap.report.pipeline import analyze
+
+    summary = analyze(list(args.models), args.out, _analyze_config(args), force=args.force)
+    _print_verdicts(summary, args.out)
+    return 0
+
+
+def cmd_figures(args) -> int:
+    from kdgap.report.render import render_all
+
+    print(f"wrote {render_all(args.dir)}")
+    return 0
+
+
+def _print_verdicts(summary: dict, out) -> None:
+    for name, entry in summary["models"].items():
+        b, pt = entry["behavior"], entry["patching"]
+        print(
+            f"{name:<28} verdict={entry['verdict']:<20} "
+            f"flip={_fmt(b['counterfactual_flip_rate'])} "
+            f"mediated={_fmt(pt['mediated_fraction'])}"
+        )
+    print(f"report: {out}/report.html  summary: {out}/summary.json")
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
 def _print_table(out: dict) -> None:
     rows = [
         ("policy", out["policy"]),
@@ -148,6 +246,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rep-step", type=int, default=5)
     p.add_argument("--json", help="write the results JSON here")
     p.set_defaults(func=cmd_freqbias)
+
+    p = sub.add_parser("organisms", help="list the shipped model organisms")
+    p.add_argument("action", nargs="?", default="list", choices=["list"])
+    p.add_argument("--json", help="also write the list as JSON")
+    p.set_defaults(func=cmd_organisms)
+
+    p = sub.add_parser("record", help="play, then record activations at sites into a store")
+    _add_bandit_args(p)
+    p.add_argument("--model", required=True, help="organism:NAME, a local folder, a .gguf")
+    p.add_argument("--episodes", type=int, default=64)
+    p.add_argument("--hooks", default="resid_post", help="e.g. resid_post,attn_out or full names")
+    p.add_argument("--sites", default="action,rationale.conclusion", help="comma-separated")
+    p.add_argument("--driver", default="random",
+                   help="policy that builds the histories (own = the model's own play)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--store-dtype", default="float32", help="float32 | float16 | bfloat16")
+    p.add_argument("--out", required=True, help="store folder")
+    p.set_defaults(func=cmd_record)
+
+    for name, helptext in (
+        ("analyze", "the knowing-doing diagnosis of one model: report.html + summary.json"),
+        ("demo", "analyze the shipped organisms side by side (the README's main command)"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        if name == "analyze":
+            p.add_argument("--model", required=True,
+                           help="organism:NAME | local HF folder | .gguf path | smollm2")  # fmt: skip
+        else:
+            p.add_argument("--models", nargs="+", default=list(DEMO_MODELS))
+        p.add_argument("--out", required=True, help="output folder (stages cached here)")
+        p.add_argument("--episodes", type=int, default=16, help="bandits, own play")
+        p.add_argument("--steps", type=int, default=50, help="horizon")
+        p.add_argument("--record-episodes", type=int, default=24, help="off-policy bandits")
+        p.add_argument("--driver", default="random", help="policy building off-policy histories")
+        p.add_argument("--pairs", type=int, default=32, help="counterfactual pairs")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--dtype", default="float32")
+        p.add_argument("--force", action="store_true", help="recompute every stage")
+        p.set_defaults(func=cmd_analyze if name == "analyze" else cmd_demo)
+
+    p = sub.add_parser("figures", help="re-render figures and report.html from saved results")
+    p.add_argument("dir", help="a folder written by analyze or demo")
+    p.set_defaults(func=cmd_figures)
     return parser
 
 

@@ -56,11 +56,10 @@ def kd_matrix(records: Sequence[StepRecord]) -> dict[str, dict[str, float]] | No
     steps = _text_steps(records)
     if not steps:
         return None
-    out = {row: dict.fromkeys(ACTION_CLASSES, 0.0) for row in ("correct", "incorrect")}
+    counts = {row: dict.fromkeys(ACTION_CLASSES, 0) for row in ("correct", "incorrect")}
     for r in steps:
-        row = "correct" if r.rationale_correct else "incorrect"
-        out[row][action_class(r)] += 1.0 / len(steps)
-    return out
+        counts["correct" if r.rationale_correct else "incorrect"][action_class(r)] += 1
+    return {row: {c: n / len(steps) for c, n in cells.items()} for row, cells in counts.items()}
 
 
 def _share(records: Sequence[StepRecord], hit) -> float | None:

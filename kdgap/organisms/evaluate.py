@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from kdgap.envs.bandit import BanditConfig
+from kdgap.metrics import knowing_doing as km
+from kdgap.metrics.behavior import invalid_rate
 from kdgap.organisms.format import OrganismFormat
 from kdgap.organisms.language import OrganismLanguage
 from kdgap.policies import Decisions, HistoryBatch
@@ -26,7 +28,10 @@ from kdgap.records import StepRecord
 
 #: science.md section 1, Gemma2 27B: rows correct / incorrect rationale, columns greedy /
 #: optimal / other, percent of all steps.
-SEED_KD_MATRIX = ((58.1, 21.6, 10.6), (7.2, 0.6, 2.0))
+SEED_KD_MATRIX = tuple(
+    tuple(100 * km.PAPER_KD_MATRIX[row][c] for c in ("greedy", "optimal", "other"))
+    for row in ("correct", "incorrect")
+)
 
 
 class OrganismPolicy:
@@ -142,41 +147,42 @@ def _share(x: Sequence[bool]) -> float | None:
 def organism_metrics(records: Sequence[StepRecord]) -> dict:
     """Acceptance numbers of a run (shares in [0, 1]; the matrix in percent of steps).
 
-    Returns a dict with ``rationale_correct`` (overall and ``_t<lo>`` buckets 0-19, 20-34,
-    35+), ``valid``, ``follows_rationale`` (and ``_when_wrong``), ``action_greedy``,
-    ``action_frequent``, ``counterfactual_flip_rate``, ``kd_matrix`` (2 x 3: rows correct
-    / incorrect rationale, columns greedy / optimal / other; optimal wins ties, then
-    greedy) and ``kd_matrix_max_abs_diff`` against :data:`SEED_KD_MATRIX`.
+    A thin view over :mod:`kdgap.metrics` (the definitions every model is measured with)
+    plus organism-specific breakdowns. Returns a dict with ``rationale_correct`` (overall
+    and ``_t<lo>`` buckets 0-19, 20-34, 35+), ``valid``, ``follows_rationale`` (and
+    ``_when_wrong``), ``action_greedy``, ``action_frequent``, ``action_ucb``,
+    ``counterfactual_flip_rate``, ``kd_matrix`` (2 x 3: rows correct / incorrect
+    rationale, columns greedy / optimal / other as the paper's table; optimal wins ties)
+    and ``kd_matrix_max_abs_diff`` (percentage points) against :data:`SEED_KD_MATRIX`.
     """
     recs = list(records)
     if not recs:
         raise ValueError("records is empty: play at least one step.")
     has_rat = [r for r in recs if r.rationale_arm is not None]
-    correct = [r.rationale_correct for r in has_rat]
+    matches = km.action_matches(recs)
     out: dict = {
         "steps": len(recs),
         "rationale_parsed": len(has_rat) / len(recs),
-        "rationale_correct": sum(correct) / len(recs),
-        "valid": _share([r.valid for r in recs]),
-        "follows_rationale": _share([r.action == r.rationale_arm for r in has_rat]),
-        "follows_rationale_when_wrong": _share(
-            [r.action == r.rationale_arm for r in has_rat if not r.rationale_correct]
+        "rationale_correct": km.rationale_correct(recs),
+        "valid": 1.0 - invalid_rate(recs),
+        "follows_rationale": km.action_follows_rationale(recs),
+        "follows_rationale_when_wrong": km.action_follows_rationale(
+            [r for r in has_rat if not r.rationale_correct]
         ),
-        "action_greedy": _share([r.action in r.greedy_arms for r in recs]),
-        "action_frequent": _share([r.action in r.frequent_arms for r in recs]),
-        "action_ucb": _share([r.action in r.ucb_arms for r in recs]),
+        "action_greedy": matches["greedy"],
+        "action_frequent": matches["most_frequent"],
+        "action_ucb": matches["optimal"],
     }
     for lo, hi in ((0, 20), (20, 35), (35, 10_000)):
-        sel = [bool(r.rationale_correct) for r in recs if lo <= r.step < hi]
-        out[f"rationale_correct_t{lo}"] = _share(sel)
+        out[f"rationale_correct_t{lo}"] = km.rationale_correct(
+            [r for r in recs if lo <= r.step < hi]
+        )
     cf = [r for r in recs if r.cf_action is not None]
-    out["counterfactual_flip_rate"] = _share([r.cf_action != r.action for r in cf])
+    out["counterfactual_flip_rate"] = km.counterfactual_flip_rate(recs)
     out["counterfactual_follows_edit"] = _share([r.cf_action == r.cf_rationale_arm for r in cf])
-    m = np.zeros((2, 3))
-    for r in recs:
-        col = 1 if r.action in r.ucb_arms else (0 if r.action in r.greedy_arms else 2)
-        m[0 if r.rationale_correct else 1, col] += 1
-    m = 100 * m / len(recs)
+    kd = km.kd_matrix(recs)
+    cols = ("greedy", "optimal", "other")  # the paper's column order
+    m = 100 * np.array([[kd[row][c] for c in cols] for row in ("correct", "incorrect")])
     out["kd_matrix"] = np.round(m, 2).tolist()
     out["kd_matrix_max_abs_diff"] = float(np.abs(m - np.array(SEED_KD_MATRIX)).max())
     return out

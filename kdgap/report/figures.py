@@ -125,8 +125,9 @@ def mediation_profile(data: Mapping, stem: str | Path, *, title: str = "") -> li
     with paper_style():
         fig, ax = plt.subplots(figsize=(3.6, 2.6))
         ax.bar(layers, prof, color="0.55", edgecolor="black", hatch="//", width=0.6)
-        ax.errorbar(layers, prof, yerr=[prof - ci[:, 0], ci[:, 1] - prof], fmt="none",
-                    ecolor="black", capsize=3)  # fmt: skip
+        # A percentile bootstrap interval need not contain the point estimate: clip at 0.
+        yerr = np.clip([prof - ci[:, 0], ci[:, 1] - prof], 0, None)
+        ax.errorbar(layers, prof, yerr=yerr, fmt="none", ecolor="black", capsize=3)
         lo, hi = data["mediated_fraction_ci"]
         ax.set_title(
             f"{title}\ntotal mediated: {data['mediated_fraction']:.2f} [{lo:.2f}, {hi:.2f}]"

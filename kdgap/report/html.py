@@ -26,6 +26,9 @@ figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { font-size: 0.8rem; color: #333; }
 .verdict { font-weight: bold; font-family: Helvetica, Arial, sans-serif; }
 code { font-size: 0.85rem; }
+.row { display: flex; flex-wrap: wrap; gap: 0.5rem; align-items: flex-start; }
+figure.small { max-width: 23rem; }
+.cell { margin-right: 1.5rem; }
 """
 
 
@@ -37,12 +40,22 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
-def _figure(src: str, caption_key: str, n: int) -> str:
+def _figure(src: str, caption_key: str, n: int, label: str = "") -> str:
     cap = html.escape(CAPTIONS[caption_key])
+    who = f" <i>{html.escape(label)}</i>." if label else ""
+    cls = " class='small'" if label else ""
     return (
-        f'<figure><img src="{html.escape(src)}" alt="Figure {n}: {caption_key}">'
-        f"<figcaption><b>Figure {n}.</b> {cap}</figcaption></figure>"
+        f'<figure{cls}><img src="{html.escape(src)}" alt="Figure {n}: {caption_key}">'
+        f"<figcaption><b>Figure {n}.</b>{who} {cap}</figcaption></figure>"
     )
+
+
+SECTIONS = (
+    ("kd_matrix", "Knowing-doing matrices (figures)"),
+    ("probes", "Probes: knowing vs doing by layer"),
+    ("patching", "Activation patching: layer x position"),
+    ("mediation", "Mediation by the rationale, by layer"),
+)
 
 
 def render_report(summary: Mapping, figures: Mapping[str, Mapping[str, str]], out: Path) -> Path:
@@ -93,14 +106,22 @@ def render_report(summary: Mapping, figures: Mapping[str, Mapping[str, str]], ou
         if src:
             n += 1
             parts.append(_figure(src, key, n))
+    # One section per figure kind, the models side by side so they compare at a glance.
+    parts.append("<h2>Knowing-doing matrices</h2><div class='row'>")
     for name, m in models.items():
-        parts.append(f"<h2>{html.escape(name)}</h2>")
-        parts.append(_kd_table(m.get("behavior", {}).get("kd_matrix")))
-        for key in ("kd_matrix", "probes", "patching", "mediation"):
-            src = figures.get(name, {}).get(key)
+        parts.append(f"<div class='cell'><h3>{html.escape(name)}</h3>")
+        parts.append(_kd_table(m.get("behavior", {}).get("kd_matrix")) + "</div>")
+    parts.append("</div>")
+    for key, heading in SECTIONS:
+        row = [(name, figures.get(name, {}).get(key)) for name in models]
+        if not any(src for _, src in row):
+            continue
+        parts.append(f"<h2>{heading}</h2><div class='row'>")
+        for name, src in row:
             if src:
                 n += 1
-                parts.append(_figure(src, key, n))
+                parts.append(_figure(src, key, n, label=name))
+        parts.append("</div>")
     parts.append("</body></html>\n")
     atomic_write_text(Path(out), "\n".join(parts))
     return Path(out)

@@ -1,0 +1,76 @@
+"""A finished analysis folder written by hand (stage files + summary), no model work.
+
+It follows the stage-file layout of :mod:`kdgap.report.pipeline` and the schema of
+:mod:`kdgap.report.summary`, so rendering and the browser test run in seconds.
+"""
+
+import json
+
+import pytest
+
+from kdgap.report.pipeline import AnalyzeConfig, model_slug
+from kdgap.report.summary import build_summary, model_entry
+
+L = [0, 1, 2, 3]
+
+
+def _results(follow: bool) -> dict:
+    kd = {"correct": {"optimal": 0.9 if follow else 0.0, "greedy": 0.0 if follow else 0.9,
+                      "other": 0.0},
+          "incorrect": {"optimal": 0.0, "greedy": 0.08, "other": 0.02}}  # fmt: skip
+    behavior = {
+        "rationale_correct": 0.9, "action_follows_rationale": 1.0 if follow else 0.05,
+        "invalid_rate": 0.0, "counterfactual_flip_rate": 1.0 if follow else 0.0,
+        "action_coverage": 0.8, "cumulative_regret": 5.0, "suffix_failure_rate": 0.1,
+        "action_matches": {"rationale": 1.0, "optimal": 0.9, "greedy": 0.7, "most_frequent": 0.6},
+        "kd_matrix": kd, "coverage_curve": [0.2, 0.4, 0.6, 0.8], "regret_curve": [0.1, 0.2, 0.3, 0.4],
+    }  # fmt: skip
+    freqbias = {
+        "windows": {"0-10": {"F_f": 0.1, "F_g": 0.6, "F_o": 0.3, "n": 8},
+                    "45-55": {"F_f": None, "F_g": None, "F_o": None, "n": 0},
+                    "90-100": {"F_f": None, "F_g": None, "F_o": None, "n": 0}},
+        "repetitions": [0, 5, 10], "entropy": [1.0, 0.9, 0.8], "F_f_curve": [0.1, 0.1, 0.2],
+        "F_g_curve": [0.6, 0.6, 0.5], "F_o_curve": [0.3, 0.3, 0.3], "entropy_repetition_corr": -0.5,
+    }  # fmt: skip
+    probes = {
+        "layers": L, "knowing_acc": [0.5, 0.7, 0.9, 0.95], "knowing_ci": [[0.4, 0.6]] * 4,
+        "doing_acc": [0.4, 0.6, 0.9, 0.97], "doing_ci": [[0.3, 0.5]] * 4,
+        "knowing_acc_disagree": [0.3, 0.3, 0.2, 0.1], "knowing_ci_disagree": [[0.2, 0.4]] * 4,
+        "doing_acc_disagree": [0.3, 0.5, 0.8, 0.9], "doing_ci_disagree": [[0.2, 0.4]] * 4,
+        "chance": 0.25, "divergence_layer": None if follow else 2, "n_disagree": 40,
+        "tracking": {"greedy_arm": 0.9}, "definition": "first layer ...",
+    }  # fmt: skip
+    patching = {
+        "mediated_fraction": 0.95 if follow else 0.02,
+        "mediated_fraction_ci": [0.9, 1.0] if follow else [0.0, 0.05],
+        "total_effect_fraction": 0.97 if follow else 0.03, "history_effect_fraction": 0.1,
+        "history_effect_fraction_ci": [0.05, 0.15], "layers": L,
+        "layer_profile": [0.1, 0.2, 0.5, 0.15],
+        "layer_profile_ci": [[0, 0.2], [0.1, 0.3], [0.4, 0.6], [0.1, 0.2]],
+        "n_pairs": 16, "definition": "path effect / full flip",
+        "heatmap": {"values": [[0.1 * i + 0.01 * j for j in range(6)] for i in range(4)],
+                    "tokens": ["<bos>", "red1", "think", "ucb", "red", "act"]},
+    }  # fmt: skip
+    baselines = {
+        "ucb": {"coverage_curve": [0.2, 0.4, 0.6, 0.8], "regret_curve": [0.1, 0.2, 0.25, 0.3]},
+        "random": {"coverage_curve": [0.2, 0.4, 0.6, 0.8], "regret_curve": [0.2, 0.4, 0.6, 0.8]},
+    }
+    return {"behavior": behavior, "freqbias": freqbias, "probes": probes,
+            "patching": patching, "baselines": baselines}  # fmt: skip
+
+
+@pytest.fixture
+def analysis_dir(tmp_path):
+    cfg = AnalyzeConfig()
+    entries = {}
+    for model, follow in (("organism:faithful", True), ("organism:greedy-bypass", False)):
+        res = _results(follow)
+        d = tmp_path / "models" / model_slug(model)
+        d.mkdir(parents=True)
+        for name, result in res.items():
+            (d / f"{name}.json").write_text(
+                json.dumps({"key": {}, "seconds": 1.0, "result": result})
+            )
+        entries[model] = model_entry(model, res, cfg, {"behavior": 1.0})
+    (tmp_path / "summary.json").write_text(json.dumps(build_summary(entries, cfg)))
+    return tmp_path

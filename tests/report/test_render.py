@@ -1,0 +1,31 @@
+import json
+import re
+
+from kdgap.report.render import render_all
+
+
+def test_render_writes_report_with_every_figure_and_summary_numbers(analysis_dir):
+    report = render_all(analysis_dir)
+    html = report.read_text()
+    srcs = re.findall(r'<img src="([^"]+)"', html)
+    # 2 shared figures + 4 per model (kd matrix, probes, patching heatmap, mediation).
+    assert len(srcs) == 2 + 2 * 4
+    for src in srcs:
+        assert (analysis_dir / src).is_file() and (analysis_dir / src).with_suffix(".pdf").is_file()
+    assert len(re.findall(r"<figcaption>", html)) == len(srcs)
+    summary = json.loads((analysis_dir / "summary.json").read_text())
+    for name, entry in summary["models"].items():
+        assert name in html
+        assert f"{entry['patching']['mediated_fraction']:.3f}" in html
+        assert entry["verdict"] in html
+    assert summary["models"]["organism:faithful"]["verdict"] == "rationale-mediated"
+    assert summary["models"]["organism:greedy-bypass"]["verdict"] == "bypass"
+
+
+def test_figures_rerender_byte_for_byte(analysis_dir):
+    render_all(analysis_dir)
+    first = {p: p.read_bytes() for p in (analysis_dir / "figures").rglob("*.*")}
+    render_all(analysis_dir)
+    second = {p: p.read_bytes() for p in (analysis_dir / "figures").rglob("*.*")}
+    assert first.keys() == second.keys() and len(first) == 20
+    assert all(first[p] == second[p] for p in first)
