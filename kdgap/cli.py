@@ -9,7 +9,6 @@ import sys
 from kdgap.envs.bandit import BanditConfig
 from kdgap.records import atomic_write_json, write_records
 
-
 DEMO_MODELS = ("organism:faithful", "organism:greedy-bypass", "organism:seed-calibrated")
 
 
@@ -258,8 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=64)
     p.add_argument("--hooks", default="resid_post", help="e.g. resid_post,attn_out or full names")
     p.add_argument("--sites", default="action,rationale.conclusion", help="comma-separated")
-    p.add_argument("--driver", default="random",
-                   help="policy that builds the histories (own = the model's own play)")  # fmt: skip
+    p.add_argument(
+        "--driver",
+        default="random",
+        help="policy that builds the histories (own = the model's own play)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--store-dtype", default="float32", help="float32 | float16 | bfloat16")
     p.add_argument("--out", required=True, help="store folder")
@@ -271,8 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=helptext)
         if name == "analyze":
-            p.add_argument("--model", required=True,
-                           help="organism:NAME | local HF folder | .gguf path | smollm2")  # fmt: skip
+            p.add_argument(
+                "--model",
+                required=True,
+                help="organism:NAME | local HF folder | .gguf path | smollm2",
+            )
         else:
             p.add_argument("--models", nargs="+", default=list(DEMO_MODELS))
         p.add_argument("--out", required=True, help="output folder (stages cached here)")

@@ -68,8 +68,11 @@ def render_all(out: str | Path) -> Path:
         patching = _stage(out, model, "patching") or {}
         heat = patching.get("heatmap")
         if heat:
-            mine["patching"] = rel(F.patching_heatmap(heat["values"], heat["tokens"],
-                                                      fdir / slug / "patching", title=model))  # fmt: skip
+            mine["patching"] = rel(
+                F.patching_heatmap(
+                    heat["values"], heat["tokens"], fdir / slug / "patching", title=model
+                )
+            )
         if patching.get("layer_profile") is not None:
             mine["mediation"] = rel(F.mediation_profile(patching, fdir / slug / "mediation",
                                                         title=model))  # fmt: skip

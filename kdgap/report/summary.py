@@ -65,8 +65,10 @@ def model_entry(spec: str, results: dict, cfg, timings: dict) -> dict:
     beh = results["behavior"]
     fb = results["freqbias"]
     behavior = {k: beh.get(k) for k in BEHAVIOR_KEYS}
-    behavior["frequency_bias"] = {**fb["windows"],
-                                  "entropy_repetition_corr": fb["entropy_repetition_corr"]}  # fmt: skip
+    behavior["frequency_bias"] = {
+        **fb["windows"],
+        "entropy_repetition_corr": fb["entropy_repetition_corr"],
+    }
     probes = {k: results["probes"].get(k) for k in PROBE_KEYS}
     patching = {k: results["patching"].get(k) for k in PATCHING_KEYS}
     return {

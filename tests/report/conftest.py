@@ -23,7 +23,8 @@ def _results(follow: bool) -> dict:
         "invalid_rate": 0.0, "counterfactual_flip_rate": 1.0 if follow else 0.0,
         "action_coverage": 0.8, "cumulative_regret": 5.0, "suffix_failure_rate": 0.1,
         "action_matches": {"rationale": 1.0, "optimal": 0.9, "greedy": 0.7, "most_frequent": 0.6},
-        "kd_matrix": kd, "coverage_curve": [0.2, 0.4, 0.6, 0.8], "regret_curve": [0.1, 0.2, 0.3, 0.4],
+        "kd_matrix": kd, "coverage_curve": [0.2, 0.4, 0.6, 0.8],
+        "regret_curve": [0.1, 0.2, 0.3, 0.4],
     }  # fmt: skip
     freqbias = {
         "windows": {"0-10": {"F_f": 0.1, "F_g": 0.6, "F_o": 0.3, "n": 8},
