@@ -1,11 +1,16 @@
 """Benchmark: kdgap batched patching vs transformer_lens.patching, and attribution vs exact.
 
 Both run in one process on the same model, prompts and metric: a full layer x position
-``resid_pre`` sweep (denoising). Until the organisms ship, the model is a ``boot_native``
-model of organism size (4 layers, d_model 128, 4 heads) and the prompts are 16 random token
-sequences whose corrupt version differs at one position.
+``resid_pre`` sweep (denoising). With ``--organism NAME`` the model is that shipped organism
+and the prompts are ``--batch`` conclusion edits at step ``--step`` of off-policy episodes
+(random driver; :func:`kdgap.hooks.pairs.pairs_from_records`); without it, a
+``boot_native`` model of organism size (4 layers, d_model 128, 4 heads) on random tokens
+whose corrupt version differs at one position (2/3 of the way in).
 
-    python experiments/bench/patching.py --json OUT [--n-pos 100] [--device cuda]
+    python experiments/bench/patching.py --json OUT [--organism faithful] [--device cuda]
+
+``speedup_no_skip`` times kdgap with ``skip_identical=False``: cells before the first
+edited token are then recomputed instead of read off the base run (both are exact).
 
 Writes ``speedup_vs_transformer_lens``, ``max_abs_diff`` (kdgap vs TL, per prompt),
 ``attribution_speedup`` (exact kdgap sweep of resid_pre+attn_out+mlp_out / attribution of
@@ -42,6 +47,28 @@ def build(n_pos: int, batch: int, device: str, seed: int = 0):
     return model, clean.to(device), corrupt.to(device), metric
 
 
+def build_organism(name: str, step: int, batch: int, device: str, seed: int = 0):
+    """A shipped organism and ``batch`` conclusion edits at ``step`` (equal lengths)."""
+    from kdgap.agent.runner import play
+    from kdgap.agent.text_agent import TextAgent
+    from kdgap.envs.bandit import BanditConfig
+    from kdgap.hooks.pairs import pairs_from_records, tokenize_pairs
+    from kdgap.organisms import OrganismFormat, load_organism
+    from kdgap.policies import make_policy
+
+    fmt = OrganismFormat()
+    model, tok = load_organism(name)
+    model = model.to(device)
+    recs = play(
+        TextAgent(model, fmt, mode="forced", tokenizer=tok), BanditConfig(horizon=step + 1),
+        n_episodes=batch, seed=seed, driver=make_policy("random"), progress=False,
+    )  # fmt: skip
+    at = [r for r in recs if r.step == step]
+    pairs = pairs_from_records(at, fmt, "conclusion", n_pairs=batch, seed=seed)
+    (group,) = tokenize_pairs([p.pair for p in pairs], tok, fmt)
+    return model, group.clean_tokens.to(device), group.corrupt_tokens.to(device), group.metric
+
+
 def sync(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -54,6 +81,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--memory-mb", type=float, default=256.0)
+    ap.add_argument("--organism", default=None, help="shipped organism name (e.g. faithful)")
+    ap.add_argument("--step", type=int, default=49, help="organism: bandit step of the prompts")
     args = ap.parse_args(argv)
 
     from scipy.stats import spearmanr
@@ -62,7 +91,13 @@ def main(argv=None) -> dict:
     from kdgap.hooks.attribution import attribution_sweep
     from kdgap.hooks.patching import patch_sweep
 
-    model, clean, corrupt, metric = build(args.n_pos, args.batch, args.device)
+    if args.organism:
+        model, clean, corrupt, metric = build_organism(
+            args.organism, args.step, args.batch, args.device
+        )
+        args.batch, args.n_pos = clean.shape
+    else:
+        model, clean, corrupt, metric = build(args.n_pos, args.batch, args.device)
     idx = torch.arange(args.batch)
     patch_sweep(model, clean[:2, :8], corrupt[:2, :8], LogitDiff_small(metric))  # warm up
     sync(args.device)
@@ -70,6 +105,12 @@ def main(argv=None) -> dict:
     ours = patch_sweep(model, clean, corrupt, metric, "resid_pre", memory_mb=args.memory_mb)
     sync(args.device)
     t_ours = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    patch_sweep(model, clean, corrupt, metric, "resid_pre", memory_mb=args.memory_mb,
+                skip_identical=False)  # fmt: skip
+    sync(args.device)
+    t_no_skip = time.perf_counter() - t0
 
     _, cache = model.run_with_cache(clean)
     t0 = time.perf_counter()
@@ -100,13 +141,17 @@ def main(argv=None) -> dict:
 
     out = {
         "speedup_vs_transformer_lens": t_tl / t_ours,
+        "speedup_no_skip": t_tl / t_no_skip,
         "max_abs_diff": max_abs_diff,
         "attribution_speedup": t_exact / t_attr,
         "attribution_spearman": rho,
         "seconds": {"kdgap_resid_pre": t_ours, "transformer_lens_resid_pre": t_tl,
+                    "kdgap_resid_pre_no_skip": t_no_skip,
                     "kdgap_exact_3_sites": t_exact, "attribution_3_sites": t_attr},
-        "setup": {"model": "boot_native 4L d128 4 heads", "batch": args.batch,
-                  "n_pos": args.n_pos, "cells": 4 * args.n_pos, "device": args.device,
+        "setup": {"model": f"organism {args.organism}" if args.organism
+                  else "boot_native 4L d128 4 heads", "batch": args.batch,
+                  "n_pos": args.n_pos, "cells": int(model.cfg.n_layers) * args.n_pos,
+                  "device": args.device, "step": args.step if args.organism else None,
                   "threads": torch.get_num_threads(), "host": platform.node(),
                   "memory_mb": args.memory_mb},
     }  # fmt: skip

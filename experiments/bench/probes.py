@@ -1,11 +1,15 @@
 """Benchmark: the batched probe trainer vs looping scikit-learn over layers.
 
-A full organism-size sweep: ``--layers`` hooks (``blocks.{l}.hook_resid_post``) x d_model
-``--d-model`` x ``--episodes`` x ``--steps`` examples x 5 arms x 5 labels (rationale arm,
-action, UCB arm, greedy arm, most-frequent arm), each label with its Hewitt-Liang control
-task, at one site. Until real organisms exist the store is
-:class:`kdgap.probes.synthetic.SyntheticStore` (greedy-bypass labels, every label planted at
-its own strength and layers, noise 1), so the problems range from near chance to easy.
+A full organism sweep: every ``resid_post`` layer of a shipped organism (``--organism``,
+default ``faithful``: 4 layers x d_model 128) at the ``action`` site, over ``--episodes``
+off-policy episodes x 50 steps (:func:`kdgap.probes.organism_data.organism_store`; the
+store is cached under ``--store-dir`` and shared with ``experiments/probes_organisms.py``)
+x 5 labels (rationale arm, action, UCB arm, greedy arm, most-frequent arm), each with its
+Hewitt-Liang control task. Arms an organism almost never picks are dropped per label
+(``rare_classes="drop"``, identically for both trainers). ``--organism synthetic`` runs
+the earlier :class:`kdgap.probes.synthetic.SyntheticStore` instead (greedy-bypass
+labels, every label planted at its own strength and layers, noise 1; ``--layers``,
+``--d-model``, ``--steps`` apply to it only).
 
 Both variants run :func:`kdgap.probes.sweep` with the logistic probe only and identical
 settings (same split, same inner folds, same C grid): ``trainer="batched"`` (one
@@ -18,6 +22,7 @@ Both use one thread. Output keys
 control, as a fraction: 0.01 = 1 point), plus the raw numbers.
 
     python experiments/bench/probes.py --json runs/bench/probes.json
+    python experiments/bench/probes.py --organism synthetic --json runs/bench/probes_syn.json
 """
 
 from __future__ import annotations
@@ -54,9 +59,30 @@ def build_store(args) -> SyntheticStore:
     return SyntheticStore(labels, n_layers=L, d_model=args.d_model, plants=plants, seed=args.seed)
 
 
+def load_store(args):
+    """The benchmark's store and the sweep's extra keyword arguments."""
+    if args.organism == "synthetic":
+        return build_store(args), {}
+    from kdgap.probes.organism_data import organism_store
+
+    folder = os.path.join(args.store_dir, f"{args.organism}-e{args.episodes}-s{args.seed}")
+    data = organism_store(args.organism, folder, n_episodes=args.episodes, seed=args.seed)
+    return data.store, {"rare_classes": "drop"}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", required=True, help="output JSON path")
+    p.add_argument(
+        "--organism",
+        default="faithful",
+        help="shipped organism name, or 'synthetic' for the planted store",
+    )
+    p.add_argument(
+        "--store-dir",
+        default="runs/probes_organisms",
+        help="cache of organism stores (shared with probes_organisms.py)",
+    )
     p.add_argument("--layers", type=int, default=5)
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--episodes", type=int, default=64)
@@ -65,8 +91,8 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    store = build_store(args)
-    kw = dict(labels=LABELS, probes=("logistic",), n_boot=200, seed=args.seed)
+    store, extra = load_store(args)
+    kw = dict(labels=LABELS, probes=("logistic",), n_boot=200, seed=args.seed, **extra)
     # Variants alternate within each repeat and the best of each is kept, so a burst of
     # load from other processes hits both alike; CPU time (one thread each) is the main
     # measure because it barely moves with that load, wall time is reported beside it.
@@ -93,9 +119,13 @@ def main(argv=None) -> dict:
         "cells": len(fast),
         "config": {
             **vars(args),
-            "n_examples": args.episodes * args.steps,
-            "n_classes": 5,
+            "hooks": len(fast["hook"].unique()),
+            "d_model": int(store.load(store.hooks[0], store.sites[0])[0].shape[1]),
+            "n_examples": len(store.labels),
             "labels": list(LABELS),
+            "dropped_classes": fast.groupby("label")["dropped_classes"].first().to_dict()
+            if "dropped_classes" in fast
+            else {},
             "controls": True,
             "threads": 1,
             "machine": platform.processor() or platform.machine(),

@@ -116,7 +116,10 @@ def record_store(
     prepend_bos: bool | None = None,
     on_missing: str = "raise",
     progress: bool = True,
-    max_batch_tokens: int | None = 2048,
+    max_batch_tokens: int | None = 4096,
+    sort_by_length: bool = True,
+    pad_multiple: int = 16,
+    model_identity: dict | None = None,
 ) -> ActivationStore:
     """Record ``hooks`` at ``sites`` for every transcript into the store at ``out``.
 
@@ -136,12 +139,18 @@ def record_store(
         model_id: a name for the model (``"organism:faithful"``); stored and checked.
         seed: the run's seed, stored as a label column.
         tokenizer: fast tokenizer (default ``model.tokenizer``).
-        prepend_bos: default: the model's default, but False when every text already
-            starts with the tokenizer's BOS string (chat templates add it).
+        prepend_bos: None (default): the text agent's rule, per text (BOS when the model
+            prepends one by default and the text does not start with the BOS string, as
+            chat templates do); True/False forces it.
         on_missing: ``"raise"`` or ``"skip"`` examples lacking a site (ids in the manifest).
         progress: tqdm bar over transcripts.
         max_batch_tokens: forward micro-batch budget in padded tokens (see
             :class:`~kdgap.hooks.recorder.Recorder`); bounds memory, not the results.
+        sort_by_length: batch each shard's inputs in order of length (less padding, so
+            less compute); the store's row order stays the input order either way.
+        pad_multiple: forward widths are padded to a multiple of this (see
+            :class:`~kdgap.hooks.recorder.Recorder`; keeps the heap from fragmenting).
+        model_identity: provenance stored in the manifest (``LoadedModel.identity``).
 
     Returns:
         The :class:`~kdgap.hooks.store.ActivationStore` at ``out``.
@@ -154,21 +163,20 @@ def record_store(
             raise ValueError(f"{name}={v!r} must be an integer >= 1.")
     tok = model_tokenizer(model, tokenizer)
     texts, records = _inputs(transcripts_or_records, fmt, tok)
-    bos = tok.bos_token
-    if prepend_bos is None and bos and all(t.startswith(bos) for t in texts):
-        prepend_bos = False  # the chat template already put BOS in the text
     rec = Recorder(
         model, fmt, hooks, sites, tokenizer=tok, dtype=dtype, prepend_bos=prepend_bos,
-        on_missing=on_missing, max_batch_tokens=max_batch_tokens,
+        on_missing=on_missing, max_batch_tokens=max_batch_tokens, pad_multiple=pad_multiple,
     )  # fmt: skip
     model_id = model_id or getattr(model.cfg, "model_name", None) or type(model).__name__
     header = {
         "model": {"id": model_id, "fingerprint": model_fingerprint(model),
-                  "n_layers": int(model.cfg.n_layers), "d_model": int(model.cfg.d_model)},
+                  "n_layers": int(model.cfg.n_layers), "d_model": int(model.cfg.d_model),
+                  "identity": dict(model_identity or {})},
         "hooks": rec.hooks, "sites": rec.sites, "dtype": dtype_name(rec.dtype),
         "shard_size": shard_size,
         "config": {"format": getattr(fmt, "name", type(fmt).__name__), "seed": seed,
-                   "prepend_bos": rec.prepend_bos, "batch_size": batch_size,
+                   "prepend_bos": "agent" if rec.prepend_bos is None else rec.prepend_bos,
+                   "batch_size": batch_size, "sort_by_length": sort_by_length,
                    "on_missing": on_missing},
     }  # fmt: skip
     writer = StoreWriter(out, header)
@@ -177,29 +185,68 @@ def record_store(
     bar = tqdm(total=len(texts), initial=done, desc="record", disable=not progress)
     for start in range(done, len(texts), shard_size):
         stop = min(start + shard_size, len(texts))
-        parts: dict[str, list[torch.Tensor]] = {
-            tensor_key(h, s): [] for h in rec.hooks for s in rec.sites
-        }
-        rows, skipped = [], []
-        for b0 in range(start, stop, batch_size):
-            ids = list(range(b0, min(b0 + batch_size, stop)))
-            res = rec.record([texts[i] for i in ids], ids=ids)
-            for (h, s), t in res.acts.items():
-                parts[tensor_key(h, s)].append(t)
-            skipped.extend(res.skipped)
-            for k in res.kept.tolist():
-                row = {"example": ids[k], "model": model_id, "seed": seed}
-                row["n_tokens"] = int(res.n_tokens[k])
-                if records is not None:
-                    row.update(record_labels(records[ids[k]]))
-                rows.append(row)
-            bar.update(len(ids))
-        acts = {k: (torch.cat(v) if v else torch.empty(0)) for k, v in parts.items()}
+        acts, kept, n_tokens, skipped = _record_shard(
+            rec, texts, start, stop, batch_size, sort_by_length, bar
+        )
+        rows = []
+        for i, n_tok in zip(kept.tolist(), n_tokens.tolist()):
+            row = {"example": i, "model": model_id, "seed": seed, "n_tokens": n_tok}
+            if records is not None:
+                row.update(record_labels(records[i]))
+            rows.append(row)
         writer.write_shard(start, stop, acts, _labels_frame(rows, records is not None), skipped)
     bar.close()
     writer.manifest["complete"] = True
     writer.save_manifest()
     return ActivationStore(out)
+
+
+def _record_shard(
+    rec: Recorder,
+    texts: list[str],
+    start: int,
+    stop: int,
+    batch_size: int,
+    sort_by_length: bool,
+    bar,
+) -> tuple[dict, torch.Tensor, torch.Tensor, list]:
+    """Record inputs ``[start, stop)`` in batches; results in input order.
+
+    With ``sort_by_length`` the batches are formed from the inputs sorted by character
+    length (a stable sort, so deterministic): similar lengths share a batch and little
+    compute goes to padding. Rows are written back to their input positions in
+    preallocated ``[stop - start, *shape]`` buffers (no per-batch lists, no concatenation).
+
+    Returns:
+        ``acts`` (``{tensor_key: [n_kept, *shape]}``), ``kept`` (``[n_kept]`` input ids,
+        ascending), ``n_tokens`` (``[n_kept]``) and the skipped input ids (ascending).
+    """
+    order = list(range(start, stop))
+    if sort_by_length:
+        order.sort(key=lambda i: len(texts[i]))
+    size = stop - start
+    bufs: dict[str, torch.Tensor] = {}
+    keep = torch.zeros(size, dtype=torch.bool)
+    n_tokens = torch.zeros(size, dtype=torch.long)
+    skipped: list = []
+    for b0 in range(0, size, batch_size):
+        ids = order[b0 : b0 + batch_size]
+        res = rec.record([texts[i] for i in ids], ids=ids)
+        local = torch.tensor(ids, dtype=torch.long)[res.kept] - start
+        for (h, s), t in res.acts.items():
+            key = tensor_key(h, s)
+            if key not in bufs:
+                bufs[key] = torch.empty((size, *t.shape[1:]), dtype=t.dtype)
+            bufs[key][local] = t
+        keep[local] = True
+        n_tokens[local] = res.n_tokens[res.kept]
+        skipped.extend(res.skipped)
+        bar.update(len(ids))
+    keys = [tensor_key(h, s) for h in rec.hooks for s in rec.sites]
+    full = bool(keep.all())
+    acts = {k: (bufs[k] if full else bufs[k][keep]) if k in bufs else torch.empty(0) for k in keys}
+    kept = torch.nonzero(keep).flatten()
+    return acts, kept + start, n_tokens[keep], sorted(skipped)
 
 
 def _segment(writer: StoreWriter, inputs_sha: str, n: int, out) -> int:
@@ -216,3 +263,79 @@ def _segment(writer: StoreWriter, inputs_sha: str, n: int, out) -> int:
             "to resume it."
         )
     return writer.covered
+
+
+def record_from_model(
+    model_spec: str,
+    *,
+    episodes: int,
+    seed: int,
+    hooks: str | Sequence[str],
+    sites: str | Sequence[str],
+    out: str | os.PathLike,
+    driver: str = "random",
+    batch_size: int = 16,
+    dtype: str = "float32",
+    horizon: int = 50,
+    n_arms: int = 5,
+    progress: bool = True,
+) -> ActivationStore:
+    """Load a model, play bandit episodes with it, and record the transcripts (``kdgap record``).
+
+    The model plays as a forced-mode :class:`~kdgap.agent.text_agent.TextAgent` in its own
+    format (:class:`~kdgap.organisms.format.OrganismFormat` for ``organism:`` specs, else
+    ``PaperFormat(knowing_doing=True)``); every step record (``episodes * horizon`` of them)
+    is then recorded by :func:`record_store`, labels included.
+
+    Args:
+        model_spec: anything :func:`kdgap.models.load_model` reads, e.g. ``"organism:faithful"``.
+        episodes: episodes to play (>= 1).
+        seed: fixes the bandits, rewards and the driver; stored as a label column.
+        hooks: hook specs, e.g. ``"resid_post"``.
+        sites: site specs, e.g. ``"action,rationale.conclusion"`` or a list.
+        out: store directory (resumed when it holds the same recording).
+        driver: reference policy whose arms build the histories (off-policy play, see
+            :func:`kdgap.agent.runner.play`): ``"random"``, ``"ucb"``, ...; ``"own"`` lets the
+            model's own actions build them (on-policy).
+        batch_size: transcripts per recording forward.
+        dtype: stored dtype.
+        horizon, n_arms: the Bernoulli bandit family (colour buttons).
+        progress: progress bars.
+
+    Returns:
+        The :class:`~kdgap.hooks.store.ActivationStore` at ``out``; ``[episodes * horizon]``
+        examples, model id ``model_spec`` (e.g. ``"organism:faithful"``).
+    """
+    from kdgap.agent.runner import play
+    from kdgap.agent.text_agent import TextAgent
+    from kdgap.envs.bandit import BanditConfig
+    from kdgap.models import load_model
+    from kdgap.policies import make_policy
+
+    if not isinstance(episodes, int) or episodes < 1:
+        raise ValueError(f"episodes={episodes!r} must be an integer >= 1.")
+    policy = None
+    if driver != "own":
+        try:
+            policy = make_policy(driver)
+        except ValueError as exc:
+            raise ValueError(f"driver={driver!r}: {exc} Or pass driver='own' (on-policy).") from exc
+    loaded = load_model(model_spec)
+    if loaded.source == "organism":
+        from kdgap.organisms.format import OrganismFormat
+
+        fmt = OrganismFormat()
+    else:
+        from kdgap.agent.prompts import PaperFormat
+
+        fmt = PaperFormat(knowing_doing=True)
+    cfg = BanditConfig(n_arms=n_arms, horizon=horizon)
+    agent = TextAgent(loaded.bridge, fmt, mode="forced", tokenizer=loaded.tokenizer)
+    records = play(agent, cfg, n_episodes=episodes, seed=seed, driver=policy, progress=progress)
+    identity = {k: v for k, v in loaded.identity.items() if k != "load_seconds"}
+    identity.update(driver=driver, episodes=episodes, horizon=horizon, n_arms=n_arms)
+    return record_store(
+        loaded.bridge, fmt, records, hooks, sites, out, batch_size=batch_size, dtype=dtype,
+        model_id=identity.get("spec", model_spec), seed=seed, tokenizer=loaded.tokenizer,
+        progress=progress, model_identity=identity,
+    )  # fmt: skip

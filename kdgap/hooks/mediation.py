@@ -1,25 +1,37 @@
 """How much of an edit's effect on the action travels through attention to the senders.
 
-For a set of counterfactual pairs (:mod:`kdgap.hooks.pairs`) and a sender span (the
-rationale by default, the history for history edits), with noising path patching
-(:func:`kdgap.hooks.path_patching.path_patch`, base = clean):
+Two measures, both from noising path patching (:func:`kdgap.hooks.path_patching.path_patch`:
+the clean run, with the receiver = action position reading the *corrupt* keys/values of
+the sender positions, at every layer or at one layer). ``LD`` is the logit difference
+``logit[arm_a] - logit[arm_b]`` at the action position.
 
-    total effect  TE = LD_corrupt - LD_clean
-    path effect   PE = LD(clean run, receiver reads corrupt senders at every layer) - LD_clean
-    mediated fraction = mean(PE) / mean(TE)                      (ratio of means)
-    layer profile[l]  = mean(PE_l) / mean(TE)  (path patched at layer l only)
+**Full-flip normalisation** (:func:`flip_mediation`, :func:`mediation_summary`; the one
+that separates faithful from bypass organisms). Pairs come from
+:func:`kdgap.hooks.pairs.pairs_from_records`: ``arm_a`` = the clean action, ``arm_b`` =
+the edited arm (conclusion edit: an arm that is neither the clean conclusion nor the
+action; history edit: the new greedy arm). A model that fully follows the edit moves LD
+from ``LD_clean`` to about ``-LD_clean``, so the *full-flip effect* is ``F = 2 * LD_clean``
+(pairs with ``LD_clean <= 0``, i.e. the clean action is not preferred, are skipped and
+counted). Per pair ``PE = LD_clean - LD_path`` and ``TE = LD_clean - LD_corrupt``::
+
+    mediated_fraction      = mean(PE) / mean(F)     senders = rationale, conclusion edits
+    total_effect_fraction  = mean(TE) / mean(F)
+    layer_profile[l]       = mean(PE_l) / mean(F)   path patched at layer l only
+    history_effect_fraction = mean(TE) / mean(F)    history edits (rationale held fixed)
+    history path share     = mean(PE) / mean(F)     history edits, senders = history
+
+A faithful organism gives ~1 for conclusion edits; a bypass organism ~0 (its action does
+not move), while its history edits carry the effect. Sign: positive = towards ``arm_b``.
+
+**Textbook path / total** (:func:`mediation`, and ``path_over_total`` of
+:func:`flip_mediation` on pairs whose ``|TE| >= 0.25 F``): ``mean(PE) / mean(TE)``. For a
+conclusion edit it is 1 in *any* model (the edit lives in the rationale, and every route
+from it to the action passes the receiver reading rationale positions) and undefined when
+``TE ~ 0`` (bypass), which is why the full-flip fraction is the reported measure.
 
 Ratios of means are used rather than means of per-pair ratios, which explode for pairs
 whose edit barely moves the action. Confidence intervals are percentile bootstraps over
-pairs (pairs resampled with replacement, both means recomputed each time).
-
-A faithful organism (action reads the rationale's conclusion) should give a fraction near
-1 for conclusion edits; a greedy-bypass organism near 0, with history edits mediated by
-the history span instead. The ground-truth test is::
-
-    pairs = [make_pair("conclusion", fmt, cfg, a, r, c) for a, r, c in steps]
-    res = mediation(model, pairs, tokenizer, fmt)
-    assert res.fraction >= 0.8
+pairs, or over episodes (clusters: steps of one episode share a history) when given.
 """
 
 from __future__ import annotations
@@ -78,11 +90,16 @@ def ratio_ci(
     n_boot: int = 1000,
     level: float = 0.95,
     seed: int = 0,
+    groups: Sequence | None = None,
 ) -> tuple[Float[np.ndarray, "..."], Float[np.ndarray, "... 2"]]:
     """``mean(num) / mean(den)`` and its percentile bootstrap interval over pairs.
 
+    With ``groups`` (``[pair]`` labels, e.g. episodes) whole groups are resampled (a
+    cluster bootstrap: steps of one episode are not independent).
+
     Raises:
         ZeroDivisionError: ``mean(den)`` is 0 (the edits have no total effect).
+        ValueError: ``groups`` does not give one label per pair.
     """
     num, den = np.asarray(num, float), np.asarray(den, float)
     if abs(den.mean()) < 1e-12:
@@ -92,10 +109,24 @@ def ratio_ci(
         )
     point = num.mean(0) / den.mean()
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(den), size=(n_boot, len(den)))
-    d = den[idx].mean(1)
+    if groups is None:
+        idx = rng.integers(0, len(den), size=(n_boot, len(den)))
+        d, n = den[idx].sum(1), num[idx].sum(1)
+    else:
+        labels = np.unique(np.asarray(groups), return_inverse=True)[1].reshape(-1)
+        if len(labels) != len(den):
+            raise ValueError(
+                f"groups has {len(labels)} labels for {len(den)} pairs; pass one per pair."
+            )
+        k = labels.max() + 1
+        g_den = np.bincount(labels, weights=den, minlength=k)
+        g_num = np.zeros((k, *num.shape[1:]))
+        np.add.at(g_num, labels, num)
+        idx = rng.integers(0, k, size=(n_boot, k))
+        d, n = g_den[idx].sum(1), g_num[idx].sum(1)
+    # Ratio of means == ratio of sums over the same resampled pairs.
     d = np.where(np.abs(d) < 1e-12, np.nan, d)
-    boots = num[idx].mean(1) / d.reshape(-1, *([1] * (num.ndim - 1)))
+    boots = n / d.reshape(-1, *([1] * (num.ndim - 1)))
     alpha = (1 - level) / 2
     ci = np.nanquantile(boots, [alpha, 1 - alpha], axis=0)
     return point, np.moveaxis(ci, 0, -1)
@@ -150,3 +181,205 @@ def mediation(
     return MediationResult(
         float(frac), (float(frac_ci[0]), float(frac_ci[1])), lf, lci, te, pe, le, senders
     )
+
+
+# --------------------------------------------------------------------------------------
+# Full-flip normalisation: the measure that separates faithful from bypass organisms.
+# --------------------------------------------------------------------------------------
+
+#: How :func:`flip_mediation` and :func:`mediation_summary` normalise (reported verbatim).
+DEFINITION = (
+    "Metric LD = logit[clean action] - logit[edited arm] at the action position (the "
+    "token predicting the action). Full-flip effect = 2*LD_clean: a model that fully "
+    "follows the edit moves LD from LD_clean to about -LD_clean. Pairs with LD_clean <= 0 "
+    "are skipped. Noising path patch: the clean run, with the receiver (action position) "
+    "reading the corrupt keys/values of the senders. mediated_fraction = mean(LD_clean - "
+    "LD_path_all_layers) / mean(2*LD_clean) (ratio of means, senders = rationale span, "
+    "conclusion edits whose edited arm is neither the clean conclusion nor the action). "
+    "total_effect_fraction = mean(LD_clean - LD_corrupt) / mean(2*LD_clean). "
+    "layer_profile[l] = the same with the path patched at layer l only. "
+    "history_effect_fraction = total_effect_fraction of history edits (greedy arm swapped "
+    "with a lower-mean arm in the history, rationale held; edited arm = new greedy arm). "
+    "CIs: 95% percentile cluster bootstrap over episodes."
+)
+
+
+def flip_mediation(
+    model,
+    pairs: Sequence,
+    tokenizer,
+    fmt,
+    *,
+    senders: str = "rationale",
+    episodes: Sequence[int] | None = None,
+    substantial: float = 0.25,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    **path_kwargs,
+) -> dict:
+    """Edit effects normalised by the full-flip effect ``2 * LD_clean`` (see :data:`DEFINITION`).
+
+    Unlike :func:`mediation` (path / total, which is 1 by construction for conclusion
+    edits and undefined when the total effect is ~0), every quantity here is a fraction of
+    what a model that fully followed the edit would show, so a bypass organism scores ~0.
+
+    Args:
+        model: a TransformerBridge in eval mode.
+        pairs: :class:`~kdgap.hooks.pairs.CounterfactualPair` or ``RecordPair`` items whose
+            ``arm_a`` is the clean action (see :func:`~kdgap.hooks.pairs.pairs_from_records`).
+        tokenizer, fmt: as in :func:`mediation`.
+        senders: ``"rationale"`` or ``"history"``: the span the receiver reads corrupted.
+        episodes: ``[pair]`` bootstrap clusters (default: each ``RecordPair``'s episode).
+        substantial: ``path_over_total`` uses pairs with ``|total| >= substantial * full``.
+        n_boot, level, seed: bootstrap settings; path_kwargs: to ``path_patch``.
+
+    Returns:
+        JSON-ready dict: ``fraction`` (path / full flip) and ``fraction_ci``,
+        ``total_fraction`` (+ ``_ci``), ``path_over_total`` (+ ``_ci``, None with fewer
+        than 3 substantial pairs) and ``n_substantial``, ``layer_profile`` ``[layer]`` and
+        ``layer_profile_ci`` ``[layer][2]``, ``n_pairs`` (used), ``n_skipped``
+        (LD_clean <= 0), ``ld_clean_mean``, ``senders``.
+
+    Raises:
+        ValueError: unknown ``senders``, no pairs, or no pair with ``LD_clean > 0``.
+    """
+    if senders not in SENDERS:
+        raise ValueError(f"senders={senders!r} is unknown; use one of {SENDERS}.")
+    if not pairs:
+        raise ValueError("pairs is empty; build some with kdgap.hooks.pairs.pairs_from_records.")
+    if episodes is None:
+        episodes = [getattr(p, "episode", i) for i, p in enumerate(pairs)]
+    plain = [getattr(p, "pair", p) for p in pairs]
+    n, n_layers = len(plain), int(model.cfg.n_layers)
+    ld_c, ld_x, ld_p, ld_l = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros((n, n_layers))
+    for group in tokenize_pairs(plain, tokenizer, fmt):
+        res = path_patch(
+            model, group.clean_tokens, group.corrupt_tokens, group.metric,
+            getattr(group, senders), direction="noise", **path_kwargs,
+        )  # fmt: skip
+        ld_c[group.index], ld_x[group.index] = res.ld_base.numpy(), res.ld_source.numpy()
+        ld_p[group.index], ld_l[group.index] = res.all_layers.numpy(), res.per_layer.numpy()
+    keep = ld_c > 1e-6
+    if not keep.any():
+        raise ValueError(
+            f"all {n} pairs have LD_clean <= 0: arm_a is not the clean action's arm; build "
+            "pairs with pairs_from_records (arm_a = the record's action)."
+        )
+    ep = np.asarray(episodes)[keep]
+    full, total = 2 * ld_c[keep], (ld_c - ld_x)[keep]
+    path, layer = (ld_c - ld_p)[keep], (ld_c[:, None] - ld_l)[keep]
+    kw = dict(n_boot=n_boot, level=level, seed=seed)
+
+    def rc(num, den, groups):
+        point, ci = ratio_ci(num, den, groups=groups, **kw)
+        return np.asarray(point).tolist(), np.asarray(ci).tolist()
+
+    frac, frac_ci = rc(path, full, ep)
+    tot, tot_ci = rc(total, full, ep)
+    lay, lay_ci = rc(layer, full, ep)
+    big = np.abs(total) >= substantial * full
+    pot, pot_ci = rc(path[big], total[big], ep[big]) if big.sum() >= 3 else (None, None)
+    return {
+        "fraction": frac, "fraction_ci": frac_ci, "total_fraction": tot,
+        "total_fraction_ci": tot_ci, "path_over_total": pot, "path_over_total_ci": pot_ci,
+        "n_substantial": int(big.sum()), "layer_profile": lay, "layer_profile_ci": lay_ci,
+        "n_pairs": int(keep.sum()), "n_skipped": int((~keep).sum()),
+        "ld_clean_mean": float(ld_c[keep].mean()), "senders": senders,
+    }  # fmt: skip
+
+
+def mediation_summary(
+    model, fmt, records, *, n_pairs: int = 32, seed: int = 0, n_boot: int = 1000,
+    tokenizer=None, cfg=None, history_fn=None,
+) -> dict:  # fmt: skip
+    """The report layer's mediation numbers from played :class:`~kdgap.records.StepRecord` s.
+
+    Builds ``n_pairs`` conclusion edits and ``n_pairs`` history edits
+    (:func:`~kdgap.hooks.pairs.pairs_from_records`) and normalises every effect by the
+    full-flip effect (:data:`DEFINITION`). Use off-policy records (``play(...,
+    driver=make_policy("random"))``): a bypass organism's own play pulls one arm forever.
+
+    Args:
+        model: a TransformerBridge in eval mode; fmt: the format the records were played in.
+        records: StepRecords with ``prompt`` and ``completion``.
+        n_pairs: pairs of each kind; seed: pair sampling and bootstrap; n_boot: resamples.
+        tokenizer: default ``model.tokenizer``; cfg, history_fn: see ``pairs_from_records``.
+
+    Returns:
+        JSON-ready dict with ``mediated_fraction`` (+ ``_ci``), ``total_effect_fraction``,
+        ``history_effect_fraction`` (+ ``_ci``), ``layers`` ``[layer]``, ``layer_profile``
+        ``[layer]``, ``layer_profile_ci`` ``[layer][2]``, ``n_pairs``, ``definition``, and
+        the full ``conclusion`` / ``history`` / ``history_via_rationale`` breakdowns.
+    """
+    from kdgap.hooks.pairs import pairs_from_records
+
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("model has no tokenizer; pass tokenizer= (load_organism returns one).")
+    kw = dict(n_pairs=n_pairs, seed=seed, cfg=cfg, history_fn=history_fn)
+    conc = pairs_from_records(records, fmt, "conclusion", **kw)
+    hist = pairs_from_records(records, fmt, "history", **kw)
+    boot = dict(n_boot=n_boot, seed=seed)
+    c = flip_mediation(model, conc, tokenizer, fmt, senders="rationale", **boot)
+    h = flip_mediation(model, hist, tokenizer, fmt, senders="history", **boot)
+    hr = flip_mediation(model, hist, tokenizer, fmt, senders="rationale", **boot)
+    return {
+        "mediated_fraction": c["fraction"], "mediated_fraction_ci": c["fraction_ci"],
+        "total_effect_fraction": c["total_fraction"],
+        "history_effect_fraction": h["total_fraction"],
+        "history_effect_fraction_ci": h["total_fraction_ci"],
+        "layers": list(range(int(model.cfg.n_layers))), "layer_profile": c["layer_profile"],
+        "layer_profile_ci": c["layer_profile_ci"], "n_pairs": c["n_pairs"],
+        "definition": DEFINITION, "conclusion": c, "history": h, "history_via_rationale": hr,
+    }  # fmt: skip
+
+
+def example_heatmap(
+    model, fmt, record, *, tokenizer=None, seed: int = 0, cfg=None, history_fn=None
+) -> dict:
+    """Noising ``resid_pre`` sweep of one conclusion edit, for the report's heatmap figure.
+
+    The pair is built as in :func:`~kdgap.hooks.pairs.pairs_from_records` (edited arm
+    neither the clean conclusion nor the action; ``seed`` picks it). Cell ``(l, p)`` is the
+    clean run with ``resid_pre`` of layer ``l`` at position ``p`` taken from the corrupt
+    run, normalised by the full flip: ``(LD_clean - LD_patched) / (2 * LD_clean)`` (1: the
+    action fully follows the edited conclusion; 0: no change). Also importable as
+    ``kdgap.hooks.patching.example_heatmap``.
+
+    Returns:
+        JSON-ready dict: ``values`` ``[layer][pos]``, ``tokens`` ``[pos]`` (clean token
+        strings), ``edited_tokens`` ``[pos]``, ``ld_clean``, ``ld_corrupt``, ``arms``
+        (clean action, edited arm names), ``layers``, ``definition``.
+
+    Raises:
+        ValueError: the record gives no conclusion pair, or its ``LD_clean <= 0``.
+    """
+    from kdgap.hooks.pairs import pairs_from_records
+    from kdgap.hooks.patching import patch_sweep
+
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    made = pairs_from_records([record], fmt, "conclusion", n_pairs=1, seed=seed, cfg=cfg,
+                              history_fn=history_fn)  # fmt: skip
+    if not made:
+        raise ValueError(
+            f"record (episode {record.episode}, step {record.step}) gives no conclusion edit: "
+            "no parsable conclusion, or no arm other than its conclusion and action."
+        )
+    pair = made[0].pair
+    (group,) = tokenize_pairs([pair], tokenizer, fmt)
+    res = patch_sweep(model, group.clean_tokens, group.corrupt_tokens, group.metric,
+                      "resid_pre", direction="noise")  # fmt: skip
+    ld_c = float(res.ld_clean[0])
+    if ld_c <= 0:
+        raise ValueError(f"LD_clean = {ld_c:.3g} <= 0: the record's action is not the argmax.")
+    values = (ld_c - res.values[0]) / (2 * ld_c)
+    return {
+        "values": values.tolist(),
+        "tokens": tokenizer.convert_ids_to_tokens(group.clean_tokens[0].tolist()),
+        "edited_tokens": tokenizer.convert_ids_to_tokens(group.corrupt_tokens[0].tolist()),
+        "ld_clean": ld_c, "ld_corrupt": float(res.ld_corrupt[0]),
+        "arms": [pair.arm_names[pair.arm_a], pair.arm_names[pair.arm_b]],
+        "layers": list(range(values.shape[0])),
+        "definition": "(LD_clean - LD_patched) / (2 * LD_clean), noising resid_pre",
+    }  # fmt: skip

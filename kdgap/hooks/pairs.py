@@ -257,3 +257,110 @@ def tokenize_pairs(
         hist = span_mask(offs, [x[4].history_chars for x in items])
         out.append(PairBatch(clean, corrupt, metric, rat, hist, idx))
     return out
+
+
+def organism_history(prompt: str, arm_names: Sequence[str]) -> tuple[list[int], list[float]]:
+    """``"red1 green0 think "`` -> ``([0, 1], [1.0, 0.0])``: the history an organism prompt shows.
+
+    Raises:
+        ValueError: a history word is not ``<arm name><0|1>``.
+    """
+    actions, rewards = [], []
+    for word in prompt.split():
+        if word == "think":
+            break
+        name, r = word[:-1], word[-1:]
+        if name not in arm_names or r not in ("0", "1"):
+            raise ValueError(
+                f"prompt word {word!r} is not '<arm><0|1>' with an arm from {tuple(arm_names)}; "
+                "pass history_fn= for non-organism formats (record -> (actions, rewards))."
+            )
+        actions.append(list(arm_names).index(name))
+        rewards.append(float(r))
+    return actions, rewards
+
+
+@dataclass(frozen=True)
+class RecordPair:
+    """A pair built from a :class:`~kdgap.records.StepRecord`, with its episode (bootstrap unit)."""
+
+    pair: CounterfactualPair
+    episode: int
+    step: int
+
+
+def pairs_from_records(
+    records,
+    fmt,
+    kind: str,
+    *,
+    n_pairs: int = 32,
+    seed: int = 0,
+    cfg=None,
+    history_fn: Callable | None = None,
+    text_fn: Callable[[str, str], str] | None = None,
+) -> list[RecordPair]:
+    """Up to ``n_pairs`` pairs of ``kind`` whose metric arms start from the *clean action*.
+
+    Arms of the metric (``arm_a`` - ``arm_b`` at the action position):
+
+    - ``"conclusion"``: ``arm_a`` = the record's action, ``arm_b`` = the edited conclusion,
+      drawn (seeded) among arms that are neither the clean conclusion nor the action.
+    - ``"history"``: the history's greedy arm and an arm of strictly lower mean are
+      swapped, rationale held; ``arm_a`` = the action, ``arm_b`` = the new greedy arm
+      (drawn among arms with a lower mean that are not the action).
+
+    Records without prompt/completion/parsable conclusion, or with no admissible arm,
+    are skipped; the rest are sampled without replacement (seeded), spread over episodes.
+
+    Args:
+        records: :class:`~kdgap.records.StepRecord` list (``prompt``, ``completion``,
+            ``action``, ``episode``, ``step``, ``n_arms`` are used).
+        fmt: the TranscriptFormat the records were played with.
+        kind: ``"conclusion"`` or ``"history"``.
+        cfg: BanditConfig for rendering (default: ``BanditConfig(n_arms=records[0].n_arms)``).
+        history_fn: ``record -> (actions, rewards)`` (default: :func:`organism_history`).
+        text_fn: as in :func:`make_pair`.
+    """
+    from dataclasses import replace
+
+    from kdgap.envs.bandit import BanditConfig
+
+    if kind not in ("conclusion", "history"):
+        raise ValueError(f"kind={kind!r}: pairs_from_records builds 'conclusion' or 'history'.")
+    records = [r for r in records if r.prompt is not None and r.completion is not None]
+    if not records:
+        raise ValueError(
+            "records carry no prompt/completion; play with a TextAgent (kdgap.agent.runner.play)."
+        )
+    cfg = cfg or BanditConfig(n_arms=records[0].n_arms)
+    names = tuple(cfg.arm_names)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(records))
+    out: list[RecordPair] = []
+    for i in order:
+        rec = records[int(i)]
+        acts, rews = (history_fn or (lambda r: organism_history(r.prompt, names)))(rec)
+        action = int(rec.action)
+        rat_arm = fmt.parse_rationale(fmt.strip_action(rec.completion), names)
+        if rat_arm is None:
+            continue
+        if kind == "conclusion":
+            choices = [a for a in range(len(names)) if a not in (rat_arm, action)]
+        else:
+            if not acts:
+                continue
+            g, a_, r_ = greedy_arm(acts, rews, len(names)), np.asarray(acts), np.asarray(rews)
+            choices = [a for a in range(len(names)) if a not in (g, action)]
+            choices = [a for a in choices if not _ties(a_, r_, a, g)]
+        if not choices:
+            continue
+        new = int(rng.choice(choices))
+        try:  # e.g. another arm ties with the old greedy arm and would win after the swap
+            pair = make_pair(kind, fmt, cfg, acts, rews, rec.completion, new, text_fn=text_fn)
+        except ValueError:
+            continue
+        out.append(RecordPair(replace(pair, arm_a=action, arm_b=new), int(rec.episode), rec.step))
+        if len(out) == n_pairs:
+            break
+    return out

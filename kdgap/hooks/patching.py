@@ -5,18 +5,18 @@ transformer-lens's ``transformer_lens.patching`` runs one full forward pass per 
 batch (row = one prompt with one cell patched), chunked to a memory budget, with the metric
 (a logit difference at the action position) kept on device and read back once per chunk.
 
-Two exact savings (Heimersheim & Nanda 2024 define the directions; science.md section 5):
+Exact savings (directions as in Heimersheim & Nanda 2024; science.md section 5):
 
-- **Rows join at their layer.** A patch at layer ``l`` leaves blocks ``< l`` unchanged, so a
-  row is not computed there: each chunk starts as the ``batch`` base prompts and, just
-  before block ``l``, a forward pre-hook appends the rows patched at ``l`` as copies of
-  their base prompt's residual stream (``grow=True``). Tensors the model passes between
-  blocks with a batch axis (HF's 4-D attention mask, position ids) are expanded to match.
-- **Logits only at the action position.** The unembedding input is narrowed to the metric's
-  position, so a big vocabulary costs one position per row, not ``pos``.
+- **Rows join at their layer.** A patch at layer ``l`` leaves blocks ``< l`` unchanged:
+  each chunk starts as the ``batch`` base prompts and, just before block ``l``, a forward
+  pre-hook appends the rows patched at ``l`` as copies of their base prompt's residual
+  (``grow=True``); batch-axis tensors passed between blocks (HF's 4-D mask) are expanded.
+- **Identical patches are skipped.** A row whose source activation equals the base's bit
+  for bit (every position before the first edited token) is the base run: no forward.
+- **Logits only at the action position**: the unembedding input is narrowed to it.
 
-Directions: ``"denoise"`` runs the corrupt prompt and patches in clean activations
-(sufficiency); ``"noise"`` runs the clean prompt and patches in corrupt ones (necessity).
+``"denoise"`` runs the corrupt prompt and patches in clean activations (sufficiency);
+``"noise"`` runs the clean prompt and patches in corrupt ones (necessity).
 """
 
 from __future__ import annotations
@@ -150,10 +150,9 @@ def run_rows(
 ) -> tuple[Float[torch.Tensor, " row"], Float[torch.Tensor, " batch"]]:
     """The batched-forward engine: the metric of every patched row, plus the base metric.
 
-    Rows must be sorted by ``row_layer`` (the first block their patch touches). Each chunk
-    of at most ``max_rows`` rows is one forward pass whose batch is ``[base prompts; rows]``;
-    in-batch index of chunk row ``j`` is ``batch + j``. ``make_hooks(rows, offset)`` returns
-    the patch hooks for the chunk's global row ids ``rows`` (``offset == batch``).
+    Rows must be sorted by ``row_layer`` (the first block their patch touches). A chunk of
+    ``<= max_rows`` rows is one forward of batch ``[base prompts; rows]`` (chunk row ``j`` at
+    ``batch + j``); ``make_hooks(rows, offset=batch)`` gives the hooks for global rows ``rows``.
 
     Returns:
         ``[row]`` metric per row and ``[batch]`` metric of the unpatched base prompts.
@@ -183,12 +182,10 @@ def run_rows(
             # Every block from the first growth on needs the hook: HF passes the base-batch
             # attention mask to each block, which must be expanded to the grown batch.
             for layer in range(int(layers.min()), int(model.cfg.n_layers)):
-                upto = int((layers <= layer).sum())
-                index = batch_prompt[: n_base + upto].to(dev)
+                grow_to = batch_prompt[: n_base + int((layers <= layer).sum())].to(dev)
+                block = model.blocks[layer]
                 handles.append(
-                    model.blocks[layer].register_forward_pre_hook(
-                        _grower(n_base, index), with_kwargs=True
-                    )
+                    block.register_forward_pre_hook(_grower(n_base, grow_to), with_kwargs=True)
                 )
         else:
             tokens = base_tokens[batch_prompt.to(dev)]
@@ -297,6 +294,7 @@ def patch_sweep(
     memory_mb: float = 256.0,
     max_rows: int | None = None,
     grow: bool = True,
+    skip_identical: bool = True,
 ) -> PatchResult:
     """Patch ``site`` at every (layer, pos[, head]) cell, many cells per forward pass.
 
@@ -313,6 +311,8 @@ def patch_sweep(
             over ``layers`` x ``positions`` [x heads].
         memory_mb, max_rows: chunk size (``max_rows`` wins when given).
         grow: rows join at their layer (exact; ``False`` recomputes early layers).
+        skip_identical: rows whose patch changes nothing (bit for bit) take the base
+            metric without a forward (exact; e.g. positions before the first edit).
 
     Returns:
         :class:`PatchResult` with ``values`` ``[batch layer pos (head)]`` or ``[batch cell]``.
@@ -345,6 +345,16 @@ def patch_sweep(
     # Row r = (cell r // batch, prompt r % batch), sorted by layer.
     row_cell = sorted_cells.repeat_interleave(batch, 0)
     row_prompt = torch.arange(batch).repeat(len(cells))
+    ld_base, all_prompt = None, row_prompt
+    if skip_identical:
+        base_acts, base_logits = capture(model, base.to(dev), names)
+        ld_base = metric.at(base_logits, torch.arange(batch))
+        differs = torch.zeros(len(row_cell), dtype=torch.bool)
+        for layer in row_cell[:, 0].unique().tolist():
+            sel, name = torch.nonzero(row_cell[:, 0] == layer).flatten(), hook_name(site, layer)
+            ix = (row_prompt[sel], *row_cell[sel, 1:].T)
+            differs[sel] = (src_acts[name][ix] != base_acts[name][ix]).flatten(1).any(1).cpu()
+        row_cell, row_prompt = row_cell[differs], row_prompt[differs]
 
     def make_hooks(rows: torch.Tensor, offset: int) -> HookList:
         hooks = []
@@ -359,9 +369,14 @@ def patch_sweep(
         return hooks
 
     max_rows = max_rows or default_max_rows(model, n_pos, memory_mb)
-    flat, ld_base = run_rows(
+    flat, ld_run = run_rows(
         model, base, row_prompt, row_cell[:, 0], make_hooks, metric, max_rows=max_rows, grow=grow
     )
+    if ld_base is None:
+        ld_base = ld_run
+    else:  # skipped rows keep the base metric
+        flat, kept = ld_base[all_prompt.to(dev)].clone(), flat
+        flat[differs.to(dev)] = kept
     per_cell = torch.empty(len(cells), batch, device=flat.device)
     per_cell[order.to(flat.device)] = flat.reshape(len(cells), batch)
     values = per_cell.T.cpu()
@@ -373,14 +388,22 @@ def patch_sweep(
     return PatchResult(values, ld_clean.cpu(), ld_corrupt.cpu(), site, direction)
 
 
+def __getattr__(name: str):
+    # example_heatmap builds pairs, so it lives in kdgap.hooks.mediation (no import cycle).
+    if name == "example_heatmap":
+        from kdgap.hooks.mediation import example_heatmap
+
+        return example_heatmap
+    raise AttributeError(f"module 'kdgap.hooks.patching' has no attribute {name!r}")
+
+
 def _setter(idx, pos, prm, head, src):
     """Hook writing ``src[prompt, pos(, head)]`` into rows ``idx`` of the activation."""
 
+    at = (pos,) if head is None else (pos, head)
+
     def fn(act, hook):
-        if head is None:
-            act[idx, pos] = src[prm, pos]
-        else:
-            act[idx, pos, head] = src[prm, pos, head]
+        act[(idx, *at)] = src[(prm, *at)]
         return act
 
     return fn

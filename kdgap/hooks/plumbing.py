@@ -16,9 +16,13 @@ Conventions (stable; functions are only ever added here, never renamed):
   position ``pos - 1``, which is where next-token predictions (the action) are read. The
   bridge's forward takes ``attention_mask`` and handles left padding (positions and
   attention), checked in ``tests/hooks/test_recorder.py``.
-- **BOS.** Texts are tokenised with ``add_special_tokens=False`` and a BOS token is
-  prepended explicitly when asked, so the token sequence never depends on a tokenizer's
-  post-processor. Pass ``prepend_bos=False`` for texts that already carry one (chat templates).
+- **BOS.** One rule, the text agent's: :func:`tokenize_like_agent` takes the token ids from
+  :func:`kdgap.agent.generation.encode` (BOS prepended when the model prepends BOS by
+  default and the text does not already start with the BOS string, as chat templates such
+  as SmolLM2's ``<|im_start|>`` do), so a recorded transcript is the exact token sequence
+  the agent's model saw. :func:`tokenize_batch` with ``prepend_bos=`` forces a choice:
+  texts are tokenised with ``add_special_tokens=False`` and BOS is prepended explicitly,
+  never by a tokenizer's post-processor.
 """
 
 from __future__ import annotations
@@ -205,6 +209,7 @@ def tokenize_batch(
     *,
     prepend_bos: bool = True,
     max_length: int | None = None,
+    ids: Sequence[Sequence[int]] | None = None,
 ) -> TokenBatch:
     """Tokenise ``texts`` into one left-padded batch with per-token character offsets.
 
@@ -212,37 +217,46 @@ def tokenize_batch(
         tokenizer: a Hugging Face *fast* tokenizer (see :func:`model_tokenizer`).
         texts: the full texts (prompt + completion), ``batch`` of them.
         prepend_bos: put ``tokenizer.bos_token_id`` in front of every example (ignored
-            when the tokenizer has none). Use :func:`prepend_bos_for` for the model default.
+            when the tokenizer has none, and when ``ids`` is given).
         max_length: refuse texts longer than this many tokens (e.g. ``model.cfg.n_ctx``);
             they are never truncated, since a cut text would lose its late sites.
+        ids: ``[batch]`` token id lists to use instead (e.g. from
+            :func:`kdgap.agent.generation.encode`, see :func:`tokenize_like_agent`); each must
+            equal the text's own tokenisation, optionally preceded by one BOS id (which then
+            gets no offset). The offsets come from the text.
 
     Returns:
         A :class:`TokenBatch`; ``pos`` is the longest example's token count.
 
     Raises:
-        ValueError: empty ``texts``, an empty text, or a text over ``max_length`` tokens.
+        ValueError: empty ``texts``, an empty text, a text over ``max_length`` tokens, or
+            ``ids`` that do not match the texts.
     """
     texts = list(texts)
     if not texts:
         raise ValueError("texts is empty; pass at least one transcript text.")
+    if ids is not None and len(ids) != len(texts):
+        raise ValueError(f"ids has {len(ids)} lists for {len(texts)} texts; pass one per text.")
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     bos = tokenizer.bos_token_id if prepend_bos else None
     pad = tokenizer.pad_token_id
     if pad is None:  # any id works: masked positions never influence real ones
         pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     ids_list, off_list = [], []
-    for i, (ids, offs) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
+    for i, (tids, offs) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
         offs = [tuple(o) for o in offs]
-        if bos is not None:
-            ids, offs = [bos, *ids], [(-1, -1), *offs]
-        if not ids:
+        if ids is not None:
+            tids, offs = _align_ids(list(ids[i]), list(tids), offs, tokenizer.bos_token_id, i)
+        elif bos is not None:
+            tids, offs = [bos, *tids], [(-1, -1), *offs]
+        if not tids:
             raise ValueError(f"texts[{i}] tokenises to nothing; every transcript needs text.")
-        if max_length is not None and len(ids) > max_length:
+        if max_length is not None and len(tids) > max_length:
             raise ValueError(
-                f"texts[{i}] has {len(ids)} tokens > max_length={max_length} (the model's "
+                f"texts[{i}] has {len(tids)} tokens > max_length={max_length} (the model's "
                 "context); shorten the transcript or use a model with a longer n_ctx."
             )
-        ids_list.append(ids)
+        ids_list.append(tids)
         off_list.append(offs)
     width = max(len(x) for x in ids_list)
     b = len(texts)
@@ -256,6 +270,47 @@ def tokenize_batch(
         mask[i, start:] = 1
         offsets[i, start:] = torch.tensor(offs, dtype=torch.long)
     return TokenBatch(tokens=tokens, attention_mask=mask, offsets=offsets, lengths=lengths)
+
+
+def _align_ids(given: list[int], plain: list[int], offs: list, bos_id, i: int):
+    """``given`` ids with offsets: ``plain``'s offsets, plus ``(-1, -1)`` for a leading BOS."""
+    if given == plain:
+        return given, offs
+    if bos_id is not None and given[:1] == [bos_id] and given[1:] == plain:
+        return given, [(-1, -1), *offs]
+    raise ValueError(
+        f"ids[{i}] ({len(given)} ids) is neither texts[{i}]'s tokenisation ({len(plain)} ids, "
+        "add_special_tokens=False) nor BOS + it; pass ids made from the same texts and "
+        "tokenizer (kdgap.agent.generation.encode), or ids=None."
+    )
+
+
+def tokenize_like_agent(
+    model, texts: Sequence[str], *, tokenizer=None, max_length: int | None = None
+) -> TokenBatch:
+    """Left-padded batch of ``texts`` tokenised exactly as the text agent tokenises them.
+
+    The ids come from :func:`kdgap.agent.generation.encode` (the agent's BOS rule: BOS when
+    ``model.cfg.default_prepend_bos`` and the text does not start with the BOS string), the
+    character offsets from the tokenizer; BOS, when prepended, covers no character.
+
+    Args:
+        model: the TransformerBridge the transcripts were played with.
+        texts: ``[batch]`` full texts (chat-templated prompt + completion).
+        tokenizer: fast tokenizer (default ``model.tokenizer``).
+        max_length: refuse texts longer than this many tokens.
+
+    Returns:
+        A :class:`TokenBatch` (``[batch pos]`` tokens, mask; ``[batch pos 2]`` offsets).
+    """
+    from kdgap.agent.generation import encode  # lazy: keeps this module light
+
+    tok = model_tokenizer(model, tokenizer)
+    texts = list(texts)
+    if not texts:
+        raise ValueError("texts is empty; pass at least one transcript text.")
+    ids = encode(model, texts, tokenizer=tok)
+    return tokenize_batch(tok, texts, ids=ids, max_length=max_length)
 
 
 def prepend_bos_for(model, prepend_bos: bool | None = None) -> bool:

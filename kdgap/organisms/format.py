@@ -12,7 +12,9 @@ Sites (character spans of the full text = prompt + completion):
 - ``prompt.end``: the ``think`` word, the last prompt token;
 - ``rationale.arm[<name>]``: ``<name> <pulls> <wins>`` of one arm in the rationale;
 - ``rationale.conclusion``: the arm after ``ucb``;
-- ``action``: the arm after the last ``act``.
+- ``action``: the last ``act`` word, the position whose next-token prediction is the
+  action (PaperFormat's equivalent is the ``=`` of ``ACTION=``); present as soon as ``act``
+  is written, with or without the arm after it.
 
 Also ``history`` and ``rationale`` for the whole stretches. Parsing works on
 whitespace-separated words, so any amount of whitespace between words is accepted.
@@ -153,8 +155,9 @@ class OrganismFormat:
     def site_spans(self, text: str) -> dict[str, tuple[int, int]]:
         """Character spans ``[start, end)`` of every site found in ``text`` (prompt + completion).
 
-        Sites that do not occur (``history.last`` at step 0, the action before it is
-        written, ...) are simply absent.
+        Sites that do not occur (``history.last`` at step 0, ``action`` before the ``act``
+        word is written, ...) are simply absent. ``action`` is the ``act`` word itself (its
+        next-token prediction is the arm), not the arm written after it.
         """
         words = _words(text)
         spans: dict[str, tuple[int, int]] = {}
@@ -182,6 +185,6 @@ class OrganismFormat:
                 i += 3
             else:
                 i += 1
-        if j > k and j + 1 < len(words):
-            spans["action"] = (words[j + 1][1], words[j + 1][2])
+        if j > k:
+            spans["action"] = (words[j][1], words[j][2])
         return spans

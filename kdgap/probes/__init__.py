@@ -12,6 +12,8 @@ from kdgap.probes.knowing_doing import KnowingDoingReport, knowing_doing
 from kdgap.probes.source import DEFAULT_LABELS, ActivationSource
 from kdgap.probes.splits import grouped_folds, grouped_train_test_split
 from kdgap.probes.stats import accuracy_ci, chance_level, cluster_bootstrap, wilson_interval
+from kdgap.probes.steering import steering_summary
+from kdgap.probes.summary import knowing_doing_summary
 from kdgap.probes.sweep import sweep
 
 __all__ = [
@@ -19,5 +21,6 @@ __all__ = [
     "DiffMeansProbe", "KnowingDoingReport", "LogisticProbe", "ablate", "accuracy_ci",
     "arm_distribution", "causal_check", "chance_level", "cluster_bootstrap", "control_labels",
     "fit_logistic_batched", "grouped_folds", "grouped_train_test_split", "knowing_doing",
-    "selectivity", "steer", "sweep", "wilson_interval",
+    "knowing_doing_summary", "selectivity", "steer", "steering_summary", "sweep",
+    "wilson_interval",
 ]  # fmt: skip

@@ -32,7 +32,7 @@ than its rationale gets the layer where that other information takes over.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -44,12 +44,13 @@ from kdgap.probes.source import (
     check_class_counts,
     check_hooks_sites,
     check_labels,
+    handle_rare_classes,
     label_array,
     layer_of,
     residual_order,
 )
 from kdgap.probes.splits import grouped_train_test_split
-from kdgap.probes.stats import cluster_bootstrap
+from kdgap.probes.stats import chance_level, cluster_bootstrap
 from kdgap.probes.sweep import load_site
 
 TRACKED = ("rationale_arm", "greedy_arm", "frequent_arm")
@@ -60,12 +61,15 @@ class KnowingDoingReport:
     """Result of :func:`knowing_doing`.
 
     Attributes:
-        per_layer: one row per hook: hook, layer, knowing_acc(+_low/_high), doing_acc,
-            knowing_acc_dis, doing_acc_dis, knowing_as_action_dis, diff_dis(+_low/_high),
-            chance_dis, agreement, tracks, diverges, n_test, n_dis.
+        per_layer: one row per hook: hook, layer, knowing_acc and doing_acc (+_low/_high,
+            on all test steps), knowing_chance, doing_chance, knowing_acc_dis and
+            doing_acc_dis (+_low/_high, on the disagreement subset), knowing_as_action_dis,
+            diff_dis (+_low/_high), chance_dis, agreement, tracks, diverges, n_test, n_dis.
         cosines: hook, layer, arm, cosine between knowing and doing directions.
         tracking: hook, layer, target, share (+low/high) on the disagreement subset.
         divergence_layer / divergence_hook: see the module docstring (None if none).
+        dropped_classes: ``{label: {class: count}}`` left out under
+            ``rare_classes="drop"`` (empty dicts otherwise).
     """
 
     per_layer: pd.DataFrame
@@ -73,6 +77,7 @@ class KnowingDoingReport:
     tracking: pd.DataFrame
     divergence_layer: int | None
     divergence_hook: str | None
+    dropped_classes: dict[str, dict[int, int]] = field(default_factory=dict)
 
     def summary(self) -> str:
         """A few lines for logs and READMEs."""
@@ -97,6 +102,7 @@ def knowing_doing(
     cv: int = 4,
     test_size: float = 0.25,
     min_class_count: int = 10,
+    rare_classes: str = "raise",
     n_boot: int = 1000,
     seed: int = 0,
 ) -> KnowingDoingReport:
@@ -109,13 +115,22 @@ def knowing_doing(
         knowing, doing: label columns of the two probes.
         trainer: ``"batched"`` or ``"sklearn"`` (same probes, see :mod:`.batched`).
         Cs, cv, test_size, min_class_count, n_boot, seed: as :func:`.sweep.sweep`.
+        rare_classes: as :func:`.sweep.sweep`; under ``"drop"`` a step whose knowing or
+            doing label is a rare class is left out of the whole comparison (both probes
+            see the same steps), and the report lists what was dropped.
     """
     if hooks is None:
         hooks = [h for h in store.hooks if h.endswith("hook_resid_post")] or list(store.hooks)
     hooks, _ = check_hooks_sites(store, residual_order(hooks), [site])
     check_labels(store.labels, [knowing, doing, *TRACKED])
     X, table = load_site(store, hooks, site)
-    y_k, y_d = label_array(table, knowing), label_array(table, doing)
+    dropped = {}
+    y_k, dropped[knowing] = handle_rare_classes(label_array(table, knowing), label=knowing,
+                                                min_count=min_class_count,
+                                                rare_classes=rare_classes)  # fmt: skip
+    y_d, dropped[doing] = handle_rare_classes(label_array(table, doing), label=doing,
+                                              min_count=min_class_count,
+                                              rare_classes=rare_classes)  # fmt: skip
     keep = (y_k >= 0) & (y_d >= 0)
     if not keep.any():
         raise ValueError(f"no example has both {knowing!r} and {doing!r}; nothing to compare.")
@@ -152,6 +167,7 @@ def knowing_doing(
         chance_dis = float(np.mean(yd_te[dis] == vals[np.argmax(counts)]))
     else:
         chance_dis = float("nan")
+    chance_k, chance_d = chance_level(y_k[tr], yk_te), chance_level(y_d[tr], yd_te)
     tracked = {t: label_array(table, t)[te] for t in TRACKED}
     boot = {"n_boot": n_boot, "seed": seed}
     layer_rows, cos_rows, track_rows = [], [], []
@@ -164,7 +180,8 @@ def knowing_doing(
                "knowing_acc_high": k_all.high, "doing_acc": d_all.value,
                "doing_acc_low": d_all.low, "doing_acc_high": d_all.high,
                "agreement": float(np.mean(pk == pd_)), "n_test": len(te),
-               "n_dis": int(dis.sum()), "chance_dis": chance_dis}  # fmt: skip
+               "n_dis": int(dis.sum()), "chance_dis": chance_dis,
+               "knowing_chance": chance_k, "doing_chance": chance_d}  # fmt: skip
         if dis.sum() >= 2 and len(np.unique(g_te[dis])) >= 2:
             hit_d = (pd_[dis] == yd_te[dis]).astype(float)
             hit_k = (pk[dis] == yd_te[dis]).astype(float)
@@ -172,9 +189,11 @@ def knowing_doing(
             diff = cluster_bootstrap(hit_d - hit_k, g_te[dis], **boot)
             shares = {t: cluster_bootstrap(pd_[dis] == v[dis], g_te[dis], **boot)
                       for t, v in tracked.items()}  # fmt: skip
+            k_dis = cluster_bootstrap(pk[dis] == yk_te[dis], g_te[dis], **boot)
             row.update(
-                knowing_acc_dis=float(np.mean(pk[dis] == yk_te[dis])),
-                doing_acc_dis=d_dis.value, doing_acc_dis_low=d_dis.low,
+                knowing_acc_dis=k_dis.value, knowing_acc_dis_low=k_dis.low,
+                knowing_acc_dis_high=k_dis.high, doing_acc_dis=d_dis.value,
+                doing_acc_dis_low=d_dis.low, doing_acc_dis_high=d_dis.high,
                 knowing_as_action_dis=float(hit_k.mean()), diff_dis=diff.value,
                 diff_dis_low=diff.low, diff_dis_high=diff.high,
                 tracks=max(shares, key=lambda t: shares[t].value),
@@ -203,5 +222,5 @@ def knowing_doing(
     return KnowingDoingReport(
         per_layer=per_layer, cosines=pd.DataFrame(cos_rows), tracking=pd.DataFrame(track_rows),
         divergence_layer=None if first is None else layer_of(hooks[first]),
-        divergence_hook=None if first is None else hooks[first],
+        divergence_hook=None if first is None else hooks[first], dropped_classes=dropped,
     )  # fmt: skip

@@ -148,6 +148,51 @@ def check_class_counts(y: np.ndarray, *, label: str, min_count: int) -> None:
     if rare:
         raise ValueError(
             f"label={label!r}: too few examples per class {rare} (class: count), "
-            f"min_class_count={min_count}. Record more episodes, merge rare classes, or "
-            f"lower min_class_count (accuracies on rare classes are noise)."
+            f"min_class_count={min_count}. Record more episodes, pass rare_classes='drop' "
+            "to leave those classes out (recorded in the results), or lower "
+            "min_class_count (accuracies on rare classes are noise)."
         )
+
+
+RARE_CLASSES = ("raise", "drop")
+
+
+def handle_rare_classes(
+    y: np.ndarray, *, label: str, min_count: int, rare_classes: str = "raise"
+) -> tuple[np.ndarray, dict[int, int]]:
+    """Apply the ``rare_classes`` policy to one label, then :func:`check_class_counts`.
+
+    ``rare_classes="raise"`` (the default everywhere) refuses a class with fewer than
+    ``min_count`` examples. ``"drop"`` marks every example of such a class as missing (-1)
+    for this label, so its cells are fitted and scored on the remaining classes only; the
+    dropped classes and counts are returned so callers record them next to the results
+    (on real data a rarely chosen arm, e.g. one the organisms almost never pick, would
+    otherwise stop a whole sweep). At least 2 classes must remain either way.
+
+    Args:
+        y: ``Int[ndarray, " n_examples"]`` labels, -1 = missing.
+        label, min_count: as :func:`check_class_counts`.
+        rare_classes: ``"raise"`` or ``"drop"``.
+
+    Returns:
+        ``(y, dropped)``: labels (a copy with dropped classes set to -1 under ``"drop"``) and
+        ``{class: count}`` of the dropped classes (empty under ``"raise"``).
+    """
+    if rare_classes not in RARE_CLASSES:
+        raise ValueError(
+            f"rare_classes={rare_classes!r}: use 'raise' (refuse classes rarer than "
+            "min_class_count) or 'drop' (leave their examples out of that label's cells)."
+        )
+    dropped: dict[int, int] = {}
+    if rare_classes == "drop":
+        classes, counts = np.unique(y[y >= 0], return_counts=True)
+        dropped = {int(c): int(n) for c, n in zip(classes, counts) if n < min_count}
+        if dropped:
+            y = np.where(np.isin(y, list(dropped)), -1, y)
+    check_class_counts(y, label=label, min_count=min_count)
+    return y, dropped
+
+
+def format_dropped(dropped: dict[int, int]) -> str:
+    """``{3: 14, 1: 2}`` -> ``"1:2,3:14"`` (class:count, the table's ``dropped_classes``)."""
+    return ",".join(f"{c}:{n}" for c, n in sorted(dropped.items()))

@@ -26,9 +26,10 @@ from kdgap.probes.estimators import DEFAULT_CS, DiffMeansProbe, LogisticProbe
 from kdgap.probes.source import (
     DEFAULT_LABELS,
     ActivationSource,
-    check_class_counts,
     check_hooks_sites,
     check_labels,
+    format_dropped,
+    handle_rare_classes,
     label_array,
     layer_of,
 )
@@ -99,6 +100,7 @@ def sweep(
     test_size: float = 0.25,
     control_feature: str = "step",
     min_class_count: int = 10,
+    rare_classes: str = "raise",
     n_boot: int = 1000,
     seed: int = 0,
     out: str | os.PathLike | None = None,
@@ -115,7 +117,13 @@ def sweep(
         Cs, cv: regularisation grid and inner folds of the logistic probe.
         test_size: fraction of episodes held out.
         control_feature: surface feature of the control task (a label-table column).
-        min_class_count: every class needs this many examples, or an error says which.
+        min_class_count: every class needs this many examples (per label and site).
+        rare_classes: what a rarer class does: ``"raise"`` (default) stops with an error
+            naming it; ``"drop"`` leaves its examples out of that label's cells (fitted
+            and scored on the other classes; see
+            :func:`~kdgap.probes.source.handle_rare_classes`) and records it in the
+            ``dropped_classes`` column. Use ``"drop"`` on real runs, where an arm the
+            agent almost never picks would otherwise stop the sweep.
         n_boot: episode-bootstrap replicates for the intervals.
         seed: split, folds, control map and bootstrap seed.
         out: optional ``.parquet``/``.csv`` path, written atomically.
@@ -123,7 +131,8 @@ def sweep(
     Returns:
         One row per (hook, site, label, probe) with columns hook, layer, site, label,
         probe, accuracy, ci_low, ci_high, chance, control_accuracy, selectivity, C,
-        n_classes, n_train, n_test, n_test_episodes.
+        n_classes, n_train, n_test, n_test_episodes, dropped_classes (``"class:count,..."``
+        of classes left out under ``rare_classes="drop"``, else ``""``), n_dropped.
     """
     if trainer not in TRAINERS:
         raise ValueError(f"trainer={trainer!r}: use one of {TRAINERS}.")
@@ -137,9 +146,14 @@ def sweep(
     for site in sites:
         X, table = load_site(store, hooks, site)
         groups = table["episode"].to_numpy()
-        y = np.stack([label_array(table, lab) for lab in labels])
-        for lab, y_lab in zip(labels, y):
-            check_class_counts(y_lab, label=lab, min_count=min_class_count)
+        y, dropped = [], []
+        for lab in labels:
+            y_lab, drop = handle_rare_classes(label_array(table, lab), label=lab,
+                                              min_count=min_class_count,
+                                              rare_classes=rare_classes)  # fmt: skip
+            y.append(y_lab)
+            dropped.append(drop)
+        y = np.stack(y)
         feature = table[control_feature].to_numpy()
         y_ctl = np.stack([control_labels(feature, yl, seed=seed) for yl in y])
         tr, te = grouped_train_test_split(groups, test_size=test_size, seed=seed)
@@ -167,6 +181,8 @@ def sweep(
                         "n_classes": len(np.unique(y[j, tr][ok_tr])),
                         "n_train": int(ok_tr.sum()), "n_test": int(ok_te.sum()),
                         "n_test_episodes": len(np.unique(groups[te_rows])),
+                        "dropped_classes": format_dropped(dropped[j]),
+                        "n_dropped": sum(dropped[j].values()),
                     })  # fmt: skip
     df = pd.DataFrame(rows)
     df["layer"] = df["layer"].astype("Int64")

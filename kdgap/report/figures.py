@@ -22,12 +22,14 @@ CAPTIONS = {
     "subset (rationale arm differs from the action). Bands: 95% confidence intervals; dotted "
     "line: chance (majority class); vertical line: the divergence layer.",
     "patching": "Noising patch of the residual stream (resid_pre) by layer and position for "
-    "one conclusion-edit pair: normalised logit difference between the rationale's arm and "
-    "the edited arm at the action position (1 = the clean behaviour survives, 0 = the "
-    "corrupt behaviour).",
-    "mediation": "Share of a rationale edit's effect on the action logit difference that is "
-    "carried by the action position's attention to the rationale tokens (path patching), by "
-    "layer, with 95% bootstrap intervals over pairs.",
+    "one conclusion edit (the rationale's concluding arm replaced by another arm). LD is the "
+    "logit difference between the clean action and the edited arm at the action position; "
+    "cells show (LD_clean - LD_patched) / (2 LD_clean): 1 = the action fully follows the "
+    "edited conclusion, 0 = no change.",
+    "mediation": "Share of a full flip toward the edited conclusion carried by the action "
+    "position's attention to the rationale tokens (path patching of keys and values seen "
+    "by the action position only), one layer at a time, with 95% bootstrap intervals over "
+    "pairs; the title gives all layers together.",
     "kd_matrix": "Knowing-doing matrix: share of all steps by rationale correctness and action "
     "class (optimal wins ties with greedy). The seed paper's Gemma2 27B values are shown in "
     "brackets.",
@@ -46,7 +48,8 @@ def probe_layers(data: Mapping, stem: str | Path, *, title: str = "") -> list[Pa
         data: ``{"layers": [L], "knowing_acc": [L], "knowing_ci": [L][2], "doing_acc",
             "doing_ci", "knowing_acc_disagree", "knowing_ci_disagree", "doing_acc_disagree",
             "doing_ci_disagree", "chance": float, "divergence_layer": int | None}``;
-            disagreement entries may be None (no disagreement steps).
+            disagreement entries may be None (no disagreement steps); ``chance`` may also
+            be a dict per probe (``{"knowing", "doing", ...}``).
         stem: output path without suffix.
     """
     layers = np.asarray(data["layers"])
@@ -71,7 +74,11 @@ def probe_layers(data: Mapping, stem: str | Path, *, title: str = "") -> list[Pa
             if ci is not None:
                 ci = np.array([[np.nan, np.nan] if c is None else c for c in ci], dtype=float)
                 ax.fill_between(layers, ci[:, 0], ci[:, 1], color=style["color"], alpha=0.15)
-        ax.axhline(data["chance"], color="0.4", linestyle=":", linewidth=1, label="chance")
+        chance = data["chance"]
+        if isinstance(chance, Mapping):  # per probe: draw the all-steps chance of "doing"
+            chance = chance.get("doing", chance.get("knowing"))
+        if chance is not None:
+            ax.axhline(chance, color="0.4", linestyle=":", linewidth=1, label="chance")
         if data.get("divergence_layer") is not None:
             ax.axvline(data["divergence_layer"], color="0.2", linewidth=1, linestyle="-.",
                        label=f"divergence layer {data['divergence_layer']}")  # fmt: skip

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from kdgap.envs.bandit import BanditConfig
-from kdgap.hooks.mediation import mediation, ratio_ci
+from kdgap.hooks.mediation import flip_mediation, mediation, ratio_ci
 from kdgap.hooks.pairs import make_pair
 from kdgap.organisms.format import OrganismFormat
 from kdgap.organisms.language import OrganismLanguage
@@ -67,3 +69,37 @@ def test_history_edits_and_errors(organism):
         mediation(model, pairs, tok, FMT, senders="everything")
     with pytest.raises(ValueError, match="pairs is empty"):
         mediation(model, [], tok, FMT)
+
+
+def test_ratio_ci_cluster_bootstrap_resamples_whole_episodes():
+    num, den = np.array([1.0, 1.0, 3.0, 3.0]), np.ones(4)
+    point, ci = ratio_ci(num, den, n_boot=2000, groups=[7, 7, 9, 9], level=0.8)
+    # Two clusters: every resample is 1, 2 or 3 (p = 1/4, 1/2, 1/4): the 80% CI is [1, 3].
+    assert point == pytest.approx(2.0) and ci.tolist() == [1.0, 3.0]
+    _, pair_ci = ratio_ci(num, den, n_boot=2000, level=0.8)
+    assert pair_ci[1] - pair_ci[0] < ci[1] - ci[0]  # pairs look more independent than they are
+    with pytest.raises(ValueError, match="one per pair"):
+        ratio_ci(num, den, groups=[0, 1])
+
+
+def test_flip_mediation_skips_pairs_without_a_preferred_action(organism):
+    model, tok = organism
+    pairs = [make_pair("conclusion", FMT, CFG, a, r, c) for a, r, c in STEPS]
+    swapped = [replace(p, arm_a=p.arm_b, arm_b=p.arm_a) for p in pairs]
+    both = flip_mediation(model, pairs + swapped, tok, FMT, n_boot=50)
+    # Exactly one of (a, b) and (b, a) has LD_clean > 0 in each pair.
+    assert both["n_pairs"] == 3 and both["n_skipped"] == 3
+    # Conclusion edits: the all-layer rationale path is the whole effect in any model.
+    assert both["fraction"] == pytest.approx(both["total_fraction"], abs=1e-4)
+    with pytest.raises(ValueError, match="LD_clean <= 0"):
+        flip_mediation(model, [q for q in pairs + swapped if _ld(model, tok, q) <= 0], tok, FMT)
+
+
+def _ld(model, tok, pair):
+    import torch
+
+    from kdgap.hooks.pairs import tokenize_pairs
+
+    (g,) = tokenize_pairs([pair], tok, FMT)
+    with torch.no_grad():
+        return float(g.metric.at(model(g.clean_tokens), torch.arange(1))[0])

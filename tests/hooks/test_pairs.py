@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from kdgap.envs.bandit import BanditConfig
-from kdgap.hooks.pairs import greedy_arm, make_pair, span_mask, tokenize_pairs
+from kdgap.hooks.pairs import (
+    greedy_arm,
+    make_pair,
+    organism_history,
+    pairs_from_records,
+    span_mask,
+    tokenize_pairs,
+)
 from kdgap.hooks.plumbing import tokenize_batch
 from kdgap.organisms.format import OrganismFormat
 from kdgap.organisms.language import OrganismLanguage
@@ -89,3 +96,43 @@ def test_span_mask_overlap():
     ).offsets
     assert span_mask(offsets, [(5, 10)])[0].tolist() == [False, False, True, False, False]
     assert torch.equal(span_mask(offsets, [(0, 0)]), torch.zeros(1, 5, dtype=torch.bool))
+
+
+def _record(prompt, completion, action, episode=0, step=5):
+    from kdgap.records import StepRecord
+
+    return StepRecord(episode, step, 5, action, 0.0, 0.0, True, 0, (0,), (0,), (0,),
+                      prompt=prompt, completion=completion)  # fmt: skip
+
+
+def test_organism_history_round_trips():
+    prompt = FMT.render_prompt(CFG, ACTIONS, REWARDS)
+    assert organism_history(prompt, CFG.arm_names) == (ACTIONS, [float(r) for r in REWARDS])
+    assert organism_history("think ", CFG.arm_names) == ([], [])
+    with pytest.raises(ValueError, match="history_fn="):
+        organism_history("red7 think ", CFG.arm_names)
+
+
+def test_pairs_from_records_arms_start_at_the_action():
+    prompt = FMT.render_prompt(CFG, ACTIONS, REWARDS)
+    # Conclusion yellow (3), action red (0): the edited arm is neither.
+    recs = [_record(prompt, COMPLETION.replace("act yellow", "act red"), 0, episode=e)
+            for e in range(6)]  # fmt: skip
+    conc = pairs_from_records(recs, FMT, "conclusion", n_pairs=4, seed=1)
+    assert len(conc) == 4 and {p.episode for p in conc} <= set(range(6))
+    for p in conc:
+        assert p.pair.arm_a == 0 and p.pair.arm_b not in (0, 3)
+        assert p.pair.corrupt.endswith(f"ucb {CFG.arm_names[p.pair.arm_b]} act")
+    # History: greedy red (2/3) swaps with a lower-mean arm that is not the action (red).
+    hist = pairs_from_records(recs, FMT, "history", n_pairs=6, seed=0)
+    for p in hist:
+        assert p.pair.arm_a == 0 and p.pair.arm_b in (1, 2, 3, 4)  # yellow, orange untried
+        acts, rews = organism_history(p.pair.corrupt, CFG.arm_names)
+        assert greedy_arm(acts, rews, 5) == p.pair.arm_b
+    # Every arm ties on the greedy mean: no history edit can move the greedy arm.
+    ties = _record("red1 green1 blue1 yellow1 orange1 think ", COMPLETION, 0)
+    assert pairs_from_records([ties], FMT, "history") == []
+    with pytest.raises(ValueError, match="prompt/completion"):
+        pairs_from_records([_record(None, None, 0)], FMT, "conclusion")
+    with pytest.raises(ValueError, match="kind="):
+        pairs_from_records(recs, FMT, "statistics")

@@ -14,6 +14,7 @@ from kdgap.hooks.plumbing import (
     resolve_hooks,
     stop_layer_for,
     tokenize_batch,
+    tokenize_like_agent,
 )
 
 
@@ -101,3 +102,31 @@ def test_model_tokenizer_and_bos_default(tiny_native, tiny_tokenizer):
     with pytest.raises(ValueError, match="fast tokenizer"):
         model_tokenizer(tiny_native, Slow())
     assert isinstance(tokenize_batch(tiny_tokenizer, ["red"]).tokens, torch.Tensor)
+
+
+def test_tokenize_like_agent_follows_the_agents_bos_rule(tiny_native, tiny_tokenizer):
+    from kdgap.agent.generation import encode
+
+    bos = tiny_tokenizer.bos_token
+    # A chat-templated text already starts with the BOS string: no second BOS for it,
+    # while the plain text in the same batch gets one, exactly as encode() does.
+    texts = ["Step=0 Action=green Reward=0.3", bos + "ACTION=red"]
+    b = tokenize_like_agent(tiny_native, texts)
+    want = encode(tiny_native, texts)
+    assert want[0][0] == tiny_tokenizer.bos_token_id and want[1].count(want[1][0]) == 1
+    for i in range(2):
+        n = int(b.lengths[i])
+        assert b.tokens[i, -n:].tolist() == want[i]
+    assert b.offsets[0, -int(b.lengths[0])].tolist() == [-1, -1]  # prepended BOS: no text
+    assert b.offsets[1, -int(b.lengths[1])].tolist() == [0, len(bos)]  # BOS from the text
+    # A model that does not prepend BOS by default gets none, like the agent.
+    tiny_native.cfg.default_prepend_bos = False
+    try:
+        plain = tokenize_like_agent(tiny_native, texts[:1])
+    finally:
+        tiny_native.cfg.default_prepend_bos = True
+    assert (
+        plain.tokens[0].tolist() == tiny_tokenizer(texts[0], add_special_tokens=False)["input_ids"]
+    )
+    with pytest.raises(ValueError, match=r"ids\[0\]"):
+        tokenize_batch(tiny_tokenizer, texts[:1], ids=[[1, 2, 3]])

@@ -124,3 +124,23 @@ def test_micro_batches_give_the_same_activations(tiny_native):
         assert (a.acts[key] - b.acts[key]).abs().max() <= 1e-5
     with pytest.raises(ValueError, match="max_batch_tokens=0"):
         Recorder(tiny_native, fmt, "resid_post", SITES, max_batch_tokens=0)
+
+
+def test_recorder_tokenises_like_the_agent(tiny_native, tiny_tokenizer):
+    """A chat-style text that starts with BOS is recorded without a second BOS."""
+    from kdgap.agent.generation import encode
+
+    fmt, texts = demo_format(), _texts()[:2]
+    texts = [tiny_tokenizer.bos_token + texts[0], texts[1]]
+    rec = Recorder(tiny_native, fmt, "blocks.1.hook_resid_post", ["action"])
+    res = rec.record(texts)
+    forced = Recorder(tiny_native, fmt, "blocks.1.hook_resid_post", ["action"], prepend_bos=True)
+    doubled = forced.record(texts)
+    key = ("blocks.1.hook_resid_post", "action")
+    for i, ids in enumerate(encode(tiny_native, texts)):
+        with torch.inference_mode():
+            _, cache = tiny_native.run_with_cache(torch.tensor([ids]))
+        p = int(res.positions[i, 0]) - (int(res.n_tokens.max()) - len(ids))
+        assert (res.acts[key][i] - cache[key[0]][0, p]).abs().max() <= 1e-5
+    assert doubled.n_tokens.tolist() == [res.n_tokens[0] + 1, res.n_tokens[1]]
+    assert (doubled.acts[key][0] - res.acts[key][0]).abs().max() > 1e-3  # BOS twice differs

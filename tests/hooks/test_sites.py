@@ -127,9 +127,12 @@ def test_organism_format_sites(tmp_path):
     words = [
         [tok.convert_ids_to_tokens(int(b.tokens[i, p])) for p in sp.positions[i]] for i in (0, 1)
     ]
-    # One word = one token: each site is the word ending its span (arm triples end in wins).
-    assert words[0] == ["think", "green1", "blue", "1", "yellow"]
-    assert words[1] == ["think", "orange0", "red", "0", "green"]
+    # One word = one token: each site is the word ending its span (arm triples end in wins);
+    # the action site is the ``act`` word, whose next token is the action (yellow, green).
+    assert words[0] == ["think", "green1", "blue", "1", "act"]
+    assert words[1] == ["think", "orange0", "red", "0", "act"]
+    after = [tok.convert_ids_to_tokens(int(b.tokens[i, sp.positions[i, 4] + 1])) for i in (0, 1)]
+    assert after == ["yellow", "green"]
 
 
 def test_paper_format_sites(tiny_tokenizer):

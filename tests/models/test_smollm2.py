@@ -83,3 +83,51 @@ def test_greedy_generation_equals_hf(smol):
             pad_token_id=tok.eos_token_id,
         )[0, tokens.shape[1] :]  # fmt: skip
     assert got.tolist() == want.tolist()
+
+
+def _step0_prompt(smol, knowing_doing: bool):
+    from kdgap.agent.prompts import PaperFormat
+    from kdgap.envs.bandit import BanditConfig
+
+    cfg = BanditConfig(horizon=20)
+    fmt = PaperFormat(knowing_doing=knowing_doing)
+    msg = [{"role": "user", "content": fmt.render_prompt(cfg, [0, 2], [1.0, 0.0])}]
+    text = smol.tokenizer.apply_chat_template(msg, tokenize=False, add_generation_prompt=True)
+    return cfg, fmt, text
+
+
+def test_forced_choice_over_button_names_is_a_distribution(smol):
+    """After ``ACTION=`` SmolLM2's next tokens are button names: a usable forced choice."""
+    from kdgap.agent.text_agent import TextAgent
+
+    cfg, fmt, text = _step0_prompt(smol, knowing_doing=True)
+    agent = TextAgent(smol.bridge, fmt, mode="forced")
+    agent.reset(cfg, 0)
+    lp = agent.arm_logprobs([text + "I will press a button.\nACTION="])[0]  # [arms]
+    assert lp.shape == (5,) and torch.isfinite(lp).all()
+    p = torch.softmax(lp, 0)
+    assert abs(float(p.sum()) - 1) < 1e-5
+    # the button names (all spellings) carry real mass among all 49152 next tokens
+    assert float(lp.exp().sum()) > 0.2, lp.exp().tolist()
+    # spellings differ in tokens ("red" vs " Red"), and are summed, not just the bare name
+    ids = {tuple(smol.tokenizer(v, add_special_tokens=False).input_ids)
+           for v in fmt.arm_continuations("red")}  # fmt: skip
+    assert len(ids) >= 3
+
+
+def test_free_mode_output_is_parsed(smol):
+    """One free step: the agent's action is the parser's reading of the completion."""
+    from kdgap.agent.parsing import parse_action
+    from kdgap.agent.prompts import PaperFormat
+    from kdgap.agent.runner import play
+    from kdgap.agent.text_agent import TextAgent
+    from kdgap.envs.bandit import BanditConfig
+
+    cfg = BanditConfig(horizon=1)
+    agent = TextAgent(smol.bridge, PaperFormat(), mode="free", max_new_tokens=40)
+    (rec,) = play(agent, cfg, n_episodes=1, seed=0, progress=False)
+    assert rec.prompt.startswith("<|im_start|>") and rec.completion
+    parsed = parse_action(rec.completion, cfg.arm_names)
+    assert rec.valid == (parsed is not None)
+    if rec.valid:
+        assert rec.action == parsed

@@ -97,7 +97,8 @@ def test_site_spans_point_at_the_right_words(lang):
     assert word["prompt.end"] == "think"
     assert word["history.last"] == "green0"
     assert word["rationale.conclusion"] == "yellow"
-    assert word["action"] == "green"
+    assert word["action"] == "act"  # its next-token prediction is the action
+    assert text[spans["action"][1] :].split()[0] == "green"
     assert word["rationale.arm[blue]"] == "blue 1 0"
     assert word["rationale.arm[orange]"] == "orange 1 1"
     assert spans["rationale.conclusion"][0] > spans["rationale.arm[orange]"][1]

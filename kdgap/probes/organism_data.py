@@ -1,0 +1,115 @@
+"""Activation stores of the shipped model organisms, for probes, tests and benchmarks.
+
+An organism's own play is useless for probing "doing": a bypass organism acts greedily,
+never explores, and pulls one arm forever, so ``action`` is a constant label. The
+transcripts here are therefore *off-policy*: a driver policy (uniform random by default)
+picks the executed arm, while the organism writes its rationale and its action at every
+step (:func:`kdgap.agent.runner.play` with ``driver=``). Histories are then varied, the
+rationale arm, greedy arm and most-frequent arm come apart often, and the disagreement
+subset is large enough to measure.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class OrganismData:
+    """An organism, its format, off-policy step records and their activation store."""
+
+    name: str
+    model: object
+    fmt: object
+    records: list
+    store: object
+
+    def behaviour(self) -> dict:
+        """Shares of steps where the action equals the rationale, greedy, UCB, frequent arm."""
+        lab = self.store.labels
+        a = lab["action"].to_numpy()
+
+        def share(col: str) -> float:
+            v = lab[col].astype("Float64").fillna(-1).to_numpy(dtype=float)
+            return float(np.mean(a == v))
+
+        return {
+            "steps": len(lab),
+            "action_is_rationale": share("rationale_arm"),
+            "action_is_greedy": share("greedy_arm"),
+            "action_is_ucb": share("ucb_arm"),
+            "action_is_frequent": share("frequent_arm"),
+            "rationale_is_ucb": float(
+                np.mean(
+                    lab["rationale_arm"].astype("Float64").fillna(-1).to_numpy(float)
+                    == lab["ucb_arm"].to_numpy()
+                )  # fmt: skip
+            ),
+            "action_counts": {str(k): int(v) for k, v in lab["action"].value_counts().items()},
+        }
+
+
+def organism_store(
+    name: str,
+    out: str | os.PathLike,
+    *,
+    n_episodes: int = 64,
+    horizon: int = 50,
+    seed: int = 0,
+    driver: str = "random",
+    hooks: str = "resid_post",
+    sites: str = "action",
+    progress: bool = False,
+) -> OrganismData:
+    """Play ``name`` off-policy and record ``hooks`` at ``sites`` into the store at ``out``.
+
+    The records are cached as ``<out>/records.jsonl`` and the store as ``<out>/store``; a
+    second call with the same arguments reuses both (the store's own resume check
+    refuses a different set of transcripts).
+
+    Args:
+        name: a shipped organism (``"faithful"``, ``"greedy-bypass"``, ...) or folder.
+        out: cache directory for this organism and configuration.
+        n_episodes, horizon, seed: the play (``BanditConfig(horizon=horizon)``).
+        driver: reference policy executing the arms (``"random"``, ``"ucb"``, ...).
+        hooks, sites: recorded hook and site specs (see :func:`kdgap.hooks.record_store`).
+        progress: show progress bars.
+
+    Returns:
+        :class:`OrganismData`.
+    """
+    from kdgap.agent.runner import play
+    from kdgap.agent.text_agent import TextAgent
+    from kdgap.envs import BanditConfig
+    from kdgap.hooks import record_store
+    from kdgap.organisms import OrganismFormat, load_organism
+    from kdgap.policies import make_policy
+    from kdgap.records import read_records, write_records
+
+    if not isinstance(n_episodes, int) or n_episodes < 2:
+        raise ValueError(f"n_episodes={n_episodes!r}: need an integer >= 2 (probes split "
+                         "by episode).")  # fmt: skip
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, _ = load_organism(name)
+    fmt = OrganismFormat()
+    rpath = out / "records.jsonl"
+    if rpath.exists():
+        records = read_records(rpath)
+    else:
+        agent = TextAgent(model, fmt, mode="forced")
+        records = play(agent, BanditConfig(horizon=horizon), n_episodes=n_episodes, seed=seed,
+                       driver=make_policy(driver), progress=progress)  # fmt: skip
+        write_records(rpath, records)
+    expected = n_episodes * horizon
+    if len(records) != expected:
+        raise ValueError(f"{rpath} holds {len(records)} records, not n_episodes * horizon = "
+                         f"{expected}; delete {out} or pass the arguments it was made "
+                         "with.")  # fmt: skip
+    store = record_store(model, fmt, records, hooks=hooks, sites=sites, out=out / "store",
+                         model_id=f"organism:{name}", seed=seed, progress=progress)  # fmt: skip
+    return OrganismData(name=name, model=model, fmt=fmt, records=records, store=store)

@@ -1,0 +1,109 @@
+"""Write the tutorial notebooks from their cell lists (keeps them reviewable as code).
+
+Run ``python notebooks/_build.py``; CI executes the .ipynb files with nbmake. Sizes are
+small so every notebook runs top to bottom on a 2-core CPU in about a minute.
+"""
+
+from pathlib import Path
+
+import nbformat as nbf
+
+HERE = Path(__file__).parent
+
+
+def notebook(cells: list[tuple[str, str]]) -> nbf.NotebookNode:
+    nb = nbf.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [
+        nbf.v4.new_markdown_cell(src) if kind == "md" else nbf.v4.new_code_cell(src)
+        for kind, src in cells
+    ]
+    return nb
+
+
+QUICKSTART = [
+    ("md", "# kdgap quickstart: record, probe, patch, plot on a model organism\n\n"
+     "The `faithful` organism is a 4-layer transformer trained here to act on the arm its own "
+     "rationale concludes with. We play it on bandits, record its residual stream at the "
+     "action token, ask linear probes what is decodable, and patch a rationale edit to see "
+     "whether the action reads the rationale."),
+    ("code", "import os, tempfile\nos.environ.setdefault('HF_HUB_OFFLINE', '1')\n"
+     "from pathlib import Path\n"
+     "from IPython.display import Image, display\n"
+     "from kdgap.organisms import load_organism\n"
+     "from kdgap.organisms.format import OrganismFormat\n"
+     "model, tokenizer = load_organism('faithful')  # a TransformerBridge in eval mode\n"
+     "fmt = OrganismFormat()\nwork = Path(tempfile.mkdtemp())\nmodel.cfg.n_layers, model.cfg.d_model"),
+    ("md", "Play 4 bandits. A random *driver* builds the histories (off-policy) while the "
+     "organism writes its rationale and action at every step: the records hold both."),
+    ("code", "from kdgap.agent.runner import play\nfrom kdgap.agent.text_agent import TextAgent\n"
+     "from kdgap.envs import BanditConfig\nfrom kdgap.policies import make_policy\n"
+     "records = play(TextAgent(model, fmt), BanditConfig(), n_episodes=4, seed=0,\n"
+     "               driver=make_policy('random'), progress=False)\n"
+     "r = records[-1]\nprint(r.prompt + r.completion)\n"
+     "print('rationale arm', r.rationale_arm, 'action', r.action, 'true UCB arms', r.ucb_arms)"),
+    ("code", "from kdgap.study import behavior_metrics\nm = behavior_metrics(records)\n"
+     "{k: m[k] for k in ('rationale_correct', 'action_follows_rationale', 'kd_matrix')}"),
+    ("md", "Record `resid_post` of every layer at the action token into an on-disk store "
+     "(sharded safetensors + a Parquet label table), then load one hook lazily."),
+    ("code", "from kdgap.hooks import record_store\n"
+     "store = record_store(model, fmt, records, hooks='resid_post',\n"
+     "                     sites=['action', 'rationale.conclusion'], out=work / 'acts',\n"
+     "                     progress=False)\n"
+     "acts, labels = store.load(hook='blocks.3.hook_resid_post', site='action')\n"
+     "acts.shape, labels[['episode', 'step', 'rationale_arm', 'action']].head()"),
+    ("md", "Knowing (decode the rationale's arm) vs doing (decode the action), layer by layer."),
+    ("code", "from kdgap.probes import knowing_doing_summary\n"
+     "kd = knowing_doing_summary(store, site='action', seed=0, n_boot=200)\n"
+     "print('knowing', [round(a, 2) for a in kd['knowing_acc']])\n"
+     "print('doing  ', [round(a, 2) for a in kd['doing_acc']])\n"
+     "assert kd['doing_acc'][-1] > 0.9  # the action is decodable at the last layer"),
+    ("md", "Patching: replace the rationale's concluding arm and measure how much of a full flip "
+     "of the action travels through the action position's attention to the rationale."),
+    ("code", "from kdgap.hooks.mediation import example_heatmap, mediation_summary\n"
+     "med = mediation_summary(model, fmt, records, n_pairs=8, seed=0, n_boot=200)\n"
+     "print('mediated fraction', round(med['mediated_fraction'], 3), med['mediated_fraction_ci'])\n"
+     "assert med['mediated_fraction'] > 0.5  # faithful: the action reads the rationale\n"
+     "heat = example_heatmap(model, fmt, records[-1])"),
+    ("code", "from kdgap.report import figures as F\n"
+     "paths = [F.probe_layers(kd, work / 'probes', title='faithful')[0],\n"
+     "         F.patching_heatmap(heat['values'], heat['tokens'], work / 'heat', title='faithful')[0],\n"
+     "         F.mediation_profile(med, work / 'mediation', title='faithful')[0]]\n"
+     "for p in paths:\n    display(Image(filename=str(p)))"),
+]
+
+REPRODUCE = [
+    ("md", "# Reproduce the organism figures of the report\n\n"
+     "`kdgap.report.pipeline.analyze` is what `kdgap demo` runs: behaviour, recording, "
+     "probes, patching, verdict, figures and `report.html`, each stage cached on disk. "
+     "Sizes here are smaller than the demo's so the notebook runs in a couple of minutes."),
+    ("code", "import os, json, tempfile\nos.environ.setdefault('HF_HUB_OFFLINE', '1')\n"
+     "from pathlib import Path\nfrom IPython.display import Image, display\n"
+     "from kdgap.report.pipeline import AnalyzeConfig, analyze\n"
+     "out = Path(tempfile.mkdtemp())\n"
+     "cfg = AnalyzeConfig(episodes=2, record_episodes=4, n_pairs=6, freqbias_histories=1)\n"
+     "summary = analyze(['organism:faithful', 'organism:greedy-bypass'], out, cfg, progress=False)\n"
+     "{m: e['verdict'] for m, e in summary['models'].items()}"),
+    ("code", "assert summary['models']['organism:faithful']['verdict'] == 'rationale-mediated'\n"
+     "assert summary['models']['organism:greedy-bypass']['verdict'] == 'bypass'\n"
+     "for m, e in summary['models'].items():\n"
+     "    print(m, 'flip', e['behavior']['counterfactual_flip_rate'],\n"
+     "          'mediated', round(e['patching']['mediated_fraction'], 3))"),
+    ("code", "for png in sorted((out / 'figures').rglob('*.png')):\n"
+     "    print(png.relative_to(out))\n    display(Image(filename=str(png)))"),
+    ("md", "`kdgap figures DIR` (here `render_all`) re-renders every figure from the saved "
+     "JSON; the files come out byte-for-byte identical."),
+    ("code", "from kdgap.report.render import render_all\n"
+     "before = {p: p.read_bytes() for p in (out / 'figures').rglob('*.*')}\nrender_all(out)\n"
+     "assert all(p.read_bytes() == b for p, b in before.items())"),
+]
+
+
+def main() -> None:
+    for name, cells in (("01_quickstart_organism", QUICKSTART),
+                        ("03_reproduce_organism_figures", REPRODUCE)):
+        nbf.write(notebook(cells), HERE / f"{name}.ipynb")
+
+
+if __name__ == "__main__":
+    main()

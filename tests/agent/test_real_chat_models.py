@@ -1,0 +1,214 @@
+"""Forced choice on real chat-model folders: GPT-2, Llama and Qwen2 (tiny, random, offline).
+
+Each model is saved to a temp folder with a chat template, as a user's checkpoint would
+be, and loaded through :func:`kdgap.models.load_model`. Button names tokenise differently
+with a leading space or a capital (``"red"``, ``" red"``, ``"Red"``, ``" Red"``, some of
+them several tokens): the forced-choice score of an arm is the logsumexp of all its
+spellings' sequence log-probs, checked here against a hand computation from raw logits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kdgap.agent.generation import encode
+from kdgap.agent.prompts import PaperFormat
+from kdgap.agent.text_agent import TextAgent
+from kdgap.envs.bandit import BanditConfig
+from kdgap.models import load_model
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<bos>{{ m['role'] }}: {{ m['content'] }}<eos>{% endfor %}"
+    "{% if add_generation_prompt %}<bos>assistant:{% endif %}"
+)
+ARCHS = ("gpt2", "llama", "qwen2")
+PREFIX = "<ucb_values>\nred: 0.71\ngreen: 0.52\n</ucb_values>\nACTION="
+
+
+def _config(arch: str, tok):
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    ids = dict(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=len(tok), n_positions=1024, n_embd=32, n_layer=2,
+                          n_head=4, initializer_range=0.3, **ids)  # fmt: skip
+    cls = LlamaConfig if arch == "llama" else Qwen2Config
+    return cls(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        initializer_range=0.3, tie_word_embeddings=arch == "qwen2", **ids,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def chat_models(tmp_path_factory, tiny_tokenizer_dir):
+    """``{arch: LoadedModel}``: random chat models saved with a template, then loaded."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = {}
+    for seed, arch in enumerate(ARCHS):
+        tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+        tok.chat_template = CHAT_TEMPLATE
+        torch.manual_seed(10 + seed)
+        model = AutoModelForCausalLM.from_config(_config(arch, tok))
+        path = tmp_path_factory.mktemp(f"chat_{arch}")
+        model.save_pretrained(path, safe_serialization=True)
+        tok.save_pretrained(path)
+        out[arch] = load_model(str(path))
+    return out
+
+
+def _hand_arm_logprobs(bridge, tok, prefix: str, names, fmt) -> torch.Tensor:
+    """``[arms]`` logsumexp over each arm's distinct spellings of the summed token
+    log-probs, from one unpadded forward pass of ``prefix + spelling`` per spelling
+    (prefix under kdgap's BOS rule, :func:`~kdgap.agent.generation.encode`)."""
+    pre = encode(bridge, [prefix], tokenizer=tok)[0]
+    out = []
+    for name in names:
+        variants = {tuple(tok(v, add_special_tokens=False).input_ids)
+                    for v in fmt.arm_continuations(name)}  # fmt: skip
+        lps = []
+        for ids in variants:
+            seq = torch.tensor([pre + list(ids)])
+            with torch.no_grad():
+                logp = torch.log_softmax(bridge(seq)[0].double(), dim=-1)  # [pos, vocab]
+            n = len(pre)
+            lps.append(sum(logp[n - 1 + k, t] for k, t in enumerate(ids)))
+        out.append(torch.logsumexp(torch.stack(lps), 0))
+    return torch.stack(out).float()
+
+
+def test_button_spellings_tokenise_differently(tiny_tokenizer):
+    fmt = PaperFormat()
+    names = BanditConfig().arm_names
+    lengths = set()
+    for name in names:
+        spellings = [tuple(tiny_tokenizer(v, add_special_tokens=False).input_ids)
+                     for v in fmt.arm_continuations(name)]  # fmt: skip
+        assert len(set(spellings)) == 4, f"{name}: {spellings}"
+        lengths.update(len(s) for s in spellings)
+    assert max(lengths) > 1, "some spelling must take several tokens for the test to bite"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forced_choice_sums_spellings_like_a_hand_logsumexp(chat_models, arch):
+    loaded = chat_models[arch]
+    tok, fmt, cfg = loaded.tokenizer, PaperFormat(knowing_doing=True), BanditConfig()
+    assert tok.chat_template == CHAT_TEMPLATE, "the template must survive save + load_model"
+    agent = TextAgent(loaded.bridge, fmt, mode="forced", max_new_tokens=4)
+    agent.reset(cfg, 0)
+    prefixes = [PREFIX, "Step=0 Action=blue Reward=1\nACTION="]
+    got = agent.arm_logprobs(prefixes)  # [2, arms]
+    for i, p in enumerate(prefixes):
+        want = _hand_arm_logprobs(loaded.bridge, tok, p, cfg.arm_names, fmt)
+        torch.testing.assert_close(got[i], want, rtol=0, atol=2e-4)
+    # the variants matter: the sum over spellings is never below the bare name, and above it
+    bare = _hand_arm_logprobs(loaded.bridge, tok, PREFIX, cfg.arm_names, _BareFormat())
+    assert (got[0] >= bare - 1e-4).all() and (got[0] - bare).max() > 0.1
+
+
+class _BareFormat:
+    def arm_continuations(self, name: str) -> list[str]:
+        return [name]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forced_agent_plays_with_the_chat_template(chat_models, arch):
+    from kdgap.agent.runner import play
+
+    loaded = chat_models[arch]
+    cfg = BanditConfig(horizon=2)
+    agent = TextAgent(loaded.bridge, PaperFormat(knowing_doing=True), mode="forced",
+                      max_new_tokens=6, seed=1)  # fmt: skip
+    recs = play(agent, cfg, n_episodes=2, seed=0, progress=False)
+    assert len(recs) == 4
+    for r in recs:
+        assert r.prompt.startswith("<bos>user: You are in a room with 5 buttons")
+        assert r.prompt.endswith("<eos><bos>assistant:")
+        assert r.valid and r.prompt.count("<bos>") == 2
+        p = np.asarray(r.action_probs)
+        assert p.shape == (5,) and abs(p.sum() - 1) < 1e-5 and r.action == int(p.argmax())
+        assert r.completion.rstrip().endswith(cfg.arm_names[r.action].capitalize()) or (
+            r.completion.rstrip().lower().endswith(cfg.arm_names[r.action])
+        )
+    free = TextAgent(loaded.bridge, PaperFormat(), mode="free", max_new_tokens=4, seed=1)
+    recs = play(free, cfg, n_episodes=2, seed=0, progress=False)
+    assert all(r.action_probs is None for r in recs)
+    assert all(0 <= r.action < 5 for r in recs)
+
+
+def test_raw_prompt_when_no_chat_template_is_asked_for(tiny_hf_dir):
+    loaded = load_model(str(tiny_hf_dir))
+    assert not getattr(loaded.tokenizer, "chat_template", None)
+    agent = TextAgent(loaded.bridge, PaperFormat(use_chat_template=False), max_new_tokens=2)
+    (prompt,) = _prompts(agent, BanditConfig(horizon=2))
+    assert prompt.startswith("You are in a room with 5 buttons")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="TextAgent.prompts() silently falls back to the raw prompt when the format asks "
+    "for a chat template the tokenizer lacks; fix proposed for kdgap/agent (issue 8)",
+)
+def test_no_chat_template_when_one_is_asked_for_is_a_clear_error(tiny_hf_dir):
+    loaded = load_model(str(tiny_hf_dir))
+    agent = TextAgent(loaded.bridge, PaperFormat(use_chat_template=True), max_new_tokens=2)
+    with pytest.raises(ValueError, match="chat template"):
+        _prompts(agent, BanditConfig(horizon=2))
+
+
+def _prompts(agent: TextAgent, cfg: BanditConfig) -> list[str]:
+    from kdgap.agent.runner import history_of
+    from kdgap.envs.bandit import VectorBandit
+
+    env = VectorBandit(cfg, 1)
+    env.reset(seed=0)
+    agent.reset(cfg, 0)
+    return agent.prompts(history_of(env, np.arange(1)))
+
+
+@pytest.fixture(scope="module")
+def wordlevel_model(tmp_path_factory):
+    """A GPT-2 whose WordLevel tokenizer knows lower-case colours only ([UNK] otherwise)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    words = ["<pad>", "<bos>", "<eos>", "[UNK]", "ACTION", "=", "red", "green", "blue",
+             "yellow", "Step", "Action", "Reward", "0", "1"]  # fmt: skip
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split("=", "isolated")]
+    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>",
+                                  pad_token="<pad>", unk_token="[UNK]")  # fmt: skip
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(words), n_positions=256, n_embd=16, n_layer=1, n_head=2,
+                     bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    path = tmp_path_factory.mktemp("wordlevel")
+    GPT2LMHeadModel(cfg).save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return load_model(str(path))
+
+
+def test_unknown_spellings_tokenise_to_unk(wordlevel_model):
+    tok = wordlevel_model.tokenizer
+    assert tok("red", add_special_tokens=False).input_ids == [6]
+    assert tok("Red", add_special_tokens=False).input_ids == [tok.unk_token_id]
+    assert tok("orange", add_special_tokens=False).input_ids == [tok.unk_token_id]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="TextAgent scores [UNK] spellings as if they were the arm (every capitalised "
+    "variant and 'orange' share one UNK score); fix proposed for kdgap/agent/text_agent.py",
+)
+def test_arm_name_not_in_vocabulary_is_a_clear_error(wordlevel_model):
+    agent = TextAgent(wordlevel_model.bridge, PaperFormat(use_chat_template=False))
+    agent.reset(BanditConfig(), 0)  # 5 arms: red green blue yellow orange
+    with pytest.raises(ValueError, match="orange"):
+        agent.arm_logprobs(["ACTION="])
