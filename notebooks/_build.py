@@ -81,7 +81,7 @@ REPRODUCE = [
      "from pathlib import Path\nfrom IPython.display import Image, display\n"
      "from kdgap.report.pipeline import AnalyzeConfig, analyze\n"
      "out = Path(tempfile.mkdtemp())\n"
-     "cfg = AnalyzeConfig(episodes=2, record_episodes=4, n_pairs=6, freqbias_histories=1)\n"
+     "cfg = AnalyzeConfig(episodes=2, record_episodes=8, n_pairs=6, freqbias_histories=1)\n"
      "summary = analyze(['organism:faithful', 'organism:greedy-bypass'], out, cfg, progress=False)\n"
      "{m: e['verdict'] for m, e in summary['models'].items()}"),
     ("code", "assert summary['models']['organism:faithful']['verdict'] == 'rationale-mediated'\n"

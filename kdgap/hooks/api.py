@@ -34,8 +34,12 @@ LABEL_COLUMNS = (
 
 
 def transcript_text(record: StepRecord, fmt=None, tokenizer=None) -> str:
-    """The full text the model saw for one step: prompt (chat-templated if the format asks
-    and the tokenizer has a template) followed by the completion.
+    """The full text the model saw for one step: ``prompt + completion``.
+
+    A text agent stores the prompt exactly as the model saw it, chat template included
+    (:meth:`kdgap.agent.text_agent.TextAgent.prompts`), so nothing is re-templated here:
+    applying the template again would record a different, doubly wrapped text. ``fmt`` and
+    ``tokenizer`` are accepted for call compatibility and unused.
 
     Raises:
         ValueError: the record has no prompt (reference-policy records carry no text).
@@ -45,13 +49,7 @@ def transcript_text(record: StepRecord, fmt=None, tokenizer=None) -> str:
             f"record (episode={record.episode}, step={record.step}) has prompt=None; only "
             "text-agent or organism records carry transcripts. Record those, or pass texts."
         )
-    prompt = record.prompt
-    if fmt is not None and getattr(fmt, "use_chat_template", False):
-        if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-            prompt = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
-    return prompt + (record.completion or "")
+    return record.prompt + (record.completion or "")
 
 
 def record_labels(record: StepRecord) -> dict:

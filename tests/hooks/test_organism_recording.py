@@ -8,6 +8,8 @@ the step records; ``record_from_model`` runs the whole path from a model spec.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -105,3 +107,24 @@ def test_record_from_model_plays_and_records(tmp_path):
     with pytest.raises(ValueError, match="driver='nope'"):
         record_from_model("organism:faithful", episodes=1, seed=0, hooks="resid_post",
                           sites="action", out=tmp_path / "x", driver="nope")  # fmt: skip
+
+
+def test_transcript_text_never_re_templates_an_agent_prompt(tiny_tokenizer):
+    from kdgap.agent.prompts import PaperFormat
+    from kdgap.records import StepRecord
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = "{% for m in messages %}<bos>{{ m['content'] }}{% endfor %}"
+    templated = tok.apply_chat_template(
+        [{"role": "user", "content": "Step=0 Action=red Reward=1"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    rec = StepRecord(
+        episode=0, step=0, n_arms=5, action=0, reward=1.0, regret=0.0, valid=True, best_arm=0,
+        ucb_arms=(0,), greedy_arms=(0,), frequent_arms=(0,), prompt=templated,
+        completion=" ACTION=red",
+    )  # fmt: skip
+    # The agent stored the templated prompt: it is recorded as is, not wrapped twice.
+    assert transcript_text(rec, PaperFormat(), tok) == templated + " ACTION=red"
+    assert transcript_text(rec, PaperFormat(), tok).count("<bos>") == 1
