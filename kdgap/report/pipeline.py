@@ -236,7 +236,14 @@ class Analysis:
         """All stages; returns this model's entry of ``summary.json``."""
         from kdgap.report.summary import model_entry
 
-        steps = [self.behavior, self.baselines, self.freqbias, self.probes, self.patching]
+        steps = [
+            self.behavior,
+            self.baselines,
+            self.freqbias,
+            self.record,
+            self.probes,
+            self.patching,
+        ]
         results = {}
         for fn in tqdm(steps, desc=f"analyze {self.spec}", disable=not progress):
             results[fn.__name__] = fn()
