@@ -34,11 +34,11 @@ QUICKSTART = [
      "from kdgap.organisms.format import OrganismFormat\n"
      "model, tokenizer = load_organism('faithful')  # a TransformerBridge in eval mode\n"
      "fmt = OrganismFormat()\nwork = Path(tempfile.mkdtemp())\nmodel.cfg.n_layers, model.cfg.d_model"),
-    ("md", "Play 4 bandits. A random *driver* builds the histories (off-policy) while the "
+    ("md", "Play 8 bandits. A random *driver* builds the histories (off-policy) while the "
      "organism writes its rationale and action at every step: the records hold both."),
     ("code", "from kdgap.agent.runner import play\nfrom kdgap.agent.text_agent import TextAgent\n"
      "from kdgap.envs import BanditConfig\nfrom kdgap.policies import make_policy\n"
-     "records = play(TextAgent(model, fmt), BanditConfig(), n_episodes=4, seed=0,\n"
+     "records = play(TextAgent(model, fmt), BanditConfig(), n_episodes=8, seed=0,\n"
      "               driver=make_policy('random'), progress=False)\n"
      "r = records[-1]\nprint(r.prompt + r.completion)\n"
      "print('rationale arm', r.rationale_arm, 'action', r.action, 'true UCB arms', r.ucb_arms)"),
