@@ -1,0 +1,73 @@
+"""The `kdgap` command line: help, the play JSON interface, and one-line user errors."""
+
+import json
+
+import pytest
+
+from kdgap.cli import build_parser, main
+
+PLAY_KEYS = {
+    "cumulative_regret", "action_coverage", "suffix_failure_rate", "invalid_rate",
+    "rationale_correct", "action_follows_rationale", "action_matches", "kd_matrix", "config",
+}  # fmt: skip
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    for cmd in ("play", "freqbias", "organisms", "record", "analyze", "demo", "figures"):
+        assert cmd in out
+
+
+def test_play_writes_the_public_json(tmp_path, capsys):
+    path = tmp_path / "ucb.json"
+    assert main(["play", "--policy", "ucb", "--episodes", "8", "--json", str(path)]) == 0
+    out = json.loads(path.read_text())
+    assert PLAY_KEYS <= set(out)
+    assert out["action_coverage"] == 1.0 and out["rationale_correct"] is None
+    assert set(out["action_matches"]) == {"rationale", "optimal", "greedy", "most_frequent"}
+    assert "cumulative regret" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["play", "--policy", "thompson"], "policy='thompson'"),
+        (["play", "--arms", "30"], "n_arms=30"),
+        (["play", "--steps", "0"], "horizon=0"),
+        (["play", "--model", "no-such-org/no-such-model"], "local"),
+        (["play", "--model", "organism:no-such-organism"], "no-such-organism"),
+        (["figures", "/nonexistent/dir"], "kdgap analyze"),
+    ],
+)
+def test_bad_input_is_one_clear_line_not_a_traceback(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"kdgap {argv[0]}: error:") and needle in err
+    assert "Traceback" not in err
+
+
+def test_record_cli_on_an_organism(tmp_path):
+    from kdgap.hooks import ActivationStore
+
+    out = tmp_path / "acts"
+    argv = [
+        "record",
+        "--model",
+        "organism:faithful",
+        "--episodes",
+        "2",
+        "--steps",
+        "6",
+        "--hooks",
+        "resid_post",
+        "--sites",
+        "action,rationale.conclusion",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    store = ActivationStore(out)
+    acts, labels = store.load(hook="blocks.3.hook_resid_post", site="action")
+    assert acts.shape == (12, 128) and len(labels) == 12
