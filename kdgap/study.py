@@ -166,18 +166,12 @@ def make_agent(
     model gets the paper's prompt (:class:`PaperFormat`), with the ``<ucb_values>``
     knowing-doing rationale unless ``knowing_doing=False``.
     """
+    from kdgap.agent.formats import format_for
     from kdgap.agent.text_agent import TextAgent
     from kdgap.models import load_model
 
     loaded = load_model(model_spec, device=device, dtype=dtype)
-    if model_spec.startswith("organism:"):
-        from kdgap.organisms.format import OrganismFormat
-
-        fmt = OrganismFormat()
-    else:
-        from kdgap.agent.prompts import PaperFormat
-
-        fmt = PaperFormat(knowing_doing=knowing_doing)
+    fmt = format_for(loaded, knowing_doing=knowing_doing)
     kwargs = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
     if batch_size is not None:
         kwargs["batch_size"] = batch_size

@@ -69,3 +69,23 @@ class TranscriptFormat(Protocol):
 
     def site_spans(self, text: str) -> dict[str, tuple[int, int]]:
         """Character spans ``[start, end)`` of every named site found in ``text``."""
+
+
+def format_for(loaded, *, knowing_doing: bool = True) -> TranscriptFormat:
+    """The transcript format a loaded model speaks (one rule for every command).
+
+    Organisms (``loaded.source == "organism"``, whether named or a saved folder) speak
+    their own language (:class:`~kdgap.organisms.format.OrganismFormat`); every other
+    model gets the paper's prompt (:class:`~kdgap.agent.prompts.PaperFormat`), with the
+    ``<ucb_values>`` knowing-doing rationale unless ``knowing_doing=False``.
+
+    Args:
+        loaded: a :class:`kdgap.models.LoadedModel`.
+    """
+    if loaded.source == "organism":
+        from kdgap.organisms.format import OrganismFormat
+
+        return OrganismFormat()
+    from kdgap.agent.prompts import PaperFormat
+
+    return PaperFormat(knowing_doing=knowing_doing)

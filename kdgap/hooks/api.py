@@ -318,15 +318,10 @@ def record_from_model(
             policy = make_policy(driver)
         except ValueError as exc:
             raise ValueError(f"driver={driver!r}: {exc} Or pass driver='own' (on-policy).") from exc
+    from kdgap.agent.formats import format_for
+
     loaded = load_model(model_spec)
-    if loaded.source == "organism":
-        from kdgap.organisms.format import OrganismFormat
-
-        fmt = OrganismFormat()
-    else:
-        from kdgap.agent.prompts import PaperFormat
-
-        fmt = PaperFormat(knowing_doing=True)
+    fmt = format_for(loaded)
     cfg = BanditConfig(n_arms=n_arms, horizon=horizon)
     agent = TextAgent(loaded.bridge, fmt, mode="forced", tokenizer=loaded.tokenizer)
     records = play(agent, cfg, n_episodes=episodes, seed=seed, driver=policy, progress=progress)

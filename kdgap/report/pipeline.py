@@ -112,13 +112,9 @@ class Analysis:
 
     @property
     def fmt(self):
-        if self.spec.startswith("organism:"):
-            from kdgap.organisms.format import OrganismFormat
+        from kdgap.agent.formats import format_for
 
-            return OrganismFormat()
-        from kdgap.agent.prompts import PaperFormat
-
-        return PaperFormat(knowing_doing=True)
+        return format_for(self.loaded)
 
     def agent(self, *, counterfactual: bool = False):
         from kdgap.agent.text_agent import TextAgent
