@@ -135,6 +135,16 @@ def _has_hooks(model) -> bool:
     return any(len(getattr(hp, "_forward_hooks", {})) for hp in hook_dict.values())
 
 
+def check_generation_args(max_new_tokens: int, temperature: float, batch_size: int | None) -> None:
+    """Raise ``ValueError`` naming the bad generation setting (shared by the agent)."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1.")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature!r} must be >= 0 (0 means greedy).")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be >= 1 or None (all at once).")
+
+
 def generate(
     model,
     prompts: Sequence[str],
@@ -165,12 +175,7 @@ def generate(
     Returns:
         A :class:`Generation` in the order of ``prompts``.
     """
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1.")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature!r} must be >= 0 (0 means greedy).")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be >= 1 or None (all at once).")
+    check_generation_args(max_new_tokens, temperature, batch_size)
     tok = _tokenizer(model, tokenizer)
     ids = encode(model, prompts, tokenizer=tok)
     order = np.argsort([len(x) for x in ids], kind="stable")

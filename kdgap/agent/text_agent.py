@@ -27,7 +27,12 @@ import torch
 from jaxtyping import Float
 
 from kdgap.agent.formats import TranscriptFormat
-from kdgap.agent.generation import Generation, generate, score_continuations
+from kdgap.agent.generation import (
+    Generation,
+    check_generation_args,
+    generate,
+    score_continuations,
+)
 from kdgap.envs.bandit import BanditConfig
 from kdgap.policies import Decisions, HistoryBatch
 
@@ -69,12 +74,7 @@ class TextAgent:
                 f"fmt={fmt!r} does not implement TranscriptFormat; pass e.g. "
                 "kdgap.agent.prompts.PaperFormat()."
             )
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1.")
-        if temperature < 0:
-            raise ValueError(f"temperature={temperature!r} must be >= 0 (0 means greedy).")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r} must be >= 1 or None.")
+        check_generation_args(max_new_tokens, temperature, batch_size)
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         if self.tokenizer is None:
             raise ValueError("model has no tokenizer; boot it with tokenizer=... or pass one.")
