@@ -54,7 +54,8 @@ def _bandit(args) -> BanditConfig:
 
 
 def _policy(args, *, counterfactual: bool = False):
-    from kdgap.study import make_agent, reference_policy
+    from kdgap.policies import make_policy
+    from kdgap.study import make_agent
 
     if args.model:
         return make_agent(
@@ -68,7 +69,7 @@ def _policy(args, *, counterfactual: bool = False):
             dtype=args.dtype,
             counterfactual=counterfactual,
         )
-    return reference_policy(args.policy or "ucb")
+    return make_policy(args.policy or "ucb")
 
 
 def cmd_play(args) -> int:
@@ -163,17 +164,11 @@ def _analyze_config(args):
 
 
 def cmd_analyze(args) -> int:
+    """``analyze`` (one ``--model``) and ``demo`` (several ``--models``) share this."""
     from kdgap.report.pipeline import analyze
 
-    summary = analyze([args.model], args.out, _analyze_config(args), force=args.force)
-    _print_verdicts(summary, args.out)
-    return 0
-
-
-def cmd_demo(args) -> int:
-    from kdgap.report.pipeline import analyze
-
-    summary = analyze(list(args.models), args.out, _analyze_config(args), force=args.force)
+    models = list(args.models) if getattr(args, "models", None) else [args.model]
+    summary = analyze(models, args.out, _analyze_config(args), force=args.force)
     _print_verdicts(summary, args.out)
     return 0
 
@@ -290,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="cpu")
         p.add_argument("--dtype", default="float32")
         p.add_argument("--force", action="store_true", help="recompute every stage")
-        p.set_defaults(func=cmd_analyze if name == "analyze" else cmd_demo)
+        p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("figures", help="re-render figures and report.html from saved results")
     p.add_argument("dir", help="a folder written by analyze or demo")

@@ -15,7 +15,7 @@ import numpy as np
 from kdgap.agent.runner import history_of, play
 from kdgap.envs.bandit import BanditConfig, VectorBandit
 from kdgap.metrics import behavior, frequency_bias, knowing_doing
-from kdgap.policies import HistoryBatch, Policy, make_policy
+from kdgap.policies import HistoryBatch, Policy
 from kdgap.records import StepRecord
 
 SCHEMA_VERSION = 1
@@ -140,11 +140,6 @@ def _history_batch(cfg: BanditConfig, hists) -> HistoryBatch:
         env.counts[i] = np.bincount(h.actions, minlength=cfg.n_arms)
         env.sums[i] = np.bincount(h.actions, weights=h.rewards, minlength=cfg.n_arms)
     return history_of(env, np.array([h.episode for h in hists]))
-
-
-def reference_policy(name: str) -> Policy:
-    """A reference policy by name (clear error for unknown names)."""
-    return make_policy(name)
 
 
 def make_agent(

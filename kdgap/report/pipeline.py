@@ -14,7 +14,7 @@ import json
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -277,8 +277,3 @@ def analyze(
     atomic_write_json(out / "summary.json", summary)
     render_all(out)
     return summary
-
-
-def config_dict(cfg: AnalyzeConfig) -> dict:
-    """JSON-ready settings."""
-    return asdict(cfg)
