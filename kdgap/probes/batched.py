@@ -23,7 +23,25 @@ which equals scikit-learn's binary logistic loss with the same C). C is picked p
 (layer, task) by mean accuracy over the same episode-grouped folds
 :class:`kdgap.probes.estimators.LogisticProbe` uses, with the same rule
 (:func:`kdgap.probes.estimators.select_C`).
-``tests/probes/test_batched.py`` checks agreement with scikit-learn within 1 point.
+
+**Whitened coordinates.** Residual-stream features are strongly correlated, so in the
+standardised coordinates the objective is badly conditioned: plain L-BFGS (scikit-learn's
+included) needs hundreds of iterations on nearly separable labels and, at scikit-learn's
+default ``max_iter=1000``, often stops short of the optimum. Every solve here therefore
+runs in whitened coordinates of its layer: with ``mu`` the training rows' mean and
+``Q diag(lam) Q^T`` their covariance (float64), ``u = (z - mu) Q lam^(-1/2)``,
+``W = Q lam^(-1/2) V`` and ``b = b' - mu W``. This is an exact reparametrisation (the
+penalty becomes ``sum_j ||V_j||^2 / (2 C n lam_j)``, still diagonal; directions without
+variance keep ``W`` at 0, where the optimum has it), so the minimiser is the same and only
+the path to it is shorter. Fold problems use their layer's map too (any invertible map is
+exact; a fold's rows come out whitened up to sampling noise). In these coordinates the
+data term's curvature is at most about 1/2 in every direction (Boehning's bound on the
+softmax Hessian), which gives L-BFGS a diagonal initial Hessian ``1 / (c + penalty_j)``
+that already matches the problem's scales. On the faithful organism's sweep this takes
+~5x fewer iterations than the same solver in standardised coordinates and lands within
+float32 resolution of the float64 optimum; ``tests/probes/test_batched.py`` checks the
+optimum on ill-conditioned, rank-deficient features, and agreement with scikit-learn
+within 1 point.
 """
 
 from __future__ import annotations
@@ -38,6 +56,12 @@ from kdgap.probes.estimators import DEFAULT_CS, DEFAULT_CV_TOLERANCE, select_C
 from kdgap.probes.splits import grouped_folds
 
 _MASKED = -1e30  # logit given to padding classes a task does not have
+#: Bounds of the data-curvature estimate ``c`` in the preconditioner ``1 / (c + penalty)``:
+#: 1/2 is Boehning's bound in whitened coordinates; the floor keeps a step on a nearly
+#: flat (saturated) direction from overshooting into a long backtracking search.
+_CURVATURE = (0.05, 0.5)
+#: Whitening drops covariance eigenvalues below this fraction of the largest (no variance).
+_RANK_TOL = 1e-10
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -55,13 +79,19 @@ def lbfgs_softmax(
     *,
     theta0: torch.Tensor | None = None,
     max_iter: int = 1000,
-    tol: float = 1e-4,
+    tol: float = 1e-5,
     history: int = 10,
 ) -> tuple[torch.Tensor, int]:
     """Minimise many independent L2-regularised softmax regressions by batched L-BFGS.
 
     Problem ``m`` at layer ``l`` minimises
-    ``sum_i weights[i, m] CE_i + reg[m] / 2 * ||W||^2`` over ``theta[l, m]``.
+    ``sum_i weights[i, m] CE_i + 1/2 sum_j reg[l, m, j] ||theta[l, m, j]||^2``.
+
+    The initial inverse Hessian of every L-BFGS step is the diagonal
+    ``1 / (c + reg[l, m, j])``, with ``c`` the data term's curvature along the last step
+    (clamped to ``_CURVATURE``). It fits inputs whose columns are whitened (weighted
+    covariance ~ identity, as :func:`fit_logistic_batched` passes them), where the data
+    curvature is at most 1/2 in any direction; other inputs still converge, more slowly.
 
     Args:
         Xa: ``Float[Tensor, "n_layers n_examples d_plus_1"]`` inputs with a trailing
@@ -71,14 +101,16 @@ def lbfgs_softmax(
         weights: ``Float[Tensor, "n_examples n_models"]`` row weights, each column summing
             to 1 over that problem's training rows (0 elsewhere); or
             ``[n_layers, n_examples, n_models]``.
-        reg: ``Float[Tensor, "n_models"]`` or ``Float[Tensor, "n_layers n_models"]`` L2
-            strength (``1 / (C n)``).
+        reg: L2 strength per coordinate, ``Float[Tensor, "n_layers n_models d_plus_1"]``;
+            or one per problem, ``[n_models]`` or ``[n_layers, n_models]`` (e.g.
+            ``1 / (C n)``), applied to every coordinate but the bias.
         class_bias: ``Float[Tensor, "n_models n_classes"]`` 0, or a huge negative value
             for padding classes.
         theta0: ``Float[Tensor, "n_layers n_models d_plus_1 n_classes"]`` warm start
             (zeros if None).
-        max_iter: iteration limit; tol: stop a problem when max |gradient| <= tol
-            (scikit-learn's ``gtol``).
+        max_iter: iteration limit. tol: stop a problem when max |gradient| <= tol; it
+            also stops when a line search fails or the objective's relative decrease
+            falls below what the dtype resolves.
         history: L-BFGS memory.
 
     Returns:
@@ -88,9 +120,13 @@ def lbfgs_softmax(
     M, K = class_bias.shape
     dt = Xa.dtype
     eps = torch.finfo(dt).eps
-    penal = torch.ones(D, 1, dtype=dt)
-    penal[-1] = 0.0
-    reg_mat = reg.expand(L, M)[..., None, None] * penal  # [L, M, D, 1]
+    if reg.ndim <= 2:
+        penal = torch.ones(D, dtype=dt)
+        penal[-1] = 0.0
+        reg_mat = (reg.to(dt).expand(L, M)[..., None] * penal)[..., None]  # [L, M, D, 1]
+    else:
+        reg_mat = reg.to(dt).expand(L, M, D)[..., None].contiguous()
+    c_lo, c_hi = _CURVATURE
     XaT = Xa.transpose(1, 2).contiguous()
     # Classes sit *before* problems ([.., K, M]) so softmax reductions run over K slices
     # of contiguous problems; a trailing dim of size K would not vectorise.
@@ -131,81 +167,140 @@ def lbfgs_softmax(
         g = torch.bmm(XaT, R).view(L, D, K, m).permute(0, 3, 1, 2) - G0c
         return f, g + regc * th
 
-    theta = torch.zeros(L, M, D, K, dtype=dt) if theta0 is None else theta0.clone()
+    theta = torch.zeros(L, M, D, K, dtype=dt) if theta0 is None else theta0.to(dt).clone()
     f, g = fg(theta, torch.arange(M))
-    S = torch.zeros(history, L, M, D, K, dtype=dt)
-    Yh = torch.zeros_like(S)
-    rho = torch.zeros(history, L, M, dtype=dt)
-    gamma = torch.ones(L, M, dtype=dt)
+    # L-BFGS pairs, newest last (at most ``history``); a pair a problem rejected is zero
+    # for it (rho = 0), so it drops out of that problem's recursion.
+    S: list[torch.Tensor] = []
+    Yh: list[torch.Tensor] = []
+    rho: list[torch.Tensor] = []
+    curv = torch.full((L, M), c_hi, dtype=dt)  # data curvature along the last step
     active = g.abs().amax(dim=(-1, -2)) > tol
-    out, where = torch.empty_like(theta), torch.arange(M)  # solutions; their columns
-    stored, it = 0, 0
+    out = torch.empty_like(theta)  # solutions, at [where_l, where_m]
+    where_l, where_m = torch.arange(L), torch.arange(M)
+    it = 0
     for it in range(1, max_iter + 1):  # noqa: B007 (it is returned)
-        live = active.any(dim=0)
-        n_live = int(live.sum())
-        if n_live == 0:
+        live_l, live_m = active.any(dim=1), active.any(dim=0)
+        n_l, n_m = int(live_l.sum()), int(live_m.sum())
+        if n_m == 0:
             break
-        if n_live <= M // 2:
-            # Most problems have converged: drop them from every tensor (fg reads the
-            # rebound names), so the stragglers' iterations cost only their own share.
-            keep = torch.nonzero(live).squeeze(1)
-            out[:, where] = theta
-            where, M = where[keep], n_live
-            theta, f, g, gamma, active = (x[:, keep] for x in (theta, f, g, gamma, active))
-            S, Yh, rho = S[:, :, keep], Yh[:, :, keep], rho[:, :, keep]
-            weights, G0, reg_mat, bias_km = (
-                weights[:, :, keep], G0[:, keep], reg_mat[:, keep], bias_km[:, keep])  # fmt: skip
-        # Two-loop recursion, vectorised over problems; empty slots have rho = 0.
-        order = [(stored - 1 - j) % history for j in range(min(stored, history))]
+        if n_m <= M // 2 or n_l <= L // 2:
+            # Most problems of some tasks or of some layers have converged: drop those
+            # columns / layers from every tensor (fg reads the rebound names), so the
+            # stragglers' iterations cost only their own share of the data passes.
+            out[where_l[:, None], where_m] = theta
+            kl, km = torch.nonzero(live_l).squeeze(1), torch.nonzero(live_m).squeeze(1)
+            where_l, where_m, L, M = where_l[kl], where_m[km], n_l, n_m
+
+            theta, f, g, curv, active, G0, reg_mat = (
+                x[kl][:, km] for x in (theta, f, g, curv, active, G0, reg_mat))  # fmt: skip
+            S, Yh, rho = ([x[kl][:, km] for x in h] for h in (S, Yh, rho))
+            Xa, XaT, xa_max, bias_km = Xa[kl], XaT[kl], xa_max[kl], bias_km[:, km]
+            weights = weights[kl][:, :, km]
+        # Two-loop recursion, vectorised over problems.
+        h0 = 1.0 / (curv[..., None, None] + reg_mat)  # [L, M, D, 1] diagonal H0
+        order = range(len(S) - 1, -1, -1)  # newest first
         q, alphas = g.clone(), {}
         for j in order:
             alphas[j] = rho[j] * _dot(S[j], q)
             q -= alphas[j][..., None, None] * Yh[j]
-        r = gamma[..., None, None] * q
+        r = h0 * q
         for j in reversed(order):
             beta = rho[j] * _dot(Yh[j], r)
             r += S[j] * (alphas[j] - beta)[..., None, None]
         direc = -r
         gd = _dot(g, direc)
-        uphill = gd >= 0  # lost curvature information: fall back to steepest descent
-        direc = torch.where(uphill[..., None, None], -g, direc) * active[..., None, None]
-        gd = torch.where(uphill, -_dot(g, g), gd)
+        # Lost curvature information: fall back to the preconditioned gradient.
+        uphill = gd >= 0
+        direc = torch.where(uphill[..., None, None], -h0 * g, direc) * active[..., None, None]
+        gd = torch.where(uphill, -_dot(g, h0 * g), gd)
         t = torch.ones(L, M, dtype=dt)
-        if stored == 0:  # first step of length 1 in parameter space, as scipy's L-BFGS-B
-            t = torch.clamp(1.0 / _dot(g, g).sqrt().clamp_min(eps), max=1.0)
         # Backtracking (Armijo) line search with a step per problem; only problems still
-        # searching (and, in any layer, still active) are evaluated.
+        # searching (and, in any layer, still active) are evaluated. A problem gives up
+        # (and stops) once the decrease its step promises is below the dtype's resolution
+        # of its objective: no step it could take would show as progress.
+        resolution = 10 * eps * torch.maximum(f.abs(), torch.ones_like(f))
         new_theta, f_new, g_new = theta.clone(), f.clone(), g.clone()
         ok = ~active
-        for _ in range(25):
-            cols = torch.nonzero((~ok).any(dim=0)).squeeze(1)
+        searching = active & (-gd > resolution)
+        for _ in range(30):
+            if not bool(searching.any()):
+                break
+            cols = torch.nonzero(searching.any(dim=0)).squeeze(1)
             trial = theta[:, cols] + t[:, cols, None, None] * direc[:, cols]
             new_theta[:, cols] = trial
             fc, gc = fg(new_theta, cols)
-            okc = (fc <= f[:, cols] + 1e-4 * t[:, cols] * gd[:, cols]) | ok[:, cols]
+            okc = (fc <= f[:, cols] + 1e-4 * t[:, cols] * gd[:, cols]) & searching[:, cols]
             f_new[:, cols] = torch.where(okc, fc, f_new[:, cols])
             g_new[:, cols] = torch.where(okc[..., None, None], gc, g_new[:, cols])
-            ok[:, cols] = okc
-            if bool(ok.all()):
-                break
-            t = torch.where(ok, t, 0.5 * t)
+            ok[:, cols] |= okc
+            searching[:, cols] &= ~okc
+            t = torch.where(searching, 0.5 * t, t)
+            searching &= -t * gd > resolution
         new_theta = torch.where(ok[..., None, None], new_theta, theta)
         s, y = new_theta - theta, g_new - g
-        sy, yy = _dot(s, y), _dot(y, y)
+        sy, yy, ss = _dot(s, y), _dot(y, y), _dot(s, s)
         good = sy > eps * yy.clamp_min(eps)
-        slot = stored % history
-        S[slot] = s * good[..., None, None]
-        Yh[slot] = y * good[..., None, None]
-        rho[slot] = torch.where(good, 1.0 / sy.clamp_min(eps), torch.zeros_like(sy))
-        gamma = torch.where(good, sy / yy.clamp_min(eps), gamma)
-        stored += 1
+        if len(S) == history:
+            del S[0], Yh[0], rho[0]
+        S.append(s * good[..., None, None])
+        Yh.append(y * good[..., None, None])
+        rho.append(torch.where(good, 1.0 / sy.clamp_min(eps), torch.zeros_like(sy)))
+        # The penalty's curvature is known exactly; what the step measured beyond it is
+        # the data term's.
+        data_curv = (sy - _dot(reg_mat * s, s)) / ss.clamp_min(eps)
+        curv = torch.where(good, data_curv.clamp(c_lo, c_hi), curv)
         # Stop a problem at small gradient, a failed line search, or a relative decrease
         # the dtype can no longer resolve (float32 rounding, not progress, below that).
-        tiny = (f - f_new) <= 10 * eps * torch.maximum(f.abs(), torch.ones_like(f))
+        tiny = (f - f_new) <= resolution
         theta, f, g = new_theta, f_new, g_new
         active &= (g.abs().amax(dim=(-1, -2)) > tol) & ok & ~tiny
-    out[:, where] = theta
+    out[where_l[:, None], where_m] = theta
     return out, it
+
+
+def whitening(Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whitening of each batch's rows: the map to the solver's coordinates.
+
+    Args:
+        Z: ``Float[Tensor, "batch n_examples d"]`` (float64 recommended).
+
+    Returns:
+        ``(mu, Q, lam)``: mean ``[batch, d]``, covariance eigenvectors ``[batch, d, d]``
+        and eigenvalues ``[batch, d]``, the latter set to 0 for directions without
+        variance (below ``_RANK_TOL`` of the largest), which the whitened inputs leave out.
+    """
+    mu = Z.mean(dim=1)
+    Zc = Z - mu[:, None]
+    lam, Q = torch.linalg.eigh(Zc.transpose(1, 2) @ Zc / Z.shape[1])
+    lam = torch.where(lam > _RANK_TOL * lam.amax(dim=-1, keepdim=True), lam, torch.zeros_like(lam))
+    return mu, Q, lam
+
+
+def _whitened_inputs(Z, mu, Q, lam, dtype):
+    """``[(Z - mu) Q lam^-1/2, 1]`` in ``dtype``; dropped directions are zero columns."""
+    inv_sqrt = torch.where(lam > 0, lam.clamp_min(1e-300).rsqrt(), torch.zeros_like(lam))
+    U = ((Z - mu[:, None]) @ Q) * inv_sqrt[:, None, :]
+    return torch.cat([U, torch.ones(*U.shape[:2], 1, dtype=U.dtype)], dim=-1).to(dtype)
+
+
+def _whitened_penalty(reg, lam):
+    """Per-coordinate L2 strength ``[B, M, d + 1]`` of ``V`` for per-problem ``reg [B, M]``:
+    ``reg / lam_j`` (a dropped direction keeps ``reg``: its column is zero, so it stays 0),
+    0 on the bias."""
+    inv = torch.where(lam > 0, 1.0 / lam.clamp_min(1e-300), torch.ones_like(lam))
+    inv = torch.cat([inv, torch.zeros(len(lam), 1, dtype=lam.dtype)], dim=-1)  # [B, d + 1]
+    return reg[:, :, None] * inv[:, None, :]
+
+
+def _from_whitened(theta, mu, Q, lam):
+    """``[B, M, d + 1, K]`` whitened ``(V, b')`` -> standardised ``(W, b)``, float64."""
+    d = mu.shape[-1]
+    V = theta.double()
+    inv_sqrt = torch.where(lam > 0, lam.clamp_min(1e-300).rsqrt(), torch.zeros_like(lam))
+    W = Q[:, None] @ (inv_sqrt[:, None, :, None] * V[:, :, :d])  # [B, M, d, K]
+    b = V[:, :, d] - (mu[:, None, None, :] @ W).squeeze(-2)
+    return torch.cat([W, b[:, :, None]], dim=2)
 
 
 @dataclass
@@ -268,9 +363,10 @@ def fit_logistic_batched(
     cv: int = 4,
     cv_tolerance: float = DEFAULT_CV_TOLERANCE,
     max_iter: int = 1000,
-    tol: float = 1e-4,
+    tol: float = 1e-5,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    refit_dtype: torch.dtype = torch.float64,
 ) -> BatchedLogisticFit:
     """Fit logistic probes for every layer and task in one batched optimisation.
 
@@ -280,17 +376,26 @@ def fit_logistic_batched(
         y: ``Int[ndarray, "n_tasks n_examples"]`` labels per task (e.g. rationale arm,
             action, a control task); -1 = missing, that row is left out of that task.
         groups: ``Int[ndarray, "n_examples"]`` episode ids (inner folds are whole episodes).
-        Cs, cv, cv_tolerance, max_iter, tol, seed: as
-            :class:`kdgap.probes.estimators.LogisticProbe`.
-        dtype: compute dtype (float32 agrees with scikit-learn's float64 within 1 point
-            of accuracy, see the tests; float64 is ~2x slower).
+        Cs, cv, cv_tolerance, seed: as :class:`kdgap.probes.estimators.LogisticProbe`.
+        max_iter, tol: L-BFGS limits per solve (:func:`lbfgs_softmax`); ``tol`` bounds
+            the gradient in whitened coordinates (a float32 solve usually stops earlier,
+            at its objective's float32 resolution).
+        dtype: solver dtype of the inner-CV fold fits, which only pick C (the whitening
+            and the maps back are float64).
+        refit_dtype: solver dtype of the final refit, which gives the probes. float64
+            (default) reaches the optimum (objective within ~1e-9 on ill-conditioned
+            features, see the tests) for a little more time than float32, which stops at
+            its resolution (~1e-5 relative there). Largest test-accuracy difference from
+            scikit-learn over the faithful organism's sweep: 0.13 points with a float64
+            refit, 0.4 with a float32 one.
 
     Returns:
         :class:`BatchedLogisticFit`.
     """
-    X = torch.as_tensor(np.asarray(X) if not torch.is_tensor(X) else X).to(dtype)
+    X = torch.as_tensor(np.asarray(X) if not torch.is_tensor(X) else X)
     if X.ndim != 3:
         raise ValueError(f"X must be [n_layers, n_examples, d_model]; got shape {tuple(X.shape)}.")
+    X = X.double()
     L, n, d = X.shape
     y = np.atleast_2d(np.asarray(y, dtype=np.int64))
     if y.shape[1] != n:
@@ -298,7 +403,8 @@ def fit_logistic_batched(
     mean = X.mean(dim=1)
     scale = X.std(dim=1, unbiased=False)
     scale = torch.where(scale > 1e-12, scale, torch.ones_like(scale))
-    Xa = torch.cat([(X - mean[:, None]) / scale[:, None], torch.ones(L, n, 1, dtype=dtype)], -1)
+    Z = (X - mean[:, None]) / scale[:, None]  # standardised, float64
+    del X
 
     classes = [np.unique(row[row >= 0]) for row in y]
     for t, c in enumerate(classes):
@@ -327,6 +433,17 @@ def fit_logistic_batched(
         ok = enc[t] >= 0
         Yoh[np.flatnonzero(ok), t, enc[t][ok]] = 1.0
     bias = np.array([[0.0 if k < len(c) else _MASKED for k in range(K)] for c in classes])
+    bf = torch.tensor(bias, dtype=dtype)
+
+    # Solver coordinates: each layer whitened once, on all its rows. Any invertible map
+    # is an exact reparametrisation, so the fold problems use the same one; a fold's rows
+    # (3/4 of them) are then whitened up to sampling noise, which is all the
+    # preconditioner needs, and fold solutions, refit warm start and CV scores all live
+    # in one coordinate system.
+    mu, Q, lam = whitening(Z)
+    U64 = _whitened_inputs(Z, mu, Q, lam, refit_dtype)  # [L, n, d + 1]
+    U = U64.to(dtype)
+    del Z
 
     # Fold fits along the C path, strongest regularisation first, each stage warm-started
     # from the previous one (as scikit-learn's LogisticRegressionCV does along Cs): the
@@ -340,21 +457,21 @@ def fit_logistic_batched(
     pad = np.ones((F, nf), dtype=bool)
     for f, r in enumerate(fold_rows):
         idx[f, : len(r)], pad[f, : len(r)] = r, False
-    Xf = Xa[:, torch.as_tensor(idx)].reshape(L * F, nf, d + 1)
+    Uf = U[:, torch.as_tensor(idx)].reshape(L * F, nf, d + 1)
+    lam_f = lam.repeat_interleave(F, dim=0)  # [L * F, d]
     wf = weights[idx, :, np.arange(F)[:, None]]  # [F, nf, T]
     wf[pad] = 0.0  # padding rows (copies of row 0) carry no weight
     wf = torch.tensor(wf, dtype=dtype).repeat(L, 1, 1)
     Yf = torch.tensor(Yoh[idx], dtype=dtype).repeat(L, 1, 1, 1)  # [L * F, nf, T, K]
-    bf = torch.tensor(bias, dtype=dtype)
     thetas, n_iter, theta = [], 0, None
     for C in Cs:
-        reg = binary[None, :] / (C * n_rows[:, :F].T)  # [F, T]
-        reg_t = torch.tensor(reg, dtype=dtype).repeat(L, 1)  # [L * F, T]
-        theta, it = lbfgs_softmax(Xf, Yf, wf, reg_t, bf, theta0=theta, max_iter=max_iter,
-                                  tol=tol)  # fmt: skip
+        reg = torch.tensor(binary[None, :] / (C * n_rows[:, :F].T)).repeat(L, 1)  # [L*F, T]
+        theta, it = lbfgs_softmax(Uf, Yf, wf, _whitened_penalty(reg, lam_f), bf, theta0=theta,
+                                  max_iter=max_iter, tol=tol)  # fmt: skip
         thetas.append(theta.view(L, F, T, d + 1, K).transpose(1, 2))
         n_iter += it
-    theta = torch.stack(thetas, dim=2)  # [L, T, nC, F, d + 1, K]
+    del Uf, Yf, wf
+    theta = torch.stack(thetas, dim=2)  # [L, T, nC, F, d + 1, K], whitened
 
     # Inner-CV accuracy: mean over folds of each fold's validation accuracy (as sklearn),
     # scoring each fold's fits on that fold's held-out rows only.
@@ -362,8 +479,8 @@ def fit_logistic_batched(
     bias_t = torch.tensor(bias, dtype=dtype)[:, None]  # [T, 1, K]
     for f in range(F):
         rows = np.unique(np.concatenate([vals[t][f] for t in range(T)]))
-        W = theta[:, :, :, f].permute(0, 3, 1, 2, 4).reshape(L, d + 1, T * nC * K)
-        logits = torch.bmm(Xa[:, torch.as_tensor(rows)], W).view(L, len(rows), T, nC, K)
+        V = theta[:, :, :, f].permute(0, 3, 1, 2, 4).reshape(L, d + 1, T * nC * K)
+        logits = torch.bmm(U[:, torch.as_tensor(rows)], V).view(L, len(rows), T, nC, K)
         pred = (logits + bias_t).argmax(-1).numpy()  # [L, rows, T, nC]
         for t in range(T):
             at = np.searchsorted(rows, vals[t][f])
@@ -374,15 +491,17 @@ def fit_logistic_batched(
 
     # Refit each (layer, task) at its chosen C on all its rows, warm-started from the mean
     # of that C's fold solutions (scikit-learn's refit does the same).
-    Yr, wr = torch.tensor(Yoh, dtype=dtype), torch.tensor(weights[:, :, F], dtype=dtype)
+    Yr = torch.tensor(Yoh, dtype=refit_dtype)
+    wr = torch.tensor(weights[:, :, F], dtype=refit_dtype)
     pick = theta[torch.arange(L)[:, None], torch.arange(T)[None, :], torch.as_tensor(best)]
-    reg = binary[None, :] / (C_best * n_rows[None, :, F])  # [L, T]
-    chosen, it = lbfgs_softmax(Xa, Yr, wr, torch.tensor(reg, dtype=dtype), bf,
+    reg = torch.tensor(binary[None, :] / (C_best * n_rows[None, :, F]))  # [L, T]
+    chosen, it = lbfgs_softmax(U64, Yr, wr, _whitened_penalty(reg, lam), bf.to(refit_dtype),
                                theta0=pick.mean(dim=2), max_iter=max_iter, tol=tol)  # fmt: skip
     n_iter += it
+    chosen = _from_whitened(chosen, mu, Q, lam)  # standardised coordinates, float64
     return BatchedLogisticFit(
-        classes=classes, mean=mean, scale=scale,
-        coef=chosen[..., :d, :].transpose(-1, -2).contiguous(),
-        intercept=chosen[..., d, :].contiguous(),
+        classes=classes, mean=mean.to(dtype), scale=scale.to(dtype),
+        coef=chosen[..., :d, :].transpose(-1, -2).to(dtype).contiguous(),
+        intercept=chosen[..., d, :].to(dtype).contiguous(),
         C=C_best, cv_scores=cv_scores, n_iter=n_iter,
     )  # fmt: skip

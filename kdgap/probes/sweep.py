@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from kdgap.probes.batched import fit_logistic_batched
-from kdgap.probes.control import control_labels, selectivity
+from kdgap.probes.control import DEFAULT_CONTROL, control_labels, control_types, selectivity
 from kdgap.probes.estimators import DEFAULT_CS, DiffMeansProbe, LogisticProbe
 from kdgap.probes.source import (
     DEFAULT_LABELS,
@@ -98,7 +98,7 @@ def sweep(
     Cs: Sequence[float] = DEFAULT_CS,
     cv: int = 4,
     test_size: float = 0.25,
-    control_feature: str = "step",
+    control_feature: str = DEFAULT_CONTROL,
     min_class_count: int = 10,
     rare_classes: str = "raise",
     n_boot: int = 1000,
@@ -116,7 +116,9 @@ def sweep(
         trainer: ``"batched"`` (one torch optimisation per site) or ``"sklearn"``.
         Cs, cv: regularisation grid and inner folds of the logistic probe.
         test_size: fraction of episodes held out.
-        control_feature: surface feature of the control task (a label-table column).
+        control_feature: surface feature of the control tasks: ``"reward_history"`` (the default;
+            the episode's last rewards, see :mod:`kdgap.probes.control`) or a label-table
+            column such as ``"step"``.
         min_class_count: every class needs this many examples (per label and site).
         rare_classes: what a rarer class does: ``"raise"`` (default) stops with an error
             naming it; ``"drop"`` leaves its examples out of that label's cells (fitted
@@ -141,7 +143,7 @@ def sweep(
         raise ValueError(f"probes={list(probes)!r}: use a non-empty subset of {PROBES}.")
     hooks, sites = check_hooks_sites(store, hooks, sites)
     labels = check_labels(store.labels, labels)
-    check_labels(store.labels, [control_feature])
+    control_types(store.labels.head(0), control_feature)  # fail before any fitting
     rows = []
     for site in sites:
         X, table = load_site(store, hooks, site)
@@ -154,7 +156,7 @@ def sweep(
             y.append(y_lab)
             dropped.append(drop)
         y = np.stack(y)
-        feature = table[control_feature].to_numpy()
+        feature = control_types(table, control_feature)
         y_ctl = np.stack([control_labels(feature, yl, seed=seed) for yl in y])
         tr, te = grouped_train_test_split(groups, test_size=test_size, seed=seed)
         tasks = np.concatenate([y, y_ctl])  # [2 * n_labels, n]: real tasks, then controls

@@ -49,6 +49,9 @@ def bandit_labels(
     fraction ``p_disagree`` of steps the action is the greedy arm instead (the
     disagreement subset is where that differs from the rationale's arm). The rationale's
     arm is the UCB arm 90% of the time and missing (NA) with probability ``p_missing``.
+    ``reward`` is a fair coin per step (the reward-history control task's surface
+    feature, :func:`kdgap.probes.control.reward_history`), drawn from its own stream so
+    the other labels do not depend on it.
     """
     if mode not in ("faithful", "greedy-bypass"):
         raise ValueError(f"mode={mode!r}: use 'faithful' or 'greedy-bypass'.")
@@ -73,6 +76,7 @@ def bandit_labels(
         }
     )
     table.loc[missing, "rationale_arm"] = pd.NA
+    table["reward"] = np.random.default_rng([seed, 1]).integers(0, 2, n).astype(float)
     table["rationale_correct"] = (table["rationale_arm"] == table["ucb_arm"]).astype("boolean")
     table["action_class"] = np.where(action == ucb, "optimal",
                                      np.where(action == greedy, "greedy", "other"))  # fmt: skip

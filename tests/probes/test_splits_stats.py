@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from kdgap.probes import (
@@ -16,6 +17,7 @@ from kdgap.probes import (
     grouped_train_test_split,
     wilson_interval,
 )
+from kdgap.probes.control import control_types, reward_history
 from kdgap.probes.splits import check_no_shared_groups
 from kdgap.probes.synthetic import Plant, SyntheticStore, bandit_labels
 
@@ -73,6 +75,52 @@ def test_random_and_control_labels_sit_near_chance():
         acc = LogisticProbe(Cs=(0.01, 0.1), cv=3).fit(X[tr], y[tr], groups[tr]).score(X[te], y[te])
         chance = max(chance_level(y[tr], y[te]), 1 / 5)
         assert acc < chance + 0.08, (acc, chance)
+
+
+def _position_only_accuracy(step, y, tr, te):
+    """Test accuracy of the best predictor that sees only the position (= the step): the
+    training episodes' majority class at each step value."""
+    train = pd.DataFrame({"step": step[tr], "y": y[tr]})
+    per_step = train.groupby("step")["y"].agg(lambda v: v.value_counts().idxmax())
+    return float(np.mean(per_step.reindex(step[te]).to_numpy() == y[te]))
+
+
+def test_reward_history_control_is_not_a_function_of_position():
+    labels = bandit_labels(n_episodes=64, n_steps=50, seed=0)
+    groups, step, y = (labels[c].to_numpy() for c in ("episode", "step", "action"))
+    tr, te = grouped_train_test_split(groups, seed=0)
+    types = reward_history(labels)
+    np.testing.assert_array_equal(types, control_types(labels))  # the sweep's default
+    y_hist = control_labels(types, y, seed=0)
+    y_step = control_labels(step, y, seed=0)
+    # The step control is solved by reading the position alone ...
+    assert _position_only_accuracy(step, y_step, tr, te) == 1.0
+    # ... the reward-history control is not: the position adds little to the majority rate
+    majority = np.bincount(y_hist[tr]).argmax()
+    assert _position_only_accuracy(step, y_hist, tr, te) < np.mean(y_hist[te] == majority) + 0.05
+    # yet its types recur across episodes, so memorising them can pay on held-out episodes
+    assert np.isin(types[te], types[tr]).mean() > 0.95
+    # 2**6 full patterns, plus at most 2**6 - 1 shorter ones in an episode's first steps
+    assert 2**6 < len(np.unique(types)) <= 2**7 - 1
+
+
+def test_reward_history_types():
+    table = pd.DataFrame({"episode": [0, 0, 0, 1, 1, 1, 1], "step": [0, 1, 2, 0, 1, 2, 4],
+                          "reward": [1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0]})  # fmt: skip
+    t = reward_history(table, k=2)
+    assert t[0] == t[3]  # episode start, nothing seen yet
+    assert t[1] == t[4]  # one reward seen: 1
+    assert t[2] == t[5]  # last two rewards (0, 1) in both episodes
+    assert len(set(t[[0, 1, 2, 6]])) == 4  # step 4 lacks step 3: its own symbol
+    with pytest.raises(ValueError, match="'reward' column"):
+        reward_history(table.drop(columns="reward"))
+    with pytest.raises(ValueError, match="discrete"):
+        reward_history(pd.DataFrame({"episode": 0, "step": range(20), "reward": np.arange(20.0)}))
+    with pytest.raises(ValueError, match="repeated"):
+        reward_history(pd.concat([table, table]))
+    with pytest.raises(ValueError, match="neither 'reward_history' nor a column"):
+        control_types(table, "nope")
+    np.testing.assert_array_equal(control_types(table, "step"), table["step"].to_numpy())
 
 
 def test_intervals_and_chance():

@@ -46,6 +46,8 @@ def test_clear_errors(bypass_store, tmp_path):
         sweep(bypass_store, sites=["rationale.conclusion"])
     with pytest.raises(ValueError, match="trainer="):
         sweep(bypass_store, trainer="gpu")
+    with pytest.raises(ValueError, match="control_feature='nope' is neither"):
+        sweep(bypass_store, labels=["action"], control_feature="nope")
     with pytest.raises(ValueError, match="out="):
         sweep(bypass_store, labels=["action"], probes=("diffmeans",), out=tmp_path / "x.txt")
     labels = bandit_labels(n_episodes=8, n_steps=10)
