@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float, Int
 
-from kdgap.hooks.plumbing import HOOK_KINDS, model_device, require_eval
+from kdgap.hooks.plumbing import HOOK_KINDS, model_device, require_eval, stop_layer_for
 
 #: Sites patchable by :func:`patch_sweep`; ``z`` is the per-head attention output.
 PATCH_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z")
@@ -109,9 +109,18 @@ def hook_name(site: str, layer: int) -> str:
 
 
 def capture(
-    model, tokens: Int[torch.Tensor, "batch pos"], names: Sequence[str]
-) -> tuple[dict[str, torch.Tensor], Float[torch.Tensor, "batch pos vocab"]]:
-    """One forward pass returning ``{hook name: activation}`` (detached) and the logits."""
+    model,
+    tokens: Int[torch.Tensor, "batch pos"],
+    names: Sequence[str],
+    *,
+    logits: bool = True,
+) -> tuple[dict[str, torch.Tensor], Float[torch.Tensor, "batch pos vocab"] | None]:
+    """One forward pass returning ``{hook name: activation}`` (detached) and the logits.
+
+    Args:
+        logits: False: stop after the last block a hook lives in, unembed one position
+            at most, and return None for the logits.
+    """
     acts: dict[str, torch.Tensor] = {}
 
     def save(name):
@@ -121,9 +130,25 @@ def capture(
 
         return fn
 
+    hooks = [(n, save(n)) for n in names]
+    kwargs = {}
+    if not logits:
+        kwargs["stop_at_layer"] = stop_layer_for(model, names)
+        # stop_at_layer == n_layers still runs the unembedding: give it one position only.
+        hooks.append(("unembed.hook_in", lambda x, hook: x[:, :1]))
     with torch.no_grad():
-        logits = model.run_with_hooks(tokens, fwd_hooks=[(n, save(n)) for n in names])
-    return acts, logits
+        out = model.run_with_hooks(tokens, fwd_hooks=hooks, **kwargs)
+    return acts, (out if logits else None)
+
+
+def narrow_to(positions: torch.Tensor):
+    """Hook keeping position ``positions[r]`` of row ``r`` only: ``[row pos d] -> [row 1 d]``."""
+
+    def fn(x, hook):
+        pos = positions.to(x.device)[: x.shape[0]]
+        return x[torch.arange(x.shape[0], device=x.device), pos][:, None]
+
+    return fn
 
 
 def _expand_batch(obj, n_base: int, index: torch.Tensor):
@@ -171,11 +196,7 @@ def run_rows(
         batch_prompt = torch.cat([all_prompts, prompts])
         # Keep the metric's position only, so the unembedding works on one position per row.
         pos_of = metric.position.to(dev)[batch_prompt.to(dev)]
-
-        def narrow(x, hook, pos_of=pos_of):
-            return x[torch.arange(x.shape[0], device=x.device), pos_of[: x.shape[0]]][:, None]
-
-        hooks = [*make_hooks(rows, n_base), ("unembed.hook_in", narrow)]
+        hooks = [*make_hooks(rows, n_base), ("unembed.hook_in", narrow_to(pos_of))]
         handles = []
         tokens = base_tokens
         if grow and n_rows:

@@ -57,3 +57,34 @@ def test_verify_top_k_reruns_exactly(tiny_native):
     assert torch.allclose(check.exact, want, atol=1e-5)
     top = attr.effects["attn_out"].mean(0).abs()
     assert float(check.estimated.abs().min()) >= float(top.flatten().sort().values[-4]) - 1e-7
+
+
+def test_equals_plain_autograd_reference(tiny_hf_bridge):
+    # The sweep stops the source run early and narrows the base run's unembedding to the
+    # metric's position; every cell must still equal grad . (a_src - a_base) computed the
+    # plain way (full forwards, full logits, retain_grad).
+    m = tiny_hf_bridge
+    clean, corrupt, metric = _pair(m.cfg.d_vocab)
+    sites = ("resid_pre", "attn_out", "mlp_out", "z")
+    attr = attribution_sweep(m, clean, corrupt, metric, sites, direction="denoise")
+    names = [hook_name(s, layer) for s in sites for layer in range(m.cfg.n_layers)]
+    _, src = m.run_with_cache(clean)
+    base: dict[str, torch.Tensor] = {}
+
+    def keep(x, hook, name):
+        x = x + 0.0  # a fresh non-leaf whose gradient is retained
+        x.retain_grad()
+        base[name] = x
+        return x
+
+    hooks = [(n, lambda x, hook, n=n: keep(x, hook, n)) for n in names]
+    try:
+        with torch.enable_grad():
+            logits = m.run_with_hooks(corrupt, fwd_hooks=hooks)
+            metric.at(logits, torch.arange(2)).sum().backward()
+    finally:
+        m.zero_grad(set_to_none=True)
+    for s in sites:
+        layer_names = [hook_name(s, layer) for layer in range(m.cfg.n_layers)]
+        want = [((src[n] - base[n]) * base[n].grad).sum(-1) for n in layer_names]
+        assert torch.allclose(attr.effects[s], torch.stack(want, 1).detach(), atol=1e-6), s
