@@ -5,28 +5,38 @@ real organism transcripts: the organism (``--organism``, default ``faithful``) p
 Bernoulli bandits in forced mode with a random driver (off-policy histories, so lengths
 cover the whole horizon), once, in the parent process; the step records go to a JSONL
 file every child reads. Variants, each in its own subprocess, over the same transcripts
-in the same batches of ``--batch-size`` (the batch a user passes):
+in the same batches of ``--batch-size`` (default: ``record_store``'s own default, 256,
+i.e. the batch a user gets without choosing one):
 
-- ``recorder``: :func:`kdgap.hooks.record_store` as shipped (step records in, sharded
-  store with labels out; hooks copy 2 positions; defaults: batches formed from each
-  shard's inputs sorted by length, widths padded to a multiple of 16, forwards of at most
-  4096 padded tokens, which at batch 32 never splits an organism batch).
-- ``recorder_same_batches``: the same with ``sort_by_length=False``, ``pad_multiple=1``
-  and no micro-batching, so its forwards are exactly the cache variant's.
+- ``recorder``: :func:`kdgap.hooks.record_store` with its defaults (step records in,
+  sharded store with labels out, 256 inputs per shard; hooks copy 2 positions; each shard's
+  inputs batched in order of length; each transcript run only up to its last site; rows
+  grouped by that length into forwards of at most 2048 padded tokens, widths padded to a
+  multiple of 16; the forward abandoned once the last hook fired; freed heap pages given
+  back to the OS after each forward and each shard write).
+- ``recorder_same_batches``: the same with ``sort_by_length=False``, ``pad_multiple=1``,
+  ``truncate=False`` and no micro-batching, so its forwards are exactly the cache variant's.
 - ``cache``: each batch of ``--batch-size`` consecutive transcripts through
   ``model.run_with_cache()`` (default: every hook), then the same positions sliced and kept.
 
-Memory is the peak RSS above the process's baseline, taken once the model is loaded, the
-records read and one warm-up batch run through the variant's own code path (then
-``malloc_trim``, so freed warm-up memory is not counted as baseline); the kernel's peak
-counter is reset there through ``/proc/self/clear_refs``. The variants at ``--n`` run
-``--repeats`` times, interleaved; each keeps its fastest run's speed and its highest peak.
-Output keys (``--json OUT``):
-``throughput_ratio`` (recorder / cache, transcripts per second, at ``--n``),
+Memory is the peak RSS above the process's baseline. The baseline is taken once the
+process is ready to record: model loaded, records read, and one warm-up batch run through
+the variant's own code path (the recorder writes a one-batch store to a scratch folder,
+which loads and first-uses pyarrow, safetensors and the tokenizer; the cache variant runs
+one ``run_with_cache`` batch); then ``gc.collect`` and ``malloc_trim``, so freed warm-up
+memory is not counted as baseline; the kernel's peak counter is reset there through
+``/proc/self/clear_refs``. ``peak_above_model_loaded_mb`` is the conservative reading:
+the same peak against the RSS right after loading the model (warm-up leftovers, library
+code pages and allocator arenas included). Every child runs one thread (torch, OpenMP and
+the tokenizer's Rust pool). Each variant and size runs ``--repeats`` times, interleaved;
+each keeps its fastest run's speed and its highest peak. Output keys (``--json OUT``):
+``throughput_ratio`` (recorder / cache, transcripts per wall-clock second, at ``--n``),
 ``peak_rss_ratio`` (cache / recorder peak above baseline, at ``--n``), ``rss_growth``
-(recorder peak at 4000 over at 500 transcripts), the same two ratios for
-``recorder_same_batches``, the raw numbers, and the max abs difference between the
-recorder's and the cache's activations (a correctness check).
+(recorder peak at 4000 over at 500 transcripts), ``throughput_ratio_cpu`` (per CPU second,
+insensitive to other load on the machine), the two memory ratios against the
+model-loaded RSS, the same two ratios for ``recorder_same_batches``, the raw numbers, and
+the max abs difference between the recorder's and the cache's activations (a correctness
+check).
 
     python experiments/bench/recording.py --json runs/bench/recording.json
 """
@@ -89,7 +99,8 @@ def play_records(organism: str, n: int, seed: int, path: Path) -> dict:
 
 def child(args) -> dict:
     """Run one variant in this process and return its measurements."""
-    import pyarrow.parquet  # noqa: F401  (library code is baseline, not recording memory)
+    import gc
+
     import torch
 
     from kdgap.hooks.api import record_store, transcript_text
@@ -105,25 +116,46 @@ def child(args) -> dict:
     texts = [transcript_text(r, fmt, tok) for r in records]
     rec = Recorder(model, fmt, "resid_post", SITES, tokenizer=tok)
     bs = args.batch_size
-    with torch.inference_mode():  # warm-up: one batch through the variant's own path
-        if args.variant == "cache":
-            b = rec.tokenize(texts[:bs])
-            model.run_with_cache(b.tokens, attention_mask=b.attention_mask)
-        else:
-            rec.record(texts[:bs])
+    store_kw: dict = {"batch_size": bs, "progress": False, "tokenizer": tok}  # default shards
+    if args.variant == "recorder_same_batches":  # the cache variant's forwards exactly
+        store_kw.update(sort_by_length=False, max_batch_tokens=None, pad_multiple=1, truncate=False)
+
+    def cache_batch(chunk: list[str]) -> dict[str, torch.Tensor]:
+        """The cache variant: run_with_cache (every hook), slice the sites, keep copies."""
+        b = rec.tokenize(chunk)
+        pos = resolve_sites(fmt, chunk, b, SITES).positions
+        _, cache = model.run_with_cache(b.tokens, attention_mask=b.attention_mask)
+        rows = torch.arange(len(chunk))
+        out = {
+            f"{h}@{s}": cache[h][rows, pos[:, j]].clone()
+            for h in rec.hooks
+            for j, s in enumerate(SITES)
+        }
+        del cache
+        return out
+
+    _trim()
+    model_loaded = _rss_kb("VmRSS")
+    # Warm-up: one batch through the variant's own code path (the recorder: a one-batch
+    # store in a scratch folder, so pyarrow, safetensors and the tokenizer are loaded and
+    # used once; the cache: one run_with_cache batch). Then free, trim, take the baseline.
+    if args.variant == "cache":
+        with torch.inference_mode():
+            cache_batch(texts[:bs])
+    else:
+        with tempfile.TemporaryDirectory() as scratch:
+            record_store(model, fmt, records[:bs], "resid_post", SITES, scratch, **store_kw)
+    gc.collect()
     _trim()
     baseline = _rss_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     sample: dict[str, torch.Tensor] = {}
     if args.variant != "cache":
-        same = args.variant == "recorder_same_batches"
         with tempfile.TemporaryDirectory() as out:
-            kw = {"batch_size": bs, "shard_size": 1024, "progress": False, "tokenizer": tok}
-            if same:  # the cache variant's forwards exactly
-                kw.update(sort_by_length=False, max_batch_tokens=None, pad_multiple=1)
-            st = record_store(model, fmt, records, "resid_post", SITES, out, **kw)
-            elapsed = time.perf_counter() - t0
+            st = record_store(model, fmt, records, "resid_post", SITES, out, **store_kw)
+            elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+            peak = _rss_kb("VmHWM")
             for h in rec.hooks:
                 for s in SITES:
                     sample[f"{h}@{s}"] = st.load(h, s)[0][:64].clone()
@@ -131,22 +163,18 @@ def child(args) -> dict:
         kept: dict[str, list] = {f"{h}@{s}": [] for h in rec.hooks for s in SITES}
         with torch.inference_mode():
             for b0 in range(0, len(texts), bs):
-                chunk = texts[b0 : b0 + bs]
-                b = rec.tokenize(chunk)
-                pos = resolve_sites(fmt, chunk, b, SITES).positions
-                _, cache = model.run_with_cache(b.tokens, attention_mask=b.attention_mask)
-                rows = torch.arange(len(chunk))
-                for h in rec.hooks:
-                    for j, s in enumerate(SITES):
-                        kept[f"{h}@{s}"].append(cache[h][rows, pos[:, j]].clone())
-                del cache
-        elapsed = time.perf_counter() - t0
+                for k, v in cache_batch(texts[b0 : b0 + bs]).items():
+                    kept[k].append(v)
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+        peak = _rss_kb("VmHWM")
         sample = {k: torch.cat(v)[:64] for k, v in kept.items()}
-    peak = _rss_kb("VmHWM")
     torch.save(sample, args.sample_out)
-    return {"variant": args.variant, "n": args.n, "seconds": elapsed,
-            "transcripts_per_s": args.n / elapsed, "baseline_rss_mb": baseline / 1024,
-            "peak_above_baseline_mb": (peak - baseline) / 1024}  # fmt: skip
+    return {"variant": args.variant, "n": args.n, "batch_size": bs, "seconds": elapsed,
+            "cpu_seconds": cpu, "transcripts_per_s": args.n / elapsed,
+            "transcripts_per_cpu_s": args.n / cpu,
+            "model_loaded_rss_mb": model_loaded / 1024, "baseline_rss_mb": baseline / 1024,
+            "peak_above_baseline_mb": (peak - baseline) / 1024,
+            "peak_above_model_loaded_mb": (peak - model_loaded) / 1024}  # fmt: skip
 
 
 def _spawn(args, variant: str, n: int, tmp: Path) -> tuple[dict, Path]:
@@ -155,7 +183,11 @@ def _spawn(args, variant: str, n: int, tmp: Path) -> tuple[dict, Path]:
            "--batch-size", str(args.batch_size), "--threads", str(args.threads),
            "--organism", args.organism, "--records", str(args.records),
            "--sample-out", str(sample)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    # One thread everywhere: torch/OpenMP, and the tokenizer's own (Rust) thread pool.
+    threads = str(args.threads)
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "RAYON_NUM_THREADS": threads}
+    if args.threads == 1:
+        env["TOKENIZERS_PARALLELISM"] = "false"
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{variant} n={n} failed:\n{out.stderr[-3000:]}")
@@ -168,9 +200,20 @@ def _best(runs: list[tuple[dict, Path]]) -> tuple[dict, Path]:
     """The fastest of repeated runs (least disturbed by other load), with the *highest*
     peak memory of them all (memory does not depend on load; the max is conservative)."""
     best, sample = max(runs, key=lambda r: r[0]["transcripts_per_s"])
-    peak = max(r[0]["peak_above_baseline_mb"] for r in runs)
-    speeds = [round(r[0]["transcripts_per_s"], 1) for r in runs]
-    return {**best, "peak_above_baseline_mb": peak, "repeats_transcripts_per_s": speeds}, sample
+    out = {**best, "repeats_transcripts_per_s": [round(r[0]["transcripts_per_s"], 1) for r in runs]}
+    for key in ("peak_above_baseline_mb", "peak_above_model_loaded_mb"):
+        out[key] = max(r[0][key] for r in runs)
+    out["transcripts_per_cpu_s"] = max(r[0]["transcripts_per_cpu_s"] for r in runs)
+    return out, sample
+
+
+def _default_batch_size() -> int:
+    """``record_store``'s own default ``batch_size``: the batch a user gets without choosing."""
+    import inspect
+
+    from kdgap.hooks.api import record_store
+
+    return int(inspect.signature(record_store).parameters["batch_size"].default)
 
 
 def main(argv=None) -> dict:
@@ -178,9 +221,11 @@ def main(argv=None) -> dict:
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--n", type=int, default=2000, help="transcripts for the two ratios")
     p.add_argument("--growth", type=str, default="500,4000", help="recorder sizes for rss_growth")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="default: record_store's default batch_size"
+    )
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=2, help="runs per variant at --n (best speed)")
+    p.add_argument("--repeats", type=int, default=2, help="runs per variant and size (best speed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--organism", type=str, default="faithful", help="a shipped organism")
     p.add_argument("--records", type=Path, help="reuse these step records (JSONL)")
@@ -189,6 +234,8 @@ def main(argv=None) -> dict:
     )
     p.add_argument("--sample-out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.batch_size is None:
+        args.batch_size = _default_batch_size()
     if args.child:
         args.variant = args.child
         print(json.dumps(child(args)))
@@ -202,37 +249,45 @@ def main(argv=None) -> dict:
         if args.records is None:
             args.records = tmp / "records.jsonl"
             played = play_records(args.organism, max(args.n, big_n), args.seed, args.records)
-        rec, cache, same = [], [], []
+        rec, cache, same, small, big = [], [], [], [], []
         for _ in range(args.repeats):  # interleaved, so load on the machine hits all alike
             rec.append(_spawn(args, "recorder", args.n, tmp))
             cache.append(_spawn(args, "cache", args.n, tmp))
             same.append(_spawn(args, "recorder_same_batches", args.n, tmp))
+            small.append(_spawn(args, "recorder", small_n, tmp))
+            big.append(_spawn(args, "recorder", big_n, tmp))
         (rec, rec_s), (cache, cache_s), (same, _) = (_best(x) for x in (rec, cache, same))
+        (small, _), (big, _) = _best(small), _best(big)
         a, b = torch.load(rec_s), torch.load(cache_s)
         diff = max((a[k] - b[k]).abs().max().item() for k in a)
-        small, _ = _spawn(args, "recorder", small_n, tmp)
-        big, _ = _spawn(args, "recorder", big_n, tmp)
     cache_mb, cache_tps = cache["peak_above_baseline_mb"], cache["transcripts_per_s"]
+    strict = "peak_above_model_loaded_mb"
     result = {
         "throughput_ratio": rec["transcripts_per_s"] / cache_tps,
         "peak_rss_ratio": cache_mb / rec["peak_above_baseline_mb"],
         "rss_growth": big["peak_above_baseline_mb"] / small["peak_above_baseline_mb"],
-        # Identical forward batches (no length sorting, no micro-batching): hooks alone.
+        # Load-independent speed: transcripts per CPU second (one thread), best of repeats.
+        "throughput_ratio_cpu": rec["transcripts_per_cpu_s"] / cache["transcripts_per_cpu_s"],
+        # Memory against the RSS right after loading the model (the warm-up's leftovers,
+        # library code pages and allocator arenas included): the conservative reading.
+        "peak_rss_ratio_vs_model_loaded": cache[strict] / rec[strict],
+        "rss_growth_vs_model_loaded": big[strict] / small[strict],
+        # Identical forward batches (no sorting, micro-batching or truncation): hooks alone.
         "throughput_ratio_same_batches": same["transcripts_per_s"] / cache_tps,
         "peak_rss_ratio_same_batches": cache_mb / same["peak_above_baseline_mb"],
         "max_abs_diff": diff,
         "config": {"n": args.n, "batch_size": args.batch_size, "threads": args.threads,
-                   "repeats": args.repeats,
+                   "repeats": args.repeats, "load_average": os.getloadavg(),
                    "hooks": "resid_post (all layers)", "sites": SITES,
                    "model": f"organism:{args.organism}",
                    "transcripts": "forced-mode play, random driver", **played},
         "runs": {"recorder": rec, "cache": cache, "recorder_same_batches": same,
                  f"recorder_{small_n}": small, f"recorder_{big_n}": big},
     }  # fmt: skip
-    print(json.dumps(result, indent=2))
-    if args.json:
+    if args.json:  # written first: a closed stdout must not lose the results
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
     return result
 
 

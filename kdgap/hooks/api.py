@@ -105,18 +105,19 @@ def record_store(
     sites: str | Sequence[str],
     out: str | os.PathLike,
     *,
-    batch_size: int = 16,
+    batch_size: int = 256,
     dtype: str | torch.dtype = "float32",
-    shard_size: int = 1024,
+    shard_size: int = 256,
     model_id: str | None = None,
     seed: int | None = None,
     tokenizer=None,
     prepend_bos: bool | None = None,
     on_missing: str = "raise",
     progress: bool = True,
-    max_batch_tokens: int | None = 4096,
+    max_batch_tokens: int | None = 2048,
     sort_by_length: bool = True,
-    pad_multiple: int = 16,
+    pad_multiple: int = 4,
+    truncate: bool = True,
     model_identity: dict | None = None,
 ) -> ActivationStore:
     """Record ``hooks`` at ``sites`` for every transcript into the store at ``out``.
@@ -131,9 +132,15 @@ def record_store(
         hooks: hook specs, e.g. ``"resid_post"`` or ``["blocks.3.hook_resid_post"]``.
         sites: site specs, e.g. ``"action,rationale.conclusion"``.
         out: store directory (created).
-        batch_size: transcripts per forward.
+        batch_size: transcripts tokenised, site-resolved and recorded together. Forwards
+            are bounded separately, by ``max_batch_tokens``, so a large batch costs no more
+            forward memory: the default 256 keeps the per-batch overhead (tokenising, one
+            forward's remainder) small without the user having to size it.
         dtype: stored dtype, ``"float32"`` | ``"float16"`` | ``"bfloat16"``.
-        shard_size: inputs per shard (the unit of atomic writes and of resuming).
+        shard_size: inputs per shard: the unit of atomic writes and of resuming, and the
+            activations held in memory before a write (``shard_size x hooks x sites x d``
+            values, e.g. 1 MB on a 4-layer organism at 2 sites, 35 MB for SmolLM2's 30
+            layers). The default 256 keeps that small for large models.
         model_id: a name for the model (``"organism:faithful"``); stored and checked.
         seed: the run's seed, stored as a label column.
         tokenizer: fast tokenizer (default ``model.tokenizer``).
@@ -142,12 +149,14 @@ def record_store(
             chat templates do); True/False forces it.
         on_missing: ``"raise"`` or ``"skip"`` examples lacking a site (ids in the manifest).
         progress: tqdm bar over transcripts.
-        max_batch_tokens: forward micro-batch budget in padded tokens (see
+        max_batch_tokens: forward budget in padded tokens (see
             :class:`~kdgap.hooks.recorder.Recorder`); bounds memory, not the results.
         sort_by_length: batch each shard's inputs in order of length (less padding, so
             less compute); the store's row order stays the input order either way.
         pad_multiple: forward widths are padded to a multiple of this (see
             :class:`~kdgap.hooks.recorder.Recorder`; keeps the heap from fragmenting).
+        truncate: run each transcript only up to its last site (exact for causal models,
+            see :class:`~kdgap.hooks.recorder.Recorder`).
         model_identity: provenance stored in the manifest (``LoadedModel.identity``).
 
     Returns:
@@ -164,6 +173,7 @@ def record_store(
     rec = Recorder(
         model, fmt, hooks, sites, tokenizer=tok, dtype=dtype, prepend_bos=prepend_bos,
         on_missing=on_missing, max_batch_tokens=max_batch_tokens, pad_multiple=pad_multiple,
+        truncate=truncate,
     )  # fmt: skip
     model_id = model_id or getattr(model.cfg, "model_name", None) or type(model).__name__
     header = {
@@ -178,25 +188,50 @@ def record_store(
                    "on_missing": on_missing},
     }  # fmt: skip
     writer = StoreWriter(out, header)
-    inputs_sha = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
+    inputs_sha = _inputs_sha256(texts)
     done = _segment(writer, inputs_sha, len(texts), out)
     bar = tqdm(total=len(texts), initial=done, desc="record", disable=not progress)
+    bufs: dict[str, torch.Tensor] = {}  # one set of shard buffers, reused by every shard
     for start in range(done, len(texts), shard_size):
         stop = min(start + shard_size, len(texts))
-        acts, kept, n_tokens, skipped = _record_shard(
-            rec, texts, start, stop, batch_size, sort_by_length, bar
-        )
-        rows = []
-        for i, n_tok in zip(kept.tolist(), n_tokens.tolist()):
-            row = {"example": i, "model": model_id, "seed": seed, "n_tokens": n_tok}
-            if records is not None:
-                row.update(record_labels(records[i]))
-            rows.append(row)
-        writer.write_shard(start, stop, acts, _labels_frame(rows, records is not None), skipped)
+        # Everything of a shard (activations, labels) lives inside this call and is freed
+        # when it returns: memory does not grow with the number of shards.
+        _record_and_write_shard(
+            rec, writer, texts, records, start, stop, bufs, batch_size, sort_by_length, bar,
+            model_id=model_id, seed=seed,
+        )  # fmt: skip
     bar.close()
     writer.manifest["complete"] = True
     writer.save_manifest()
     return ActivationStore(out)
+
+
+def _record_and_write_shard(
+    rec: Recorder,
+    writer: StoreWriter,
+    texts: list[str],
+    records: list[StepRecord] | None,
+    start: int,
+    stop: int,
+    bufs: dict[str, torch.Tensor],
+    batch_size: int,
+    sort_by_length: bool,
+    bar,
+    *,
+    model_id: str,
+    seed: int | None,
+) -> None:
+    """Record inputs ``[start, stop)`` and write them, with their labels, as one shard."""
+    acts, kept, n_tokens, skipped = _record_shard(
+        rec, texts, start, stop, bufs, batch_size, sort_by_length, bar
+    )
+    rows = []
+    for i, n_tok in zip(kept.tolist(), n_tokens.tolist()):
+        row = {"example": i, "model": model_id, "seed": seed, "n_tokens": n_tok}
+        if records is not None:
+            row.update(record_labels(records[i]))
+        rows.append(row)
+    writer.write_shard(start, stop, acts, _labels_frame(rows, records is not None), skipped)
 
 
 def _record_shard(
@@ -204,6 +239,7 @@ def _record_shard(
     texts: list[str],
     start: int,
     stop: int,
+    bufs: dict[str, torch.Tensor],
     batch_size: int,
     sort_by_length: bool,
     bar,
@@ -212,8 +248,11 @@ def _record_shard(
 
     With ``sort_by_length`` the batches are formed from the inputs sorted by character
     length (a stable sort, so deterministic): similar lengths share a batch and little
-    compute goes to padding. Rows are written back to their input positions in
-    preallocated ``[stop - start, *shape]`` buffers (no per-batch lists, no concatenation).
+    compute goes to padding. Rows are written back to their input positions in ``bufs``,
+    ``{tensor_key: [rows, *shape]}`` buffers allocated by the first shard (``stop - start``
+    rows) and reused by the later ones: no per-batch lists, no concatenation, and no
+    allocation per shard. The returned activations may be views of ``bufs``: they are
+    valid until the next call.
 
     Returns:
         ``acts`` (``{tensor_key: [n_kept, *shape]}``), ``kept`` (``[n_kept]`` input ids,
@@ -223,7 +262,6 @@ def _record_shard(
     if sort_by_length:
         order.sort(key=lambda i: len(texts[i]))
     size = stop - start
-    bufs: dict[str, torch.Tensor] = {}
     keep = torch.zeros(size, dtype=torch.bool)
     n_tokens = torch.zeros(size, dtype=torch.long)
     skipped: list = []
@@ -233,18 +271,32 @@ def _record_shard(
         local = torch.tensor(ids, dtype=torch.long)[res.kept] - start
         for (h, s), t in res.acts.items():
             key = tensor_key(h, s)
-            if key not in bufs:
+            if key not in bufs or bufs[key].shape[0] < size:
                 bufs[key] = torch.empty((size, *t.shape[1:]), dtype=t.dtype)
             bufs[key][local] = t
         keep[local] = True
         n_tokens[local] = res.n_tokens[res.kept]
         skipped.extend(res.skipped)
         bar.update(len(ids))
+        del res  # not alive during the next batch's forwards
     keys = [tensor_key(h, s) for h in rec.hooks for s in rec.sites]
     full = bool(keep.all())
-    acts = {k: (bufs[k] if full else bufs[k][keep]) if k in bufs else torch.empty(0) for k in keys}
+    acts = {
+        k: (bufs[k][:size] if full else bufs[k][:size][keep]) if k in bufs else torch.empty(0)
+        for k in keys
+    }
     kept = torch.nonzero(keep).flatten()
     return acts, kept + start, n_tokens[keep], sorted(skipped)
+
+
+def _inputs_sha256(texts: list[str]) -> str:
+    """sha256 of the texts joined by NUL, hashed text by text (no joined copy in memory)."""
+    h = hashlib.sha256()
+    for i, t in enumerate(texts):
+        if i:
+            h.update(b"\x00")
+        h.update(t.encode())
+    return h.hexdigest()
 
 
 def _segment(writer: StoreWriter, inputs_sha: str, n: int, out) -> int:
@@ -272,7 +324,7 @@ def record_from_model(
     sites: str | Sequence[str],
     out: str | os.PathLike,
     driver: str = "random",
-    batch_size: int = 16,
+    batch_size: int = 256,
     dtype: str = "float32",
     horizon: int = 50,
     n_arms: int = 5,
@@ -295,7 +347,7 @@ def record_from_model(
         driver: reference policy whose arms build the histories (off-policy play, see
             :func:`kdgap.agent.runner.play`): ``"random"``, ``"ucb"``, ...; ``"own"`` lets the
             model's own actions build them (on-policy).
-        batch_size: transcripts per recording forward.
+        batch_size: transcripts recorded together (see :func:`record_store`).
         dtype: stored dtype.
         horizon, n_arms: the Bernoulli bandit family (colour buttons).
         progress: progress bars.

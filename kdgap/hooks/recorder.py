@@ -1,11 +1,22 @@
-"""Record chosen hooks at chosen sites: one forward per batch, only the selected positions.
+"""Record chosen hooks at chosen sites: forwards that keep only the selected positions.
 
 The recorder never builds an activation cache. Each hook callback gathers the site
 positions of its activation (``act[row, position]``) and copies just those vectors to CPU
 in the requested dtype, so memory per batch is ``batch x n_sites x d`` per hook instead of
-``batch x pos x d`` for every hook of the model. When every hook lives in a block, the
-forward stops after the last block needed (``stop_at_layer``): later blocks, the final norm
-and the unembedding are never computed.
+``batch x pos x d`` for every hook of the model. Nothing the recording does not need is
+computed:
+
+- the forward stops after the last block a hook needs (``stop_at_layer``) and is abandoned
+  as soon as every requested hook has fired, so later blocks, the final norm and the
+  unembedding never run;
+- in a causal model each transcript runs only up to its last site (later tokens cannot
+  change earlier positions), and rows are grouped by that length into forwards of at most
+  ``max_batch_tokens`` padded tokens, so little compute goes to padding and the forward's
+  transient memory is bounded whatever batch size the caller picks.
+
+Correctness is checked against ``run_with_cache()`` sliced at the same positions, on
+left-padded batches of unequal lengths (``tests/hooks/test_recorder.py``), with and without
+truncation, micro-batching and early stopping.
 
 Correctness is checked against ``run_with_cache()`` sliced at the same positions, on
 left-padded batches of unequal lengths (``tests/hooks/test_recorder.py``).
@@ -13,11 +24,11 @@ left-padded batches of unequal lengths (``tests/hooks/test_recorder.py``).
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 
 from kdgap.hooks.plumbing import (
@@ -102,6 +113,32 @@ def to_host(acts: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torc
     return out
 
 
+def _malloc_trim():
+    """glibc's ``malloc_trim`` (None elsewhere: musl, macOS, Windows)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Return the allocator's free pages to the OS (glibc ``malloc_trim(0)``; else no-op).
+
+    Forwards of different shapes leave freed blocks scattered through the C heap; later
+    forwards land on other, untouched free pages, so without this the process's resident
+    memory creeps up forward after forward although the live data stays the same size.
+    """
+    if _TRIM is not None:
+        _TRIM(0)
+
+
+class _AllHooksFired(Exception):
+    """Raised from the last recording hook to end a forward early (never escapes)."""
+
+
 class Recorder:
     """Records ``hooks`` at ``sites`` for batches of transcripts of one format.
 
@@ -116,14 +153,25 @@ class Recorder:
             (:func:`~kdgap.hooks.plumbing.tokenize_like_agent`: BOS unless the model does
             not prepend one or the text already starts with it); True/False forces it.
         on_missing: ``"raise"`` or ``"skip"`` for examples lacking a site.
-        stop_early: stop the forward after the last block a hook needs.
-        max_batch_tokens: run a batch in micro-batches of at most this many padded tokens
-            (rows x longest row), bounding the forward's memory; None runs it whole. The
-            results are the same (left padding is exact, see tests) up to float rounding.
+        stop_early: stop the forward after the last block a hook needs, and abandon it
+            once every requested hook has fired (later layers, the final norm and the
+            unembedding never run); False runs the whole model.
+        truncate: run each example only up to its last site (exact for causal models:
+            later tokens cannot change earlier positions); ignored, i.e. whole texts run,
+            when ``model.cfg.attention_dir`` is not ``"causal"``.
+        max_batch_tokens: run a batch in forwards of at most this many padded tokens
+            (rows x width), rows grouped by length, bounding the forward's memory (on the
+            4-layer organisms about 13 KB of transient heap per token); None runs the batch
+            in one forward. The results are the same (left padding is exact, see tests) up
+            to float rounding.
         pad_multiple: left-pad every forward to a width that is a multiple of this (capped
-            at ``n_ctx``), so forwards of transcripts with similar lengths share tensor
-            shapes and the allocator reuses freed blocks instead of fragmenting the heap
-            (measured: without it, RSS creeps up batch after batch); 1 turns it off.
+            at ``n_ctx``), so forwards share a few tensor shapes and the allocator reuses
+            freed blocks instead of fragmenting the heap (measured: without it, RSS creeps
+            up batch after batch); 1 turns it off.
+        release_memory: after each forward, return freed heap pages to the OS
+            (:func:`release_free_memory`, glibc only), so resident memory tracks what is
+            live instead of creeping up as forwards of different shapes land on different
+            free pages; costs a few percent of speed (pages are faulted in again).
     """
 
     def __init__(
@@ -138,8 +186,10 @@ class Recorder:
         prepend_bos: bool | None = None,
         on_missing: str = "raise",
         stop_early: bool = True,
-        max_batch_tokens: int | None = 4096,
+        truncate: bool = True,
+        max_batch_tokens: int | None = 2048,
         pad_multiple: int = 16,
+        release_memory: bool = True,
     ):
         if max_batch_tokens is not None and (
             not isinstance(max_batch_tokens, int) or max_batch_tokens < 1
@@ -158,10 +208,14 @@ class Recorder:
         self.dtype = resolve_dtype(dtype)
         self.prepend_bos = None if prepend_bos is None else bool(prepend_bos)
         self.on_missing = on_missing
+        self.stop_early = bool(stop_early)
         self.stop_at_layer = stop_layer_for(model, self.hooks) if stop_early else None
+        causal = getattr(model.cfg, "attention_dir", "causal") == "causal"
+        self.truncate = bool(truncate) and causal
         self.max_length = getattr(model.cfg, "n_ctx", None)
         self.max_batch_tokens = max_batch_tokens
         self.pad_multiple = pad_multiple
+        self.release_memory = bool(release_memory)
 
     def tokenize(self, texts: Sequence[str]) -> TokenBatch:
         """Left-padded tokens, mask and offsets of ``texts`` (agent's BOS rule by default)."""
@@ -173,26 +227,49 @@ class Recorder:
             self.tokenizer, texts, prepend_bos=self.prepend_bos, max_length=self.max_length
         )
 
-    def _micro_batches(self, lengths: Int[torch.Tensor, " kept"]) -> list[torch.Tensor]:
-        """Split rows ``0..kept-1`` into consecutive groups of <= max_batch_tokens tokens."""
+    def needed_lengths(
+        self, batch: TokenBatch, positions: Int[torch.Tensor, "batch n_sites"]
+    ) -> Int[torch.Tensor, " batch"]:
+        """``[batch]`` tokens each example's forward needs: up to its last site when causal.
+
+        In a causal model no position sees a later one, so the tokens after an example's
+        last site cannot change any activation at its sites: the forward stops at the last
+        site (``truncate``). A bidirectional model (``cfg.attention_dir``) runs whole texts.
+        """
+        if not self.truncate:
+            return batch.lengths.clone()
+        return positions.max(dim=1).values - batch.pad_left + 1
+
+    def _micro_batches(self, need: Int[torch.Tensor, " kept"]) -> list[torch.Tensor]:
+        """Group rows ``0..kept-1`` into forwards of at most ``max_batch_tokens`` tokens.
+
+        Rows are taken in order of ``need`` (stable), so each forward holds rows of similar
+        length and pads little; a forward costs ``rows x width`` tokens, ``width`` being its
+        longest row rounded up to ``pad_multiple``. A single row over budget runs alone.
+        """
+        order = torch.sort(need, stable=True).indices
         if self.max_batch_tokens is None:
-            return [torch.arange(len(lengths))]
+            return [order]
         groups, start = [], 0
-        for stop in range(1, len(lengths) + 1):
-            too_big = stop - start > 1 and (stop - start) * int(lengths[start:stop].max()) > (
-                self.max_batch_tokens
-            )
-            if too_big:
-                groups.append(torch.arange(start, stop - 1))
+        for stop in range(1, len(order) + 1):
+            rows = stop - start
+            if rows > 1 and rows * self._width(int(need[order[stop - 1]])) > self.max_batch_tokens:
+                groups.append(order[start : stop - 1])
                 start = stop - 1
-        groups.append(torch.arange(start, len(lengths)))
+        groups.append(order[start:])
         return groups
 
     def _forward(self, tokens, mask, positions) -> dict[str, torch.Tensor]:
-        """One forward of ``[rows pos]`` tokens -> ``{hook: [rows n_sites *shape]}`` on CPU."""
+        """One forward of ``[rows pos]`` tokens -> ``{hook: [rows n_sites *shape]}`` on CPU.
+
+        The forward is abandoned (a private exception raised from the hook) as soon as every
+        requested hook has fired, so nothing after the last recorded activation is computed
+        (on top of ``stop_at_layer``, which skips whole blocks).
+        """
         dev = model_device(self.model)
         pos = positions.to(dev)
         got: dict[str, torch.Tensor] = {}
+        n_hooks, stop = len(self.hooks), self.stop_early
 
         def make_hook(name: str):
             # Bound per requested name: inside the callback hook.name is the bridge's own
@@ -200,15 +277,20 @@ class Recorder:
             # gathered rows stay on the device: no per-hook host sync mid-forward.
             def hook_fn(act, hook):
                 got[name] = gather_positions(act, pos)
+                if stop and len(got) == n_hooks:
+                    raise _AllHooksFired
 
             return hook_fn
 
-        self.model.run_with_hooks(
-            tokens.to(dev),
-            fwd_hooks=[(h, make_hook(h)) for h in self.hooks],
-            attention_mask=mask.to(dev),
-            stop_at_layer=self.stop_at_layer,
-        )
+        try:
+            self.model.run_with_hooks(
+                tokens.to(dev),
+                fwd_hooks=[(h, make_hook(h)) for h in self.hooks],
+                attention_mask=mask.to(dev),
+                stop_at_layer=self.stop_at_layer,
+            )
+        except _AllHooksFired:
+            pass
         return to_host(got, self.dtype)
 
     def _width(self, longest: int) -> int:
@@ -227,7 +309,7 @@ class Recorder:
 
     @torch.inference_mode()
     def record(self, texts: Sequence[str], ids: Sequence | None = None) -> BatchActivations:
-        """Run one forward over ``texts`` and return the selected activations.
+        """Run ``texts`` forward and return the selected activations.
 
         Args:
             texts: ``batch`` full transcripts (prompt + completion, as the model saw them).
@@ -244,36 +326,40 @@ class Recorder:
         acts: dict[tuple[str, str], torch.Tensor] = {}
         if len(kept) == 0:  # nothing to record: skip the forward entirely
             return BatchActivations(acts, kept, sp.positions, sp.skipped, batch.lengths)
-        # Run only the kept rows, so positions of dropped examples never index anything.
-        # Rows go through in micro-batches of at most max_batch_tokens padded tokens: the
-        # forward's own transients (attention scores are batch x heads x pos x pos) then stay
-        # bounded whatever batch size the caller picked. Each micro-batch drops the padding
-        # columns it does not need; left padding keeps positions relative to the end.
-        grabbed: dict[str, list[torch.Tensor]] = {h: [] for h in self.hooks}
-        width = batch.tokens.shape[1]
-        for rows in self._micro_batches(batch.lengths[kept]):
-            idx = kept[rows]
-            w = self._width(int(batch.lengths[idx].max()))
-            tokens, mask = batch.tokens[idx], batch.attention_mask[idx]
-            if w > width:  # more left padding than the batch has
-                tokens = F.pad(tokens, (w - width, 0), value=self._pad)
-                mask = F.pad(mask, (w - width, 0), value=0)
-            got = self._forward(
-                tokens[:, tokens.shape[1] - w :],
-                mask[:, mask.shape[1] - w :],
-                sp.positions[idx] - (width - w),
-            )
+        # Only the kept rows run, so positions of dropped examples never index anything.
+        # Each row runs up to its last site (causal models); rows go through in forwards of
+        # at most max_batch_tokens padded tokens, grouped by that length: the forward's own
+        # transients (attention scores are rows x heads x pos x pos) stay bounded whatever
+        # batch size the caller picked, and little compute goes to padding. Every forward
+        # re-pads its rows on the left, so positions are relative to each row's own start.
+        pad_left = batch.pad_left[kept]
+        need = self.needed_lengths(batch, sp.positions)[kept]
+        out: dict[str, torch.Tensor] = {}
+        for rows in self._micro_batches(need):
+            w = self._width(int(need[rows].max()))
+            lead = w - need[rows]  # left padding of each row in this forward
+            first = pad_left[rows]  # column of each row's first token in the batch
+            cols = torch.arange(w)[None, :] - lead[:, None]  # token index within the row
+            real = cols >= 0
+            src = (first[:, None] + cols).clamp(min=0)
+            tokens = torch.where(real, batch.tokens[kept[rows]].gather(1, src), self._pad)
+            mask = real.to(batch.attention_mask.dtype)
+            positions = sp.positions[kept[rows]] - first[:, None] + lead[:, None]
+            got = self._forward(tokens, mask, positions)
+            if self.release_memory:
+                release_free_memory()
             for h, t in got.items():
-                grabbed[h].append(t)
+                if h not in out:
+                    out[h] = torch.empty((len(kept), *t.shape[1:]), dtype=t.dtype)
+                out[h][rows] = t
         for h in self.hooks:
-            if len(grabbed[h]) == 0:
+            if h not in out:
                 raise RuntimeError(
                     f"hook {h!r} never fired during the forward (stop_at_layer="
                     f"{self.stop_at_layer}); record it with stop_early=False."
                 )
-            stacked = torch.cat(grabbed[h]) if len(grabbed[h]) > 1 else grabbed[h][0]
             for j, s in enumerate(self.sites):
-                acts[(h, s)] = stacked[:, j].contiguous()
+                acts[(h, s)] = out[h][:, j].contiguous()
         return BatchActivations(acts, kept, sp.positions, sp.skipped, batch.lengths)
 
 

@@ -112,11 +112,14 @@ def test_training_model_is_refused(tiny_native):
 def test_micro_batches_give_the_same_activations(tiny_native):
     fmt, texts = demo_format(), _texts()
     small = Recorder(tiny_native, fmt, "resid_post,z", SITES, max_batch_tokens=300)
-    lengths = small.tokenize(texts).lengths
-    groups = small._micro_batches(lengths)
-    assert len(groups) > 2 and torch.cat(groups).tolist() == list(range(len(texts)))
-    for g in groups:  # within budget, unless a single row is longer than it
-        assert len(g) == 1 or len(g) * int(lengths[g].max()) <= 300
+    batch = small.tokenize(texts)
+    from kdgap.hooks.sites import resolve_sites
+
+    need = small.needed_lengths(batch, resolve_sites(fmt, texts, batch, SITES).positions)
+    groups = small._micro_batches(need)
+    assert len(groups) > 2 and sorted(torch.cat(groups).tolist()) == list(range(len(texts)))
+    for g in groups:  # within budget (width rounded up), unless a single row is over it
+        assert len(g) == 1 or len(g) * small._width(int(need[g].max())) <= 300
     whole = Recorder(tiny_native, fmt, "resid_post,z", SITES, max_batch_tokens=None)
     a, b = small.record(texts), whole.record(texts)
     assert torch.equal(a.positions, b.positions)
@@ -124,6 +127,84 @@ def test_micro_batches_give_the_same_activations(tiny_native):
         assert (a.acts[key] - b.acts[key]).abs().max() <= 1e-5
     with pytest.raises(ValueError, match="max_batch_tokens=0"):
         Recorder(tiny_native, fmt, "resid_post", SITES, max_batch_tokens=0)
+
+
+@pytest.mark.parametrize("model_name", ["tiny_native", "tiny_hf_bridge"])
+def test_truncated_forwards_equal_the_full_cache(model_name, request, tiny_tokenizer, monkeypatch):
+    """Early sites only: each row runs up to its last site, far short of its end, and the
+    activations still equal run_with_cache() over the whole left-padded batch."""
+    model = request.getfixturevalue(model_name)
+    fmt, texts = demo_format(), _texts()
+    sites = ["prompt.end", "history.last"]
+    hooks = ["resid_pre", "resid_post", "attn_out", "z"]
+    rec = Recorder(model, fmt, hooks, sites, tokenizer=tiny_tokenizer, pad_multiple=1)
+    assert rec.truncate
+    widths = []
+    forward = rec._forward
+    monkeypatch.setattr(
+        rec, "_forward", lambda t, m, p: widths.append(t.shape[1]) or forward(t, m, p)
+    )
+    res = rec.record(texts)
+    b = tokenize_batch(tiny_tokenizer, texts)
+    # The forwards really were shorter: every row stops at its history.last site.
+    last = (res.positions.max(dim=1).values - b.pad_left + 1).max().item()
+    assert max(widths) == last < b.tokens.shape[1] - 10
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(b.tokens, attention_mask=b.attention_mask)
+    worst = 0.0
+    for h in rec.hooks:
+        for j, s in enumerate(sites):
+            ref = cache[h][torch.arange(len(texts)), res.positions[:, j]]
+            worst = max(worst, (res.acts[(h, s)] - ref).abs().max().item())
+    assert worst <= 1e-5, worst
+    full = Recorder(model, fmt, hooks, sites, tokenizer=tiny_tokenizer, truncate=False)
+    assert not torch.equal(
+        full.needed_lengths(b, res.positions), rec.needed_lengths(b, res.positions)
+    )
+
+
+def test_bidirectional_models_are_never_truncated(tiny_native, monkeypatch):
+    monkeypatch.setattr(tiny_native.cfg, "attention_dir", "bidirectional")
+    rec = Recorder(tiny_native, demo_format(), "resid_post", ["prompt.end"])
+    assert not rec.truncate
+    texts = _texts()
+    b = rec.tokenize(texts)
+    from kdgap.hooks.sites import resolve_sites
+
+    pos = resolve_sites(demo_format(), texts, b, ["prompt.end"]).positions
+    assert torch.equal(rec.needed_lengths(b, pos), b.lengths)
+
+
+def test_forward_is_abandoned_once_every_hook_fired(tiny_native):
+    """A hook inside block 0 (resid_mid) stops the forward before block 0's MLP; a hook after
+    the blocks (ln_final) stops it before the unembedding. Both equal the full forward."""
+    fmt, texts = demo_format(), _texts()
+    for hook, later in (
+        ("blocks.0.hook_resid_mid", "blocks.0.hook_mlp_out"),
+        ("ln_final.hook_normalized", "unembed.hook_out"),
+    ):
+        fired = []
+        handle = tiny_native.hook_dict[later].register_forward_hook(lambda *a, f=fired: f.append(1))
+        try:
+            early = Recorder(tiny_native, fmt, hook, ["action"]).record(texts)
+            assert fired == []  # nothing after the recorded hook ran
+            late = Recorder(tiny_native, fmt, hook, ["action"], stop_early=False).record(texts)
+            assert fired  # ...while the full forward does run it (the probe works)
+        finally:
+            handle.remove()
+        key = (hook, "action")
+        assert torch.equal(early.acts[key], late.acts[key])
+
+
+def test_release_memory_changes_nothing_recorded(tiny_native):
+    from kdgap.hooks.recorder import release_free_memory
+
+    release_free_memory()  # glibc malloc_trim, a no-op elsewhere; never raises
+    fmt, texts = demo_format(), _texts()
+    a = Recorder(tiny_native, fmt, "resid_post", SITES).record(texts)
+    b = Recorder(tiny_native, fmt, "resid_post", SITES, release_memory=False).record(texts)
+    for key in a.acts:
+        assert torch.equal(a.acts[key], b.acts[key])
 
 
 def test_recorder_tokenises_like_the_agent(tiny_native, tiny_tokenizer):

@@ -230,3 +230,44 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tiny_tokenizer_dir, tm
     assert p.wait(timeout=120) == 0, p.stderr.read().decode()[-2000:]
     _same_store(tmp_path / "ref", killed)
     assert ActivationStore(killed).n_examples == 14
+
+
+def test_skipped_examples_across_shards_with_reused_buffers(tiny_native, tmp_path):
+    """Shard buffers are reused from shard to shard: a shard with skipped examples must hold
+    exactly its own kept rows (no row left over from the previous shard)."""
+    fmt, sites = demo_format(), ["action", "history.last"]
+    texts = demo_texts(14, seed=2, min_steps=0, max_steps=3)
+    missing = [i for i, t in enumerate(texts) if "history.last" not in fmt.site_spans(t)]
+    assert missing and len(missing) < len(texts)
+    st = record_store(tiny_native, fmt, texts, "resid_post", sites, tmp_path / "s", batch_size=3,
+                      shard_size=5, on_missing="skip", progress=False)  # fmt: skip
+    ref = record_batch(tiny_native, fmt, texts, "resid_post", sites, on_missing="skip")
+    assert st.manifest["skipped"] == missing == ref.skipped
+    assert st.labels["example"].tolist() == ref.kept.tolist()
+    for (h, s), t in ref.acts.items():
+        assert (st.load(h, s)[0] - t).abs().max() <= 1e-5
+
+
+def test_model_fingerprint_ignores_thread_count_but_not_weights(tiny_native):
+    """The fingerprint hashes bytes, not a float reduction: the same weights give the same
+    fingerprint under any torch thread count (a store recorded with 2 threads reopens with
+    1), while a perturbed sampled weight changes it."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = store_mod.model_fingerprint(tiny_native)
+        torch.set_num_threads(max(2, before))
+        many = store_mod.model_fingerprint(tiny_native)
+    finally:
+        torch.set_num_threads(before)
+    assert one == many
+    name, p = next(iter(sorted(tiny_native.state_dict().items())))
+    with torch.no_grad():
+        flat = p.view(-1)
+        old = flat[0].clone()
+        flat[0] += 1e-3  # index 0 is always sampled
+        try:
+            assert store_mod.model_fingerprint(tiny_native) != one, name
+        finally:
+            flat[0] = old
+    assert store_mod.model_fingerprint(tiny_native) == one
