@@ -18,7 +18,14 @@ Stages (each timed; a stage that cannot run on this model's outputs records why)
 Writes ``OUT/summary.json`` (every number), ``OUT/records_{forced,free}.jsonl``,
 ``OUT/aiw.json`` (all samples), ``OUT/store/`` and ``OUT/figures/*.png|pdf``::
 
-    OMP_NUM_THREADS=2 python experiments/smollm2_end_to_end.py --out runs/smollm2
+    python experiments/smollm2_end_to_end.py --out runs/smollm2
+
+Threads: ``--threads auto`` (default) uses every core when the machine is idle and one
+thread when other processes keep it busy (1-minute load average): on a shared 2-core
+machine, two OpenMP threads that keep losing their core to other processes ran 3-4x
+*slower* than one thread (measured: one SmolLM2 prompt pass + 16 tokens, 17-24 s vs
+5-6 s; ``OMP_WAIT_POLICY=PASSIVE`` narrowed that to 1.4x). The summary records the
+threads used and the load average at the start and the end.
 """
 
 from __future__ import annotations
@@ -26,12 +33,23 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import time
 import traceback
 from pathlib import Path
 
-import numpy as np
-import torch
+# Before torch starts OpenMP: idle threads sleep instead of spinning, which is what hurts
+# when the cores are shared (see the module docstring). Set it yourself to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def auto_threads() -> int:
+    """Every core when the machine is idle, fewer as other processes load it (>= 1)."""
+    n = os.cpu_count() or 1
+    return max(1, min(n, int(n - os.getloadavg()[0] + 0.5)))
 
 
 def _call(fn, *args, **kwargs):
@@ -156,7 +174,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--threads", default="auto",
+                    help="torch CPU threads, or auto (all cores if idle, 1 if busy)")  # fmt: skip
     args = ap.parse_args(argv)
+    load_start = os.getloadavg()
+    threads = auto_threads() if args.threads == "auto" else int(args.threads)
+    torch.set_num_threads(threads)
 
     from kdgap.agent.prompts import PaperFormat
     from kdgap.agent.runner import play
@@ -173,7 +196,9 @@ def main(argv=None) -> dict:
     figs.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     summary: dict = {"command": vars(args) | {"out": str(args.out)}, "seconds": {},
-                     "torch_threads": torch.get_num_threads()}  # fmt: skip
+                     "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                     "load_average": {"start": list(load_start)}}  # fmt: skip
     loaded = stage(summary, "load", lambda: load_model(args.model, device=args.device,
                                                        dtype=args.dtype))  # fmt: skip
     if isinstance(loaded, dict):
@@ -338,6 +363,7 @@ def main(argv=None) -> dict:
     if "coverage_curve" in f:
         figures.behavior_curves({"SmolLM2 forced": f}, figs / "behavior", title="SmolLM2-135M")
     summary["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
+    summary["load_average"]["end"] = list(os.getloadavg())
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(json.dumps(headline(summary), indent=1), flush=True)
     return summary

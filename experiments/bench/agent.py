@@ -11,6 +11,13 @@ here on bandit prompts. Free mode, greedy, EOS disabled by construction (random 
 rarely emit it; the count uses the tokens really produced).
 
 Usage: python experiments/bench/agent.py --json OUT.json [--episodes 8 --steps 3 ...]
+
+``--forced-smollm2`` instead times one *forced* agent step on SmolLM2-135M-Instruct (16
+episodes at step 10, knowing-doing prompt, rationale up to 64 tokens, conclusion-edit
+counterfactual) on the hook-free fast path (:mod:`kdgap.agent.hf_cache`) and on the
+reference path (``bridge.generate`` + scoring through the bridge forward; selected by
+making ``hf_cache.fast_model`` return None), alternating the two, and checks that both
+produce the same completions and actions (action probabilities to 1e-4).
 """
 
 from __future__ import annotations
@@ -93,6 +100,58 @@ def measure(model, cfg, *, episodes, max_new_tokens, batch_size) -> float:
     return agent.tokens / (time.perf_counter() - t0)
 
 
+def forced_smollm2(args) -> dict:
+    """Seconds (wall and CPU) of one forced step, fast path vs reference path."""
+    from kdgap.agent import hf_cache
+    from kdgap.agent.runner import history_of
+    from kdgap.envs import VectorBandit
+    from kdgap.models import load_model
+
+    loaded = load_model("smollm2")
+    cfg = BanditConfig(horizon=20)
+    env = VectorBandit(cfg, 16)
+    env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        env.step(rng.integers(cfg.n_arms, size=16))
+    history = history_of(env, np.arange(16))
+    real_fast = hf_cache.fast_model
+
+    def step(fast: bool):
+        hf_cache.fast_model = real_fast if fast else (lambda bridge, **kw: None)
+        try:
+            agent = TextAgent(loaded.bridge, PaperFormat(knowing_doing=True), mode="forced",
+                              max_new_tokens=64, counterfactual=True)  # fmt: skip
+            agent.reset(cfg, 0)
+            w, c = time.perf_counter(), time.process_time()
+            dec = agent.act(history)
+            return time.perf_counter() - w, time.process_time() - c, dec
+        finally:
+            hf_cache.fast_model = real_fast
+
+    runs: dict = {"fast": [], "reference": []}
+    decs = {}
+    for _ in range(args.repeats):
+        for name in ("fast", "reference"):
+            wall, cpu, decs[name] = step(name == "fast")
+            runs[name].append({"wall_s": wall, "cpu_s": cpu})
+            print(f"{name}: wall {wall:.1f} s, cpu {cpu:.1f} s", flush=True)
+    a, b = decs["fast"], decs["reference"]
+    same = {
+        "completions": a.completions == b.completions,
+        "actions": bool((a.actions == b.actions).all()),
+        "action_probs_max_abs_diff": float(np.abs(a.action_probs - b.action_probs).max()),
+    }
+    med = {k: statistics.median(r["wall_s"] for r in v) for k, v in runs.items()}
+    return {
+        "runs": runs, "median_wall_s": med, "speedup": med["reference"] / med["fast"],
+        "same_decisions": same,
+        "config": {"model": "smollm2", "episodes": 16, "step": 10, "max_new_tokens": 64,
+                   "counterfactual": True, "torch_threads": torch.get_num_threads(),
+                   "load_average": list(os.getloadavg()), "repeats": args.repeats},
+    }  # fmt: skip
+
+
 def main(argv=None) -> dict:
     """Run the benchmark and write ``{batched,sequential}_tokens_per_s`` and ``speedup``."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -101,7 +160,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=3, help="horizon of each bandit")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--forced-smollm2", action="store_true",
+                    help="time one forced SmolLM2 step, fast vs reference path")  # fmt: skip
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.forced_smollm2:
+        out = forced_smollm2(args)
+        atomic_write_json(args.json, out)
+        print(f"forced step: fast {out['median_wall_s']['fast']:.1f} s, reference "
+              f"{out['median_wall_s']['reference']:.1f} s, {out['speedup']:.2f}x; "
+              f"same decisions: {out['same_decisions']}")  # fmt: skip
+        return out
     cfg = BanditConfig(horizon=args.steps)
     tok = build_tokenizer(BanditConfig())
     model = build_model(tok)

@@ -33,12 +33,13 @@ class TranscriptFormat(Protocol):
         action_marker: the text after which the action's arm name follows (``"ACTION="``
             for the paper's prompt). Forced choice appends it and scores the arm names.
         use_chat_template: wrap the prompt as a user message with the tokenizer's chat
-            template when it has one.
+            template: ``True`` requires one (a tokenizer without a template is a
+            ``ValueError``), ``False`` never wraps, ``None`` wraps when the tokenizer has one.
     """
 
     name: str
     action_marker: str
-    use_chat_template: bool
+    use_chat_template: bool | None
 
     def render_prompt(
         self, cfg: BanditConfig, actions: Sequence[int], rewards: Sequence[float]
@@ -77,7 +78,9 @@ def format_for(loaded, *, knowing_doing: bool = True) -> TranscriptFormat:
     Organisms (``loaded.source == "organism"``, whether named or a saved folder) speak
     their own language (:class:`~kdgap.organisms.format.OrganismFormat`); every other
     model gets the paper's prompt (:class:`~kdgap.agent.prompts.PaperFormat`), with the
-    ``<ucb_values>`` knowing-doing rationale unless ``knowing_doing=False``.
+    ``<ucb_values>`` knowing-doing rationale unless ``knowing_doing=False``, wrapped in
+    the chat template exactly when the tokenizer has one (a base model without a template
+    gets the raw prompt).
 
     Args:
         loaded: a :class:`kdgap.models.LoadedModel`.
@@ -88,4 +91,5 @@ def format_for(loaded, *, knowing_doing: bool = True) -> TranscriptFormat:
         return OrganismFormat()
     from kdgap.agent.prompts import PaperFormat
 
-    return PaperFormat(knowing_doing=knowing_doing)
+    has_template = bool(getattr(loaded.tokenizer, "chat_template", None))
+    return PaperFormat(knowing_doing=knowing_doing, use_chat_template=has_template)

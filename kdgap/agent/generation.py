@@ -13,11 +13,18 @@ Generation has two paths, with the same interface and post-processing:
   model's own submodules (:func:`_native_generate`); it is tested token-for-token against
   ``bridge.generate``. Hooks are bypassed on this path, so when any hook is attached the
   bridge path is used instead.
-- every other bridge (Hugging Face models): ``bridge.generate`` on left-padded tokens with
-  an explicit attention mask (HF KV cache). It samples from torch's global RNG, so the
-  call runs inside ``torch.random.fork_rng`` seeded with ``seed``: reproducible, and the
-  caller's RNG state is untouched. Tested token-for-token against ``AutoModelForCausalLM
-  .generate`` (transformers 5.24 breaks this; see pyproject.toml).
+- Hugging Face models with no hook attached: :mod:`kdgap.agent.hf_cache` runs a KV-cached
+  loop on an SDPA twin of the wrapped model (same tensors), computing only the last prompt
+  position's logits, and can keep the cache so forced-choice scoring
+  (:func:`score_continuations` with ``reuse=``) runs only the tokens after the prompt.
+- every other bridge (Hugging Face models with hooks): ``bridge.generate`` on left-padded
+  tokens with an explicit attention mask (HF KV cache).
+
+Both Hugging Face paths sample from torch's global RNG with transformer-lens's
+``sample_logits`` inside ``torch.random.fork_rng`` seeded with ``seed``: reproducible, and
+the caller's RNG state is untouched. Both are tested token-for-token against
+``AutoModelForCausalLM.generate`` (transformers 5.24 breaks the bridge path; see
+pyproject.toml).
 
 Completions are cut at the first EOS token and just after the first stop string.
 """
@@ -32,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 
-from kdgap.agent import native_cache
+from kdgap.agent import hf_cache, native_cache
 
 
 @dataclass
@@ -44,11 +51,15 @@ class Generation:
         token_ids: ``[batch]`` generated token ids, up to (excluding) EOS.
         n_tokens: ``[batch]`` tokens the model produced for each row before it stopped
             (EOS included): the unit of the throughput benchmark.
+        cache: with ``generate(..., keep_cache=True)`` on the hook-free Hugging Face path,
+            a :class:`~kdgap.agent.hf_cache.PromptCache` for :func:`score_continuations`
+            ``reuse=``; otherwise None.
     """
 
     texts: list[str]
     token_ids: list[list[int]]
     n_tokens: Int[np.ndarray, "batch"]  # noqa: F821
+    cache: hf_cache.PromptCache | None = None
 
 
 def _tokenizer(model, tokenizer=None):
@@ -156,6 +167,7 @@ def generate(
     batch_size: int | None = None,
     tokenizer=None,
     use_native_cache: bool = True,
+    keep_cache: bool = False,
 ) -> Generation:
     """Generate completions for ``prompts`` in left-padded batches.
 
@@ -170,7 +182,11 @@ def generate(
         batch_size: prompts per forward batch (default: all). Prompts are sorted by
             length first so a batch holds similar lengths (less padding).
         tokenizer: overrides ``model.tokenizer``.
-        use_native_cache: use the KV-cached loop for ``boot_native`` models.
+        use_native_cache: use the fast KV-cached loops when no hook is attached
+            (``boot_native`` models: :mod:`~kdgap.agent.native_cache`; Hugging Face
+            models: :mod:`~kdgap.agent.hf_cache`). False: always ``bridge.generate``.
+        keep_cache: on the hook-free Hugging Face path, return the KV caches in
+            ``Generation.cache`` (for :func:`score_continuations` ``reuse=``).
 
     Returns:
         A :class:`Generation` in the order of ``prompts``.
@@ -182,9 +198,12 @@ def generate(
     bs = len(ids) if batch_size is None else batch_size
     out: list[tuple[str, list[int], int]] = [("", [], 0)] * len(ids)
     eos = _eos_ids(model, tok)
-    native = (
-        use_native_cache and native_cache.supports(model) and not _has_hooks(model)
-    )  # fmt: skip
+    hooked = _has_hooks(model)
+    native = use_native_cache and native_cache.supports(model) and not hooked
+    lm = hf_cache.fast_model(model) if use_native_cache and not hooked else None
+    kept = hf_cache.PromptCache(model=lm) if keep_cache and lm is not None else None
+    if kept is not None:
+        kept.rows, kept.fed = [(0, 0, 0)] * len(ids), [[] for _ in ids]
     for b, start in enumerate(range(0, len(ids), bs)):
         rows = order[start : start + bs]
         tokens, mask = left_pad([ids[i] for i in rows], _pad_id(tok), model.cfg.device)
@@ -194,6 +213,18 @@ def generate(
                 model, tokens, mask, max_new_tokens=max_new_tokens, temperature=temperature,
                 seed=seed + b, eos_ids=eos, stop=stop,
             )  # fmt: skip
+        elif lm is not None:
+            gen, cache = hf_cache.generate(
+                lm, tokens, mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                seed=seed + b, eos_ids=eos, fill_id=_fill_id(tok, eos), stop=stop,
+            )  # fmt: skip
+            if kept is not None:
+                kept.caches.append(cache)
+                width = tokens.shape[1]
+                for j, i in enumerate(rows):
+                    pad = width - len(ids[i])
+                    kept.rows[i] = (b, j, pad)
+                    kept.fed[i] = list(ids[i]) + gen[j, :-1].tolist()
         else:
             gen = _bridge_generate(model, tokens, mask, max_new_tokens, temperature,
                                    seed + b, eos, stop)  # fmt: skip
@@ -203,7 +234,15 @@ def generate(
         texts=[o[0] for o in out],
         token_ids=[o[1] for o in out],
         n_tokens=np.array([o[2] for o in out], dtype=np.int64),
+        cache=kept,
     )
+
+
+def _fill_id(tok, eos: list[int]) -> int:
+    """The token finished rows emit, as ``bridge.generate`` chooses it."""
+    if not eos:
+        return 0
+    return int(tok.eos_token_id) if tok.eos_token_id is not None else int(eos[0])
 
 
 def _bridge_generate(model, tokens, mask, max_new_tokens, temperature, seed, eos, stop):
@@ -251,15 +290,26 @@ def score_continuations(
     *,
     batch_size: int | None = None,
     tokenizer=None,
+    reuse: hf_cache.PromptCache | None = None,
+    reuse_rows: Sequence[int | None] | None = None,
+    fast: bool = True,
 ) -> Float[torch.Tensor, "n_prefixes n_continuations"]:
     """Log-probability of each continuation right after each prefix.
 
     ``score[i, j] = sum_k log p(c_j[k] | prefix_i + c_j[:k])``: prefixes and continuations
     are tokenised *separately* (a continuation is what the model would emit next, not a
-    re-tokenisation of the joined text). The first token of every continuation comes from
-    one forward pass of the prefix; multi-token continuations add one sequence per
-    distinct proper continuation prefix. Runs through the bridge forward, so hooks
-    (patching, steering) act on the scores.
+    re-tokenisation of the joined text). Every continuation's first token comes from the
+    prefix's last position; multi-token continuations add one sequence per *maximal*
+    distinct proper continuation prefix (one sequence serves all its own prefixes), so a
+    prefix whose spellings are all single tokens costs one pass.
+
+    With a hook attached (patching, steering) the scores run through the bridge forward,
+    so the hooks act on them. Without one, Hugging Face models run the hook-free path of
+    :mod:`kdgap.agent.hf_cache`: logits only at the positions read, and with ``reuse`` (a
+    ``Generation.cache``) each prefix starts from the cached tokens it shares with its
+    generation row, so only the tokens after them (the rationale's re-tokenised tail, the
+    action marker, the continuation) are run. Equal to the bridge path up to float
+    rounding (tested).
 
     Args:
         model: a TransformerBridge.
@@ -267,6 +317,11 @@ def score_continuations(
         continuations: ``[n_continuations]`` texts (no special tokens added) or id lists.
         batch_size: sequences per forward (default: sized for ~256 MB of logits).
         tokenizer: overrides ``model.tokenizer``.
+        reuse: KV caches of the generation these prefixes extend
+            (``generate(..., keep_cache=True).cache``).
+        reuse_rows: ``[n_prefixes]`` the prompt index in ``reuse`` each prefix extends
+            (None for a prefix that extends none); default ``0..n_prefixes-1``.
+        fast: allow the hook-free path (False: always the bridge forward).
 
     Returns:
         ``[n_prefixes, n_continuations]`` float32 log-probs on CPU.
@@ -294,6 +349,20 @@ def score_continuations(
     for ctx in longest_first:
         if not any(m[: len(ctx)] == ctx for m in maximal):
             maximal.append(ctx)
+    lm = hf_cache.fast_model(model) if fast and not _has_hooks(model) else None
+    if lm is not None:
+        if reuse is not None and reuse.model is not lm:
+            reuse = None  # the caches came from another model (or a rebuilt twin)
+        rows = reuse_rows if reuse_rows is not None else list(range(len(pre)))
+        if reuse is not None and len(rows) != len(pre):
+            raise ValueError(f"reuse_rows has {len(rows)} entries for {len(pre)} prefixes.")
+        if batch_size is None:
+            batch_size = max(1, 2**14 // max(1, max(len(p) for p in pre)))
+        per = hf_cache.score_rows(
+            lm, pre, maximal, reuse=reuse, reuse_rows=rows if reuse is not None else None,
+            pad_id=_pad_id(tok), batch_size=batch_size,
+        )  # fmt: skip
+        return _sum_logps(lambda i, ctx: per[i][ctx], len(pre), conts)
     jobs = [(i, ctx) for i in range(len(pre)) for ctx in maximal]
     seqs = [list(pre[i]) + list(ctx) for i, ctx in jobs]
     n_vocab = int(model.cfg.d_vocab)
@@ -313,8 +382,13 @@ def score_continuations(
             for k in range(len(ctx) + 1):
                 # Left padding: prefix + ctx[:k] ends len(ctx) - k positions before the end.
                 logp.setdefault((i, ctx[:k]), tail[j, width - 1 - (len(ctx) - k)])
-    out = torch.zeros(len(pre), len(conts))
-    for i in range(len(pre)):
+    return _sum_logps(lambda i, ctx: logp[(i, ctx)], len(pre), conts)
+
+
+def _sum_logps(get, n: int, conts: list[list[int]]) -> torch.Tensor:
+    """``[n, len(conts)]``: ``sum_k get(i, c[:k])[c[k]]`` for every prefix i and continuation c."""
+    out = torch.zeros(n, len(conts))
+    for i in range(n):
         for j, c in enumerate(conts):
-            out[i, j] = sum(float(logp[(i, tuple(c[:k]))][c[k]]) for k in range(len(c)))
+            out[i, j] = sum(float(get(i, tuple(c[:k]))[c[k]]) for k in range(len(c)))
     return out

@@ -57,15 +57,19 @@ class PaperFormat:
 
     Args:
         knowing_doing: add the UCB instruction and the ``<ucb_values>`` rationale.
-        use_chat_template: wrap the prompt as a user message when the tokenizer has a
-            chat template (the agent applies it).
+        use_chat_template: wrap the prompt as a user message with the tokenizer's chat
+            template (the agent applies it). ``True`` requires a template (the agent raises
+            ``ValueError`` when the tokenizer has none), ``False`` never applies one, and
+            ``None`` (default) applies it when the tokenizer has one.
     """
 
     action_marker = parsing.ACTION_MARKER
 
-    def __init__(self, *, knowing_doing: bool = False, use_chat_template: bool = True) -> None:
+    def __init__(
+        self, *, knowing_doing: bool = False, use_chat_template: bool | None = None
+    ) -> None:
         self.knowing_doing = bool(knowing_doing)
-        self.use_chat_template = bool(use_chat_template)
+        self.use_chat_template = None if use_chat_template is None else bool(use_chat_template)
         self.name = "paper-ucb" if self.knowing_doing else "paper"
 
     def __repr__(self) -> str:

@@ -95,8 +95,11 @@ class TextAgent:
         """One step for ``history.n`` episodes: generate, then parse or force a choice."""
         cfg = self._check(history)
         prompts = self.prompts(history)
-        stops = [self.fmt.action_marker] if self.mode == "forced" else []
-        gen = self._generate(prompts, history, stops)
+        forced = self.mode == "forced"
+        stops = [self.fmt.action_marker] if forced else []
+        # Forced choice (and the counterfactual) score prefixes that extend these prompts:
+        # keep the generation's KV cache so scoring runs only the tokens after it.
+        gen = self._generate(prompts, history, stops, keep_cache=forced or self.counterfactual)
         n, names = history.n, list(cfg.arm_names)
         rationales = [self.fmt.strip_action(c) for c in gen.texts]
         rat_arms = np.array(
@@ -114,12 +117,12 @@ class TextAgent:
                  for j, p in enumerate(parsed)], dtype=np.int64,
             )  # fmt: skip
             completions, probs = list(gen.texts), None
-            cf_scores = self.arm_logprobs(cf_prefixes) if cf_prefixes else None
+            cf_scores = self._score(cf_prefixes, gen.cache, cf_rows)[0] if cf_prefixes else None
         else:
             prefixes = [
                 p + self._prefix_tail(r, r != c) for p, r, c in zip(prompts, rationales, gen.texts)
             ]
-            scores, spell = self._score(prefixes + cf_prefixes)
+            scores, spell = self._score(prefixes + cf_prefixes, gen.cache, list(range(n)) + cf_rows)
             cf_scores, scores = scores[n:], scores[:n]
             probs = torch.softmax(scores, dim=-1).numpy().astype(np.float64)
             actions = scores.argmax(dim=-1).numpy().astype(np.int64)
@@ -146,22 +149,30 @@ class TextAgent:
         """
         self._check(history)
         prompts = self.prompts(history)
-        gen = self._generate(prompts, history, [self.fmt.action_marker])
+        gen = self._generate(prompts, history, [self.fmt.action_marker], keep_cache=True)
         prefixes = [
             p + self._prefix_tail(self.fmt.strip_action(c), self.fmt.strip_action(c) != c)
             for p, c in zip(prompts, gen.texts)
         ]
-        return torch.softmax(self.arm_logprobs(prefixes), dim=-1).numpy().astype(np.float64)
+        scores = self._score(prefixes, gen.cache, list(range(len(prefixes))))[0]
+        return torch.softmax(scores, dim=-1).numpy().astype(np.float64)
 
     # ------------------------------------------------------------------ building blocks
     def prompts(self, history: HistoryBatch) -> list[str]:
-        """``[n]`` prompt texts, chat-templated when the format and tokenizer allow."""
+        """``[n]`` prompt texts, chat-templated as ``fmt.use_chat_template`` says.
+
+        Raises:
+            ValueError: ``fmt.use_chat_template is True`` but the tokenizer has no chat
+                template (a base model): pass a format with ``use_chat_template=False``
+                (raw prompt) or ``None`` (template only when there is one), or set
+                ``tokenizer.chat_template``.
+        """
         cfg = history.cfg
         raw = [
             self.fmt.render_prompt(cfg, history.actions[j].tolist(), history.rewards[j].tolist())
             for j in range(history.n)
         ]
-        if not (self.fmt.use_chat_template and getattr(self.tokenizer, "chat_template", None)):
+        if not self._use_template():
             return raw
         return [
             self.tokenizer.apply_chat_template(
@@ -178,14 +189,21 @@ class TextAgent:
         """
         return self._score(prefixes)[0]
 
-    def _score(self, prefixes: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``([n, arms] arm log-probs, [n, spellings] per-spelling log-probs)``."""
+    def _score(
+        self, prefixes: Sequence[str], cache=None, rows: Sequence[int | None] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([n, arms] arm log-probs, [n, spellings] per-spelling log-probs)``.
+
+        ``cache``/``rows``: the generation's KV caches and the prompt each prefix extends
+        (scoring then runs only the tokens after the shared ones; same scores).
+        """
         ids, owner, _ = self._continuations()
         if not prefixes:
             return torch.zeros(0, self._cfg.n_arms), torch.zeros(0, len(ids))
         scores = score_continuations(
-            self.model, list(prefixes), ids, batch_size=self.batch_size, tokenizer=self.tokenizer
-        )
+            self.model, list(prefixes), ids, batch_size=self.batch_size,
+            tokenizer=self.tokenizer, reuse=cache, reuse_rows=rows,
+        )  # fmt: skip
         owner_t = torch.tensor(owner)
         out = torch.full((len(prefixes), self._cfg.n_arms), float("-inf"))
         for a in range(self._cfg.n_arms):
@@ -193,6 +211,18 @@ class TextAgent:
         return out, scores
 
     # ------------------------------------------------------------------ internals
+    def _use_template(self) -> bool:
+        want = getattr(self.fmt, "use_chat_template", None)
+        has = bool(getattr(self.tokenizer, "chat_template", None))
+        if want is True and not has:
+            raise ValueError(
+                f"{self.fmt!r} asks for a chat prompt (use_chat_template=True) but the "
+                "tokenizer has no chat template (a base model?). Pass a format with "
+                "use_chat_template=False for the raw prompt (or None to use a template only "
+                "when there is one), or set tokenizer.chat_template."
+            )
+        return bool(want) if want is not None else has
+
     def _check(self, history: HistoryBatch) -> BanditConfig:
         if self._cfg is None:
             self.reset(history.cfg, 0)
@@ -200,14 +230,14 @@ class TextAgent:
             self.reset(history.cfg, self._run_seed)
         return history.cfg
 
-    def _generate(self, prompts, history, stops) -> Generation:
+    def _generate(self, prompts, history, stops, keep_cache: bool = False) -> Generation:
         step_seed = np.random.SeedSequence(
             [self.seed, self._run_seed, history.t, int(history.episodes[0]), history.n]
         ).generate_state(1)[0]
         return generate(
             self.model, prompts, max_new_tokens=self.max_new_tokens,
             temperature=self.temperature, seed=int(step_seed), stop_strings=stops,
-            batch_size=self.batch_size, tokenizer=self.tokenizer,
+            batch_size=self.batch_size, tokenizer=self.tokenizer, keep_cache=keep_cache,
         )  # fmt: skip
 
     def _rng(self, history: HistoryBatch, j: int, stream: int = 0) -> np.random.Generator:
@@ -222,21 +252,59 @@ class TextAgent:
         return rationale + sep + self.fmt.action_marker
 
     def _continuations(self) -> tuple[list[list[int]], list[int], list[str]]:
+        """``(token ids, owning arm, text)`` of every distinct in-vocabulary spelling.
+
+        A spelling is out of the vocabulary when it tokenises to nothing, contains the
+        tokenizer's unknown token, or does not decode back to itself (case and whitespace
+        aside); such spellings are dropped (``"Red"`` in a lower-case vocabulary).
+
+        Raises:
+            ValueError: an arm has no in-vocabulary spelling, or two arms share one token
+                sequence (forced choice could not tell them apart); the message names them.
+        """
         if self._conts is None:
-            ids, owner, texts, seen = [], [], [], set()
-            for a, name in enumerate(self._cfg.arm_names):
+            ids, owner, texts, seen = [], [], [], {}
+            dropped: dict[int, list[tuple[str, list[int]]]] = {}
+            unk = getattr(self.tokenizer, "unk_token_id", None)
+            names = list(self._cfg.arm_names)
+            for a, name in enumerate(names):
                 for v in self.fmt.arm_continuations(name):
                     t = tuple(self.tokenizer(v, add_special_tokens=False)["input_ids"])
-                    if t and (a, t) not in seen:
-                        seen.add((a, t))
+                    if not t or (unk is not None and unk in t) or not self._decodes_to(t, v):
+                        dropped.setdefault(a, []).append((v, list(t)))
+                        continue
+                    if t in seen and seen[t] != a:
+                        b = seen[t]
+                        raise ValueError(
+                            f"arms {names[b]!r} and {name!r} share the token sequence "
+                            f"{list(t)} (spelling {v!r}); forced choice cannot tell them "
+                            f"apart. Check {self.fmt!r}.arm_continuations or try "
+                            "BanditConfig(arm_style='numbers')."
+                        )
+                    if t not in seen:
+                        seen[t] = a
                         ids.append(list(t))
                         owner.append(a)
                         texts.append(v)
             missing = sorted(set(range(self._cfg.n_arms)) - set(owner))
             if missing:
-                raise ValueError(f"arms {missing} have no tokenisable spelling in {self.fmt!r}.")
+                detail = "; ".join(
+                    f"{names[a]!r}: " + ", ".join(f"{v!r} -> {t}" for v, t in dropped.get(a, []))
+                    for a in missing
+                )  # fmt: skip
+                raise ValueError(
+                    f"arm names {[names[a] for a in missing]} are not in the tokenizer's "
+                    f"vocabulary: no spelling from {self.fmt!r} encodes to tokens that decode "
+                    f"back to it (unk_token_id={unk}; {detail}). Use arm names the "
+                    "tokenizer knows (e.g. BanditConfig(arm_style='numbers'))."
+                )
             self._conts = (ids, owner, texts)
         return self._conts
+
+    def _decodes_to(self, ids: tuple[int, ...], text: str) -> bool:
+        """Whether ``ids`` decode back to ``text``, ignoring case and whitespace."""
+        back = self.tokenizer.decode(list(ids), skip_special_tokens=False)
+        return "".join(back.split()).lower() == "".join(text.split()).lower()
 
     def _best_variant(self, arm: int, spelling_scores: torch.Tensor) -> str:
         """The spelling of ``arm`` the model scores highest (``spelling_scores [m]``)."""

@@ -45,12 +45,14 @@ def test_native_kv_cache_equals_bridge_generate(tiny_native):
         )
 
 
-def test_bridge_generation_equals_hf_generate(tiny_hf_dir, tiny_hf_bridge):
-    """transformers 5.24 breaks this (KV cache ignored by the bridge); pinned < 5.24."""
+@pytest.mark.parametrize("fast", [False, True], ids=["bridge_path", "hook_free_path"])
+def test_bridge_generation_equals_hf_generate(tiny_hf_dir, tiny_hf_bridge, fast):
+    """transformers 5.24 breaks the bridge path (KV cache ignored by the bridge's attention);
+    pinned < 5.24. The hook-free path (kdgap.agent.hf_cache) must agree too."""
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_hf_dir).eval()
-    out = generate(tiny_hf_bridge, PROMPTS, max_new_tokens=12)
+    out = generate(tiny_hf_bridge, PROMPTS, max_new_tokens=12, use_native_cache=fast)
     for j, ids in enumerate(encode(tiny_hf_bridge, PROMPTS)):
         x = torch.tensor([ids])
         ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,

@@ -150,16 +150,25 @@ def test_raw_prompt_when_no_chat_template_is_asked_for(tiny_hf_dir):
     assert prompt.startswith("You are in a room with 5 buttons")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TextAgent.prompts() silently falls back to the raw prompt when the format asks "
-    "for a chat template the tokenizer lacks; fix proposed for kdgap/agent (issue 8)",
-)
 def test_no_chat_template_when_one_is_asked_for_is_a_clear_error(tiny_hf_dir):
     loaded = load_model(str(tiny_hf_dir))
     agent = TextAgent(loaded.bridge, PaperFormat(use_chat_template=True), max_new_tokens=2)
     with pytest.raises(ValueError, match="chat template"):
         _prompts(agent, BanditConfig(horizon=2))
+    # the default (None) uses a template only when there is one: the raw prompt here
+    auto = TextAgent(loaded.bridge, PaperFormat(), max_new_tokens=2)
+    assert _prompts(auto, BanditConfig(horizon=2))[0].startswith("You are in a room")
+
+
+def test_make_agent_works_without_a_chat_template(tiny_hf_dir, chat_models):
+    """The commands' format asks for a template exactly when the tokenizer has one."""
+    from kdgap.agent.formats import format_for
+    from kdgap.study import make_agent
+
+    agent = make_agent(str(tiny_hf_dir), max_new_tokens=2)
+    assert agent.fmt.use_chat_template is False
+    assert _prompts(agent, BanditConfig(horizon=2))[0].startswith("You are in a room")
+    assert format_for(chat_models["llama"]).use_chat_template is True
 
 
 def _prompts(agent: TextAgent, cfg: BanditConfig) -> list[str]:
@@ -202,13 +211,38 @@ def test_unknown_spellings_tokenise_to_unk(wordlevel_model):
     assert tok("orange", add_special_tokens=False).input_ids == [tok.unk_token_id]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TextAgent scores [UNK] spellings as if they were the arm (every capitalised "
-    "variant and 'orange' share one UNK score); fix proposed for kdgap/agent/text_agent.py",
-)
 def test_arm_name_not_in_vocabulary_is_a_clear_error(wordlevel_model):
     agent = TextAgent(wordlevel_model.bridge, PaperFormat(use_chat_template=False))
     agent.reset(BanditConfig(), 0)  # 5 arms: red green blue yellow orange
     with pytest.raises(ValueError, match="orange"):
+        agent.arm_logprobs(["ACTION="])
+
+
+def test_unk_spellings_are_dropped_when_the_arm_has_a_known_one(wordlevel_model):
+    """'Red' is [UNK]; only 'red' (and ' red', the same ids) is scored for arm red."""
+    tok = wordlevel_model.tokenizer
+    cfg = BanditConfig(n_arms=4)  # red green blue yellow
+    agent = TextAgent(wordlevel_model.bridge, PaperFormat(use_chat_template=False))
+    agent.reset(cfg, 0)
+    ids, owner, _ = agent._continuations()
+    assert sorted(owner) == [0, 1, 2, 3] and [tok.unk_token_id] not in ids
+    got = agent.arm_logprobs(["ACTION="])[0]
+    with torch.no_grad():
+        pre = encode(wordlevel_model.bridge, ["ACTION="], tokenizer=tok)[0]
+        logp = torch.log_softmax(wordlevel_model.bridge(torch.tensor([pre]))[0, -1], -1)
+    want = logp[[tok.convert_tokens_to_ids(n) for n in cfg.arm_names]]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+class _AliasFormat(PaperFormat):
+    """Spells arm green as 'red ' (the tokens of red): two arms, one token sequence."""
+
+    def arm_continuations(self, name: str) -> list[str]:
+        return ["red" if name == "red" else "red "]
+
+
+def test_arms_sharing_a_token_sequence_are_a_clear_error(wordlevel_model):
+    agent = TextAgent(wordlevel_model.bridge, _AliasFormat(use_chat_template=False))
+    agent.reset(BanditConfig(n_arms=2), 0)
+    with pytest.raises(ValueError, match="share the token sequence"):
         agent.arm_logprobs(["ACTION="])

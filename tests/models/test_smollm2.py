@@ -131,3 +131,25 @@ def test_free_mode_output_is_parsed(smol):
     assert rec.valid == (parsed is not None)
     if rec.valid:
         assert rec.action == parsed
+
+
+def test_fast_path_equals_the_bridge_path(smol):
+    """The hook-free path (SDPA twin, KV cache kept for forced scoring) on the real model:
+    the same greedy rationale tokens and the same forced-choice log-probs (to float
+    rounding) as generation and scoring through the bridge."""
+    from kdgap.agent.generation import generate, score_continuations
+
+    cfg, fmt, text = _step0_prompt(smol, knowing_doing=True)
+    prompts = [text, text.replace("Reward=1", "Reward=0")]
+    fast = generate(smol.bridge, prompts, max_new_tokens=24, stop_strings=["ACTION="],
+                    keep_cache=True)  # fmt: skip
+    slow = generate(smol.bridge, prompts, max_new_tokens=24, stop_strings=["ACTION="],
+                    use_native_cache=False)  # fmt: skip
+    assert fast.token_ids == slow.token_ids and fast.cache is not None
+    prefixes = [p + fmt.strip_action(t).rstrip() + "\nACTION=" for p, t in zip(prompts, fast.texts)]
+    spellings = [v for name in cfg.arm_names for v in fmt.arm_continuations(name)]
+    assert any(len(smol.tokenizer(v, add_special_tokens=False).input_ids) > 1 for v in spellings)
+    old = score_continuations(smol.bridge, prefixes, spellings, fast=False)
+    new = score_continuations(smol.bridge, prefixes, spellings, reuse=fast.cache)
+    torch.testing.assert_close(new, old, rtol=0, atol=1e-3)
+    assert (new.argmax(1) == old.argmax(1)).all()

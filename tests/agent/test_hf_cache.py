@@ -1,0 +1,234 @@
+"""The hook-free fast path for Hugging Face models (kdgap.agent.hf_cache).
+
+Generation on the SDPA twin equals the bridge path token for token (greedy and sampled),
+scoring with and without the generation's KV cache equals the bridge forward (the old
+computation) and a hand computation from one unpadded forward per spelling, on GPT-2,
+Llama and Qwen2; the twin shares the bridge's tensors, and hooks switch the fast path off.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kdgap.agent import hf_cache
+from kdgap.agent.generation import encode, generate, score_continuations
+from kdgap.agent.prompts import PaperFormat
+from kdgap.agent.runner import play
+from kdgap.agent.text_agent import TextAgent
+from kdgap.envs.bandit import BanditConfig
+from kdgap.models import load_model
+
+ARCHS = ("gpt2", "llama", "qwen2")
+PROMPTS = [
+    "Step=0 Action=red Reward=1\nStep=1 Action=blue",
+    "You are in a room",
+    "ACTION= the quick brown fox jumps over the unknown mean of green",
+]
+SPELLINGS = ["red", " red", "Red", " Red", "orange", " Orange", "yellow", " green"]
+
+
+def _config(arch: str, tok):
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id)  # fmt: skip
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=len(tok), n_positions=1024, n_embd=32, n_layer=2, n_head=4,
+                          initializer_range=0.3, **ids)  # fmt: skip
+    cls = LlamaConfig if arch == "llama" else Qwen2Config
+    return cls(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        initializer_range=0.3, tie_word_embeddings=arch == "qwen2", **ids,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_tokenizer_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = {}
+    for seed, arch in enumerate(ARCHS):
+        tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+        torch.manual_seed(20 + seed)
+        model = AutoModelForCausalLM.from_config(_config(arch, tok))
+        path = tmp_path_factory.mktemp(f"fast_{arch}")
+        model.save_pretrained(path, safe_serialization=True)
+        tok.save_pretrained(path)
+        out[arch] = load_model(str(path))
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_twin_shares_the_bridge_tensors_and_uses_sdpa(models, arch):
+    bridge = models[arch].bridge
+    twin = hf_cache.fast_model(bridge)
+    assert twin is not bridge.original_model
+    assert twin.config._attn_implementation == "sdpa"
+    assert bridge.original_model.config._attn_implementation == "eager"  # untouched
+    ptrs = {p.data_ptr() for p in bridge.original_model.parameters()}
+    assert all(p.data_ptr() in ptrs for p in twin.parameters())
+    assert hf_cache.fast_model(bridge) is twin  # cached
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_fast_generation_equals_the_bridge_path(models, arch, temperature):
+    bridge = models[arch].bridge
+    kw = dict(max_new_tokens=12, temperature=temperature, seed=7)
+    fast = generate(bridge, PROMPTS, **kw)
+    slow = generate(bridge, PROMPTS, use_native_cache=False, **kw)
+    assert fast.token_ids == slow.token_ids and fast.texts == slow.texts
+    assert fast.n_tokens.tolist() == slow.n_tokens.tolist()
+    # Left-padded batch = each prompt alone.
+    if temperature == 0:
+        for j, p in enumerate(PROMPTS):
+            assert generate(bridge, [p], **kw).token_ids[0] == fast.token_ids[j]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fast_generation_equals_hf_generate(models, arch):
+    from transformers import AutoModelForCausalLM
+
+    loaded = models[arch]
+    hf = AutoModelForCausalLM.from_pretrained(loaded.identity["path"]).eval()
+    out = generate(loaded.bridge, PROMPTS, max_new_tokens=12)
+    eos = hf.config.eos_token_id
+    for j, ids in enumerate(encode(loaded.bridge, PROMPTS)):
+        x = torch.tensor([ids])
+        ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12,
+                          do_sample=False, eos_token_id=eos, pad_token_id=0)  # fmt: skip
+        new = ref[0, len(ids) :].tolist()
+        assert out.token_ids[j] == (new[: new.index(eos)] if eos in new else new)
+
+
+def _hand_scores(bridge, tok, prefixes, spellings) -> torch.Tensor:
+    """``[n, spellings]`` from one unpadded bridge forward of prefix + spelling each."""
+    out = torch.zeros(len(prefixes), len(spellings), dtype=torch.float64)
+    for i, pre in enumerate(encode(bridge, prefixes, tokenizer=tok)):
+        for j, s in enumerate(spellings):
+            ids = tok(s, add_special_tokens=False).input_ids
+            with torch.no_grad():
+                logp = torch.log_softmax(bridge(torch.tensor([pre + ids]))[0].double(), -1)
+            out[i, j] = sum(logp[len(pre) - 1 + k, t] for k, t in enumerate(ids))
+    return out.float()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fast_scoring_with_and_without_the_cache_equals_the_bridge(models, arch):
+    loaded = models[arch]
+    bridge, tok = loaded.bridge, loaded.tokenizer
+    assert max(len(tok(s, add_special_tokens=False).input_ids) for s in SPELLINGS) > 1
+    gen = generate(bridge, PROMPTS, max_new_tokens=10, keep_cache=True)
+    assert gen.cache is not None and len(gen.cache.fed) == len(PROMPTS)
+    # The model's own text + marker; an edited one (diverges inside the generated part);
+    # a prefix of another prompt's row; one sharing nothing.
+    prefixes = [p + t + "\nACTION=" for p, t in zip(PROMPTS, gen.texts)]
+    prefixes += [PROMPTS[0] + " green Reward=0\nACTION=", PROMPTS[1][:-3], "blue"]
+    rows = [0, 1, 2, 0, 1, 2]
+    old = score_continuations(bridge, prefixes, SPELLINGS, fast=False)
+    fresh = score_continuations(bridge, prefixes, SPELLINGS)
+    reused = score_continuations(bridge, prefixes, SPELLINGS, reuse=gen.cache, reuse_rows=rows)
+    hand = _hand_scores(bridge, tok, prefixes, SPELLINGS)
+    torch.testing.assert_close(old, hand, rtol=0, atol=2e-4)
+    torch.testing.assert_close(fresh, old, rtol=0, atol=2e-4)
+    torch.testing.assert_close(reused, old, rtol=0, atol=2e-4)
+    # One at a time, and with a batch size of one: the same numbers.
+    one = torch.cat([score_continuations(bridge, [p], SPELLINGS) for p in prefixes])
+    torch.testing.assert_close(one, fresh, rtol=0, atol=2e-5)
+    small = score_continuations(bridge, prefixes, SPELLINGS, batch_size=1)
+    torch.testing.assert_close(small, fresh, rtol=0, atol=2e-5)
+
+
+def test_cache_of_another_model_is_not_used(models):
+    a, b = models["llama"].bridge, models["qwen2"].bridge
+    gen = generate(a, PROMPTS, max_new_tokens=4, keep_cache=True)
+    prefixes = [p + t for p, t in zip(PROMPTS, gen.texts)]
+    got = score_continuations(b, prefixes, SPELLINGS, reuse=gen.cache)
+    torch.testing.assert_close(got, score_continuations(b, prefixes, SPELLINGS, fast=False),
+                               rtol=0, atol=2e-4)  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forced_agent_is_the_same_with_the_fast_path(models, arch, monkeypatch):
+    """A whole forced + counterfactual run: fast path vs the bridge path everywhere."""
+    bridge = models[arch].bridge
+    cfg = BanditConfig(horizon=3)
+
+    def run():
+        agent = TextAgent(bridge, PaperFormat(knowing_doing=True), mode="forced",
+                          max_new_tokens=8, seed=2, counterfactual=True)  # fmt: skip
+        return play(agent, cfg, n_episodes=3, seed=1, progress=False)
+
+    fast = run()
+    monkeypatch.setattr(hf_cache, "fast_model", lambda bridge, **kw: None)
+    slow = run()
+    assert [r.completion for r in fast] == [r.completion for r in slow]
+    assert [r.action for r in fast] == [r.action for r in slow]
+    np.testing.assert_allclose([r.action_probs for r in fast], [r.action_probs for r in slow],
+                               atol=1e-4)  # fmt: skip
+
+
+def test_hooks_switch_the_fast_path_off(models):
+    bridge, tok = models["llama"].bridge, models["llama"].tokenizer
+    prefixes = PROMPTS[:2]
+    plain = score_continuations(bridge, prefixes, SPELLINGS)
+
+    def push(resid, hook):
+        return resid + 3.0
+
+    with bridge.hooks(fwd_hooks=[("blocks.0.hook_resid_post", push)]):
+        hooked = score_continuations(bridge, prefixes, SPELLINGS)
+        hooked_gen = generate(bridge, PROMPTS, max_new_tokens=6, keep_cache=True)
+        want = []
+        for pre in encode(bridge, prefixes, tokenizer=tok):
+            with torch.no_grad():
+                want.append(torch.log_softmax(bridge(torch.tensor([pre]))[0, -1], -1))
+    assert hooked_gen.cache is None  # the bridge path ran
+    assert (hooked - plain).abs().max() > 1e-2
+    first = [tok(s, add_special_tokens=False).input_ids for s in SPELLINGS]
+    for i, lp in enumerate(want):
+        for j, ids in enumerate(first):
+            if len(ids) == 1:
+                assert abs(float(hooked[i, j]) - float(lp[ids[0]])) < 2e-4
+
+
+def test_replaced_parameter_rebuilds_the_twin(models):
+    bridge = models["gpt2"].bridge
+    twin = hf_cache.fast_model(bridge)
+    hf = bridge.original_model
+    name, p = next((n, p) for n, p in hf.named_parameters() if p.ndim == 2)
+    mod_name, leaf = name.rsplit(".", 1)
+    mod = hf.get_submodule(mod_name)
+    old = p
+    try:
+        setattr(mod, leaf, torch.nn.Parameter(p.detach().clone() * 1.5))
+        again = hf_cache.fast_model(bridge)
+        assert again is not twin
+        ptrs = {q.data_ptr() for q in hf.parameters()}
+        assert all(q.data_ptr() in ptrs for q in again.parameters())
+        P = PROMPTS[:2]
+        torch.testing.assert_close(score_continuations(bridge, P, SPELLINGS),
+                                   score_continuations(bridge, P, SPELLINGS, fast=False),
+                                   rtol=0, atol=2e-4)  # fmt: skip
+    finally:
+        setattr(mod, leaf, old)
+    assert hf_cache.fast_model(bridge) is not None
+
+
+def test_no_twin_when_it_would_disagree(models, monkeypatch):
+    """A twin whose logits differ from the bridge's is refused: the wrapped model runs."""
+    bridge = models["qwen2"].bridge
+    hf_cache._TWINS.pop(bridge, None)
+    monkeypatch.setattr(hf_cache, "_agrees", lambda bridge, twin: False)
+    assert hf_cache.fast_model(bridge) is bridge.original_model
+    P = PROMPTS[:2]
+    torch.testing.assert_close(score_continuations(bridge, P, SPELLINGS),
+                               score_continuations(bridge, P, SPELLINGS, fast=False),
+                               rtol=0, atol=2e-4)  # fmt: skip
+    gen = generate(bridge, PROMPTS, max_new_tokens=8)
+    assert gen.token_ids == generate(bridge, PROMPTS, max_new_tokens=8,
+                                     use_native_cache=False).token_ids  # fmt: skip
+    hf_cache._TWINS.pop(bridge, None)
