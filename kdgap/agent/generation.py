@@ -141,9 +141,40 @@ class TextStop:
         return torch.tensor(hit, dtype=torch.bool, device=input_ids.device)
 
 
-def _has_hooks(model) -> bool:
+def has_hooks(model) -> bool:
+    """Whether any hook could act on ``model``'s forward, so the hook-free fast paths (which
+    run other modules on the same tensors) must not be used: a transformer-lens HookPoint
+    hook, a torch forward / pre-forward / backward hook on any submodule (patching registers
+    those directly), or a global torch module hook.
+
+    The bridge's own wiring (transformer-lens registers pre-hooks on the wrapped model's
+    norms that feed its HookPoints) does not count: without a HookPoint hook it changes
+    nothing.
+    """
+    from torch.nn.modules import module as torch_module
+
     hook_dict = getattr(model, "hook_dict", {}) or {}
-    return any(len(getattr(hp, "_forward_hooks", {})) for hp in hook_dict.values())
+    if any(len(getattr(hp, "_forward_hooks", {})) for hp in hook_dict.values()):
+        return True
+    if any(
+        getattr(torch_module, name, None)
+        for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                     "_global_backward_hooks", "_global_backward_pre_hooks")
+    ):  # fmt: skip
+        return True
+    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return any(
+        not _is_bridge_wiring(fn)
+        for m in model.modules()
+        for k in kinds
+        for fn in (getattr(m, k, None) or {}).values()
+    )
+
+
+def _is_bridge_wiring(fn) -> bool:
+    """A hook function defined inside transformer-lens (its HookPoint plumbing)."""
+    fn = getattr(fn, "func", fn)  # functools.partial
+    return str(getattr(fn, "__module__", "") or "").startswith("transformer_lens")
 
 
 def check_generation_args(max_new_tokens: int, temperature: float, batch_size: int | None) -> None:
@@ -198,7 +229,7 @@ def generate(
     bs = len(ids) if batch_size is None else batch_size
     out: list[tuple[str, list[int], int]] = [("", [], 0)] * len(ids)
     eos = _eos_ids(model, tok)
-    hooked = _has_hooks(model)
+    hooked = has_hooks(model)
     native = use_native_cache and native_cache.supports(model) and not hooked
     lm = hf_cache.fast_model(model) if use_native_cache and not hooked else None
     kept = hf_cache.PromptCache(model=lm) if keep_cache and lm is not None else None
@@ -349,7 +380,7 @@ def score_continuations(
     for ctx in longest_first:
         if not any(m[: len(ctx)] == ctx for m in maximal):
             maximal.append(ctx)
-    lm = hf_cache.fast_model(model) if fast and not _has_hooks(model) else None
+    lm = hf_cache.fast_model(model) if fast and not has_hooks(model) else None
     if lm is not None:
         if reuse is not None and reuse.model is not lm:
             reuse = None  # the caches came from another model (or a rebuilt twin)

@@ -78,14 +78,16 @@ def _signature(hf) -> tuple:
 
 
 def _build_twin(hf):
-    """A plain copy of ``hf``'s class with SDPA attention sharing ``hf``'s tensors, or None."""
+    """``(twin, unused)``: a plain copy of ``hf``'s class with SDPA attention sharing
+    ``hf``'s tensors, and the tensors of ``hf`` it does not use (each must stay all zero);
+    or ``(None, [])`` when no such twin can be built."""
     cfg = copy.deepcopy(hf.config)
     try:
         cfg._attn_implementation = "sdpa"
         with torch.device("meta"):
             twin = type(hf)(cfg)
     except Exception:  # noqa: BLE001 - no SDPA for this class, or an exotic constructor
-        return None
+        return None, []
     src: dict[str, torch.Tensor] = {}
     named = list(hf.named_parameters(remove_duplicate=False)) + list(
         hf.named_buffers(remove_duplicate=False)
@@ -93,7 +95,7 @@ def _build_twin(hf):
     for name, t in named:
         key = _strip(name)
         if key in src and src[key].data_ptr() != t.data_ptr():
-            return None  # two different tensors claim one name: the mapping is ambiguous
+            return None, []  # two different tensors claim one name: the mapping is ambiguous
         src.setdefault(key, t)
     used: set[int] = set()
     for kind in ("_parameters", "_buffers"):
@@ -104,38 +106,46 @@ def _build_twin(hf):
                 key = f"{mod_name}.{leaf}" if mod_name else leaf
                 t = src.get(key)
                 if t is None or t.shape != old.shape:
-                    return None
+                    return None, []
                 getattr(mod, kind)[leaf] = t
                 used.add(_storage(t))
     # What the twin does not use must not change the output: views of used tensors (the
-    # bridge's split q/k/v) are fine, other tensors must be zero (an added lm_head bias).
-    for _name, t in named:
-        if _storage(t) not in used and t.numel() and bool(t.detach().abs().max() > 0):
-            return None
+    # bridge's split q/k/v) are fine, other tensors must be zero (an added lm_head bias),
+    # and stay zero: fast_model re-checks them on every call (they are small).
+    unused = [t for _name, t in named if _storage(t) not in used and t.numel()]
+    if not _all_zero(unused):
+        return None, []
     for mod in twin.modules():
         for v in vars(mod).values():
             if isinstance(v, torch.Tensor) and v.is_meta:
-                return None
+                return None, []
     if any(t.is_meta for t in twin.parameters()) or any(t.is_meta for t in twin.buffers()):
-        return None
-    return twin.eval()
+        return None, []
+    return twin.eval(), unused
+
+
+def _all_zero(tensors: Sequence[torch.Tensor]) -> bool:
+    return all(not bool(t.detach().abs().max() > 0) for t in tensors)
 
 
 def _agrees(bridge, twin) -> bool:
-    """Twin logits equal the bridge's (no hooks) on a short probe, up to float rounding."""
+    """Twin and bridge (no hooks) agree on a short probe: same next-token argmax everywhere
+    and log-probabilities within float rounding (1e-3 in float32, 0.15 in half precision:
+    SDPA and eager attention round differently)."""
     n_vocab = int(bridge.cfg.d_vocab)
     ids = (torch.arange(1, 9) * 7919 % max(2, n_vocab - 1) + 1)[None].to(bridge.cfg.device)
     with torch.no_grad():
-        want = bridge(ids, return_type="logits").float()
-        got = twin(input_ids=ids).logits.float()
-    tol = 1e-3 if next(twin.parameters()).dtype == torch.float32 else 5e-2
-    return got.shape == want.shape and bool(
-        (got - want).abs().max() <= tol * (1.0 + want.abs().max())
-    )
+        want = torch.log_softmax(bridge(ids, return_type="logits").float(), dim=-1)
+        got = torch.log_softmax(twin(input_ids=ids).logits.float(), dim=-1)
+    if got.shape != want.shape:
+        return False
+    tol = 1e-3 if next(twin.parameters()).dtype == torch.float32 else 0.15
+    return bool((got - want).abs().max() <= tol) and bool((got.argmax(-1) == want.argmax(-1)).all())
 
 
 def fast_model(bridge, *, twin: bool = True):
-    """The Hugging Face causal LM to run hook-free inference on, or None (no HF model).
+    """The Hugging Face causal LM to run hook-free inference on, or None (no HF model, or
+    the bridge is in training mode: only the bridge forward then behaves as training).
 
     Args:
         bridge: a TransformerBridge.
@@ -144,17 +154,21 @@ def fast_model(bridge, *, twin: bool = True):
     hf = _hf_model(bridge)
     if hf is None:
         return None
+    if bridge.training or hf.training:
+        return None  # dropout etc.: only the bridge forward does what training mode does
     if not twin:
         return hf
     sig = _signature(hf)
     entry = _TWINS.get(bridge, _MISSING)
     if entry is _MISSING or entry[0] != sig:
-        tw = _build_twin(hf)
+        tw, unused = _build_twin(hf)
         if tw is not None and not _agrees(bridge, tw):
-            tw = None
-        entry = (sig, tw)
+            tw, unused = None, []
+        entry = (sig, tw, unused)
         _TWINS[bridge] = entry
-    return entry[1] if entry[1] is not None else hf
+    if entry[1] is None or not _all_zero(entry[2]):
+        return hf  # no twin, or a tensor only the wrapped model reads was set in place
+    return entry[1]
 
 
 @functools.cache
@@ -190,6 +204,10 @@ class PromptCache:
             (prompt ids, then every generated token but the last).
         caches: one Hugging Face cache per generation batch.
         model: the causal LM that filled the caches (scoring must use the same one).
+
+    The caches hold keys and values of the weights at generation time: edit no weight in
+    place between ``generate(..., keep_cache=True)`` and the scoring that reuses them
+    (:class:`~kdgap.agent.text_agent.TextAgent` never does).
     """
 
     rows: list[tuple[int, int, int]] = field(default_factory=list)

@@ -17,9 +17,6 @@ computed:
 Correctness is checked against ``run_with_cache()`` sliced at the same positions, on
 left-padded batches of unequal lengths (``tests/hooks/test_recorder.py``), with and without
 truncation, micro-batching and early stopping.
-
-Correctness is checked against ``run_with_cache()`` sliced at the same positions, on
-left-padded batches of unequal lengths (``tests/hooks/test_recorder.py``).
 """
 
 from __future__ import annotations
@@ -31,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float, Int
 
+from kdgap.agent.generation import has_hooks
 from kdgap.hooks.plumbing import (
     TokenBatch,
     model_device,
@@ -155,7 +153,8 @@ class Recorder:
         on_missing: ``"raise"`` or ``"skip"`` for examples lacking a site.
         stop_early: stop the forward after the last block a hook needs, and abandon it
             once every requested hook has fired (later layers, the final norm and the
-            unembedding never run); False runs the whole model.
+            unembedding never run) unless another hook is attached to the model (it must
+            still run); False runs the whole model.
         truncate: run each example only up to its last site (exact for causal models:
             later tokens cannot change earlier positions); ignored, i.e. whole texts run,
             when ``model.cfg.attention_dir`` is not ``"causal"``.
@@ -269,7 +268,9 @@ class Recorder:
         dev = model_device(self.model)
         pos = positions.to(dev)
         got: dict[str, torch.Tensor] = {}
-        n_hooks, stop = len(self.hooks), self.stop_early
+        # Abandon the forward early only when no other hook is attached: a caller's
+        # permanent or steering hook later in the forward must still run.
+        n_hooks, stop = len(self.hooks), self.stop_early and not has_hooks(self.model)
 
         def make_hook(name: str):
             # Bound per requested name: inside the callback hook.name is the bridge's own

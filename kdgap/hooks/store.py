@@ -63,25 +63,35 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def model_fingerprint(model) -> str:
-    """A cheap identity of a model's weights: names, shapes, dtypes and sampled values.
+_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
-    Hashes every parameter's name, shape and dtype plus the bytes of up to 4,096 evenly
-    spaced values (first and last included), so two models differing in architecture, seed
-    or training disagree while hashing stays fast for large models. Only raw bytes are
-    hashed, never a reduction: a float sum depends on the number of torch threads, and a
-    store recorded with 2 threads must reopen with 1. Used to refuse mixing two models in
-    one store.
+
+def model_fingerprint(model) -> str:
+    """An identity of a model's weights: names, shapes, dtypes, sampled values, checksums.
+
+    Hashes every parameter's name, shape and dtype, the bytes of up to 4,096 evenly spaced
+    values (first and last included) and an exact integer checksum of all its values (the
+    sum of their bit patterns read as integers), so two models differing in architecture,
+    seed, training or a single edited weight disagree. Only integers are hashed, never a
+    float reduction: a float sum depends on the number of torch threads, and a store
+    recorded with 2 threads must reopen with 1 (tested). Used to refuse mixing two models
+    in one store.
     """
     h = hashlib.sha256()
     with torch.no_grad():
         for name, p in sorted(model.state_dict().items()):
             flat = p.detach().reshape(-1)
             n = flat.numel()
-            idx = torch.linspace(0, max(n - 1, 0), steps=min(n, 4096)).round().long()
-            sample = flat[idx.to(flat.device)].cpu().contiguous()
             h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode())
-            h.update(sample.view(torch.uint8).numpy().tobytes() if n else b"")
+            if n == 0:
+                continue
+            k = min(n, 4096)
+            # Integer index arithmetic: float linspace rounds past n - 1 above 2**24 values.
+            idx = torch.arange(k, dtype=torch.int64, device=flat.device) * (n - 1) // max(k - 1, 1)
+            sample = flat[idx].cpu().contiguous()
+            h.update(sample.view(torch.uint8).numpy().tobytes())
+            ints = flat.contiguous().view(_INT_VIEW[flat.element_size()])
+            h.update(str(int(ints.sum(dtype=torch.int64))).encode())  # integer: exact
     return h.hexdigest()
 
 
@@ -223,7 +233,8 @@ def _check_compatible(manifest: dict, header: dict, path: Path) -> None:
         raise StoreError(
             f"store {path} was recorded from model {old.get('id')!r} (fingerprint "
             f"{old['fingerprint'][:12]}), not {new.get('id')!r} ({new['fingerprint'][:12]}); "
-            "a store never mixes models: record into a new directory."
+            "a store never mixes models: record into a new directory (stores recorded by "
+            "kdgap before the fingerprint hashed integers only need re-recording too)."
         )
     for key in ("hooks", "sites", "dtype", "shard_size"):
         if manifest[key] != header[key]:

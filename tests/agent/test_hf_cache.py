@@ -232,3 +232,41 @@ def test_no_twin_when_it_would_disagree(models, monkeypatch):
     assert gen.token_ids == generate(bridge, PROMPTS, max_new_tokens=8,
                                      use_native_cache=False).token_ids  # fmt: skip
     hf_cache._TWINS.pop(bridge, None)
+
+
+def test_torch_module_hooks_switch_the_fast_path_off(models):
+    """A plain torch forward hook on a submodule of the wrapped model (as patching registers
+    them) is honoured: scoring runs through the bridge, which runs that module."""
+    from kdgap.agent.generation import has_hooks
+
+    bridge = models["llama"].bridge
+    assert not has_hooks(bridge)
+    plain = score_continuations(bridge, PROMPTS[:2], SPELLINGS)
+    emb = bridge.original_model.get_input_embeddings()
+    handle = emb.register_forward_hook(lambda mod, args, out: out * 3.0)
+    try:
+        assert has_hooks(bridge)
+        hooked = score_continuations(bridge, PROMPTS[:2], SPELLINGS)
+        ref = score_continuations(bridge, PROMPTS[:2], SPELLINGS, fast=False)
+    finally:
+        handle.remove()
+    assert not has_hooks(bridge)
+    assert (hooked - plain).abs().max() > 1e-2  # the hook acted...
+    torch.testing.assert_close(hooked, ref, rtol=0, atol=1e-5)  # ...exactly as on the bridge
+
+
+def test_training_mode_and_edited_unused_tensors_fall_back(models):
+    bridge = models["gpt2"].bridge
+    twin = hf_cache.fast_model(bridge)
+    assert twin is not bridge.original_model
+    bridge.train()
+    try:
+        assert hf_cache.fast_model(bridge) is None
+    finally:
+        bridge.eval()
+    hf_cache._TWINS[bridge] = (*hf_cache._TWINS[bridge][:2], [torch.ones(1)])  # set in place
+    try:
+        assert hf_cache.fast_model(bridge) is bridge.original_model
+    finally:
+        hf_cache._TWINS.pop(bridge, None)
+    assert hf_cache.fast_model(bridge) is not bridge.original_model

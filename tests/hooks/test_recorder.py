@@ -175,9 +175,14 @@ def test_bidirectional_models_are_never_truncated(tiny_native, monkeypatch):
     assert torch.equal(rec.needed_lengths(b, pos), b.lengths)
 
 
-def test_forward_is_abandoned_once_every_hook_fired(tiny_native):
+def test_forward_is_abandoned_once_every_hook_fired(tiny_native, monkeypatch):
     """A hook inside block 0 (resid_mid) stops the forward before block 0's MLP; a hook after
     the blocks (ln_final) stops it before the unembedding. Both equal the full forward."""
+    import kdgap.hooks.recorder as recorder_mod
+
+    # The probe below is itself a torch hook, which the recorder would (rightly) treat as a
+    # caller's hook that must run; pretend it is not there.
+    monkeypatch.setattr(recorder_mod, "has_hooks", lambda model: False)
     fmt, texts = demo_format(), _texts()
     for hook, later in (
         ("blocks.0.hook_resid_mid", "blocks.0.hook_mlp_out"),
@@ -225,3 +230,15 @@ def test_recorder_tokenises_like_the_agent(tiny_native, tiny_tokenizer):
         assert (res.acts[key][i] - cache[key[0]][0, p]).abs().max() <= 1e-5
     assert doubled.n_tokens.tolist() == [res.n_tokens[0] + 1, res.n_tokens[1]]
     assert (doubled.acts[key][0] - res.acts[key][0]).abs().max() > 1e-3  # BOS twice differs
+
+
+def test_forward_is_not_abandoned_when_another_hook_is_attached(tiny_native):
+    """A caller's permanent hook after the recorded one still fires (no early exit)."""
+    fired = []
+    hp = tiny_native.hook_dict["blocks.0.hook_mlp_out"]
+    hp.add_hook(lambda act, hook: fired.append(1), is_permanent=True)
+    try:
+        Recorder(tiny_native, demo_format(), "blocks.0.hook_resid_mid", ["action"]).record(_texts())
+    finally:
+        hp.remove_hooks(including_permanent=True)
+    assert fired

@@ -249,9 +249,9 @@ def test_skipped_examples_across_shards_with_reused_buffers(tiny_native, tmp_pat
 
 
 def test_model_fingerprint_ignores_thread_count_but_not_weights(tiny_native):
-    """The fingerprint hashes bytes, not a float reduction: the same weights give the same
+    """The fingerprint hashes integers, not a float reduction: the same weights give the same
     fingerprint under any torch thread count (a store recorded with 2 threads reopens with
-    1), while a perturbed sampled weight changes it."""
+    1), while any single perturbed weight changes it (sampled or not)."""
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -261,13 +261,31 @@ def test_model_fingerprint_ignores_thread_count_but_not_weights(tiny_native):
     finally:
         torch.set_num_threads(before)
     assert one == many
-    name, p = next(iter(sorted(tiny_native.state_dict().items())))
-    with torch.no_grad():
-        flat = p.view(-1)
-        old = flat[0].clone()
-        flat[0] += 1e-3  # index 0 is always sampled
-        try:
-            assert store_mod.model_fingerprint(tiny_native) != one, name
-        finally:
-            flat[0] = old
+    name, p = max(tiny_native.state_dict().items(), key=lambda kv: kv[1].numel())
+    assert p.numel() > 4096  # so not every value is sampled
+    for index in (0, p.numel() // 2 + 1):  # index 0 is sampled; the middle one may not be
+        with torch.no_grad():
+            flat = p.view(-1)
+            old = flat[index].clone()
+            flat[index] += 1e-3
+            try:
+                assert store_mod.model_fingerprint(tiny_native) != one, (name, index)
+            finally:
+                flat[index] = old
     assert store_mod.model_fingerprint(tiny_native) == one
+
+
+def test_model_fingerprint_indexes_large_tensors_exactly():
+    """Float32 linspace rounds n - 1 up to n above 2**24 values (an IndexError on SmolLM2's
+    28.3M-value embedding); the integer index arithmetic stays in range."""
+
+    class Big(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(28_311_552), requires_grad=False)
+
+    m = Big()
+    m.w.data[-1] = 1.0
+    a = store_mod.model_fingerprint(m)
+    m.w.data[-1] = 2.0
+    assert store_mod.model_fingerprint(m) != a
