@@ -21,7 +21,7 @@ Writes ``OUT/summary.json`` (every number), ``OUT/records_{forced,free}.jsonl``,
     python experiments/smollm2_end_to_end.py --out runs/smollm2
 
 Threads: ``--threads auto`` (default) uses every core when the machine is idle and one
-thread when other processes keep it busy (1-minute load average): on a shared 2-core
+thread when other processes keep it busy (``/proc/stat`` over one second): on a shared 2-core
 machine, two OpenMP threads that keep losing their core to other processes ran 3-4x
 *slower* than one thread (measured: one SmolLM2 prompt pass + 16 tokens, 17-24 s vs
 5-6 s; ``OMP_WAIT_POLICY=PASSIVE`` narrowed that to 1.4x). The summary records the
@@ -46,10 +46,30 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
+def busy_cores(seconds: float = 1.0) -> float:
+    """Cores other processes keep busy now: ``/proc/stat`` sampled ``seconds`` apart (the
+    1-minute load average lags: right after another job it still reads ~1 on an idle
+    machine); the load average where ``/proc/stat`` is missing."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+        return sum(v) - idle, sum(v)
+
+    try:
+        b0, t0 = sample()
+        time.sleep(seconds)
+        b1, t1 = sample()
+    except OSError:
+        return os.getloadavg()[0]
+    return (os.cpu_count() or 1) * (b1 - b0) / max(1, t1 - t0)
+
+
 def auto_threads() -> int:
     """Every core when the machine is idle, fewer as other processes load it (>= 1)."""
     n = os.cpu_count() or 1
-    return max(1, min(n, int(n - os.getloadavg()[0] + 0.5)))
+    return max(1, min(n, int(n - busy_cores() + 0.5)))
 
 
 def _call(fn, *args, **kwargs):
@@ -165,9 +185,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--free-episodes", type=int, default=8)
     ap.add_argument("--free-steps", type=int, default=5)
-    ap.add_argument("--pairs", type=int, default=16, help="most conclusion-edit pairs")
-    ap.add_argument("--min-pairs", type=int, default=8)
-    ap.add_argument("--heatmap-positions", type=int, default=24)
+    ap.add_argument("--pairs", type=int, default=8, help="most conclusion-edit pairs")
+    ap.add_argument("--min-pairs", type=int, default=4)
+    ap.add_argument("--heatmap-positions", type=int, default=12)
     ap.add_argument("--aiw-samples", type=int, default=8)
     ap.add_argument("--aiw-tokens", type=int, nargs=3, default=[128, 160, 16],
                     metavar=("STANDARD", "THINKING", "RESTRICTED"))  # fmt: skip
@@ -217,7 +237,7 @@ def main(argv=None) -> dict:
     def forced():
         agent = TextAgent(bridge, fmt, mode="forced", max_new_tokens=args.max_new_tokens,
                           seed=args.seed, counterfactual=True)  # fmt: skip
-        recs = play(agent, cfg, n_episodes=args.episodes, seed=args.seed, progress=False)
+        recs = play(agent, cfg, n_episodes=args.episodes, seed=args.seed, progress=True)
         write_records(out / "records_forced.jsonl", recs)
         state["records"] = recs
         m = behavior_metrics(recs)
@@ -229,7 +249,7 @@ def main(argv=None) -> dict:
         agent = TextAgent(bridge, fmt, mode="free", max_new_tokens=args.max_new_tokens,
                           seed=args.seed)  # fmt: skip
         recs = play(agent, free_cfg, n_episodes=args.free_episodes, seed=args.seed,
-                    progress=False)  # fmt: skip
+                    progress=True)  # fmt: skip
         write_records(out / "records_free.jsonl", recs)
         m = behavior_metrics(recs)
         return {k: m[k] for k in ("invalid_rate", "rationale_correct", "action_matches",
@@ -240,7 +260,7 @@ def main(argv=None) -> dict:
 
         store = record_store(bridge, raw_fmt, state["records"], "resid_post", "action",
                              out / "store", batch_size=8, model_id=args.model, seed=args.seed,
-                             progress=False)  # fmt: skip
+                             progress=True)  # fmt: skip
         state["store"] = store
         return {"path": str(out / "store"), "n_examples": len(state["records"]),
                 "hooks": len(store.hooks)}  # fmt: skip

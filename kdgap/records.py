@@ -97,6 +97,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, file_mode())
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -105,6 +106,14 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give (0o666 less the umask): ``mkstemp``
+    creates 0o600 files, which other users of a shared results folder could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:

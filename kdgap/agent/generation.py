@@ -147,9 +147,9 @@ def has_hooks(model) -> bool:
     hook, a torch forward / pre-forward / backward hook on any submodule (patching registers
     those directly), or a global torch module hook.
 
-    The bridge's own wiring (transformer-lens registers pre-hooks on the wrapped model's
-    norms that feed its HookPoints) does not count: without a HookPoint hook it changes
-    nothing.
+    Library wiring does not count: transformer-lens's pre-hooks on the wrapped model's norms
+    that feed its HookPoints, and transformers' output-capturing hooks (installed once
+    ``run_with_cache`` has asked for hidden states), change nothing by themselves.
     """
     from torch.nn.modules import module as torch_module
 
@@ -171,10 +171,14 @@ def has_hooks(model) -> bool:
     )
 
 
+_WIRING = ("transformer_lens", "transformers.utils.output_capturing")
+
+
 def _is_bridge_wiring(fn) -> bool:
-    """A hook function defined inside transformer-lens (its HookPoint plumbing)."""
+    """A hook function from transformer-lens's HookPoint plumbing or transformers' output
+    capturing (see :func:`has_hooks`)."""
     fn = getattr(fn, "func", fn)  # functools.partial
-    return str(getattr(fn, "__module__", "") or "").startswith("transformer_lens")
+    return str(getattr(fn, "__module__", "") or "").startswith(_WIRING)
 
 
 def check_generation_args(max_new_tokens: int, temperature: float, batch_size: int | None) -> None:

@@ -118,6 +118,7 @@ def record_store(
     sort_by_length: bool = True,
     pad_multiple: int = 4,
     truncate: bool = True,
+    fast: bool = True,
     model_identity: dict | None = None,
 ) -> ActivationStore:
     """Record ``hooks`` at ``sites`` for every transcript into the store at ``out``.
@@ -157,6 +158,8 @@ def record_store(
             :class:`~kdgap.hooks.recorder.Recorder`; keeps the heap from fragmenting).
         truncate: run each transcript only up to its last site (exact for causal models,
             see :class:`~kdgap.hooks.recorder.Recorder`).
+        fast: record residual-stream hooks of Hugging Face models on the SDPA twin (see
+            :class:`~kdgap.hooks.recorder.Recorder`); False always runs the bridge.
         model_identity: provenance stored in the manifest (``LoadedModel.identity``).
 
     Returns:
@@ -173,7 +176,7 @@ def record_store(
     rec = Recorder(
         model, fmt, hooks, sites, tokenizer=tok, dtype=dtype, prepend_bos=prepend_bos,
         on_missing=on_missing, max_batch_tokens=max_batch_tokens, pad_multiple=pad_multiple,
-        truncate=truncate,
+        truncate=truncate, fast=fast,
     )  # fmt: skip
     model_id = model_id or getattr(model.cfg, "model_name", None) or type(model).__name__
     header = {

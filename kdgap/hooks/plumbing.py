@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 
 #: Short hook kinds -> per-layer name template (transformer-lens names, which the bridge
 #: accepts as aliases). ``z``, ``q``, ``k``, ``v`` are per head: ``[batch pos head d_head]``.
@@ -323,3 +323,11 @@ def model_device(model) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def gather_positions(
+    act: Float[torch.Tensor, "batch pos *rest"], positions: Int[torch.Tensor, "batch n_sites"]
+) -> Float[torch.Tensor, "batch n_sites *rest"]:
+    """``act[b, positions[b, s]]`` for every example ``b`` and site ``s`` (a new tensor)."""
+    rows = torch.arange(act.shape[0], device=act.device)[:, None]
+    return act[rows, positions.to(act.device)]

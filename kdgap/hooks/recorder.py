@@ -26,11 +26,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Int
 
 from kdgap.agent.generation import has_hooks
 from kdgap.hooks.plumbing import (
     TokenBatch,
+    gather_positions,
     model_device,
     model_tokenizer,
     require_eval,
@@ -40,6 +41,7 @@ from kdgap.hooks.plumbing import (
     tokenize_like_agent,
 )
 from kdgap.hooks.sites import parse_sites, resolve_sites
+from kdgap.hooks.twin_record import twin_forward, twin_plan
 
 DTYPES = {
     "float32": torch.float32,
@@ -80,14 +82,6 @@ class BatchActivations:
     positions: Int[torch.Tensor, "batch n_sites"]
     skipped: list
     n_tokens: Int[torch.Tensor, " batch"]
-
-
-def gather_positions(
-    act: Float[torch.Tensor, "batch pos *rest"], positions: Int[torch.Tensor, "batch n_sites"]
-) -> Float[torch.Tensor, "batch n_sites *rest"]:
-    """``act[b, positions[b, s]]`` for every example ``b`` and site ``s`` (a new tensor)."""
-    rows = torch.arange(act.shape[0], device=act.device)[:, None]
-    return act[rows, positions.to(act.device)]
 
 
 def to_host(acts: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -167,6 +161,10 @@ class Recorder:
             at ``n_ctx``), so forwards share a few tensor shapes and the allocator reuses
             freed blocks instead of fragmenting the heap (measured: without it, RSS creeps
             up batch after batch); 1 turns it off.
+        fast: record ``hook_resid_pre`` / ``hook_resid_post`` of a Hugging Face-backed
+            bridge on its SDPA twin (:mod:`kdgap.hooks.twin_record`: the same tensors, no
+            bridge forward; equal up to float rounding) when no hook is attached and no
+            other hook is requested; False always runs the bridge.
         release_memory: after each forward, return freed heap pages to the OS
             (:func:`release_free_memory`, glibc only), so resident memory tracks what is
             live instead of creeping up as forwards of different shapes land on different
@@ -189,6 +187,7 @@ class Recorder:
         max_batch_tokens: int | None = 2048,
         pad_multiple: int = 16,
         release_memory: bool = True,
+        fast: bool = True,
     ):
         if max_batch_tokens is not None and (
             not isinstance(max_batch_tokens, int) or max_batch_tokens < 1
@@ -215,6 +214,7 @@ class Recorder:
         self.max_batch_tokens = max_batch_tokens
         self.pad_multiple = pad_multiple
         self.release_memory = bool(release_memory)
+        self.fast = bool(fast)
 
     def tokenize(self, texts: Sequence[str]) -> TokenBatch:
         """Left-padded tokens, mask and offsets of ``texts`` (agent's BOS rule by default)."""
@@ -267,6 +267,9 @@ class Recorder:
         """
         dev = model_device(self.model)
         pos = positions.to(dev)
+        plan = twin_plan(self.model, self.hooks) if self.fast else None
+        if plan is not None:
+            return to_host(twin_forward(plan, tokens.to(dev), mask.to(dev), pos), self.dtype)
         got: dict[str, torch.Tensor] = {}
         # Abandon the forward early only when no other hook is attached: a caller's
         # permanent or steering hook later in the forward must still run.

@@ -32,7 +32,7 @@ from jaxtyping import Float
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kdgap.records import atomic_write_json
+from kdgap.records import atomic_write_json, file_mode
 
 FORMAT = "kdgap-activation-store"
 FORMAT_VERSION = 1
@@ -113,6 +113,7 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        os.chmod(tmp, file_mode())
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

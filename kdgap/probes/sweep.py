@@ -35,6 +35,7 @@ from kdgap.probes.source import (
 )
 from kdgap.probes.splits import grouped_train_test_split
 from kdgap.probes.stats import accuracy_ci, chance_level
+from kdgap.records import file_mode
 
 PROBES = ("logistic", "diffmeans")
 TRAINERS = ("batched", "sklearn")
@@ -79,6 +80,7 @@ def atomic_write(df: pd.DataFrame, out: str | os.PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=out.suffix)
     os.close(fd)
     try:
+        os.chmod(tmp, file_mode())
         df.to_parquet(tmp, index=False) if out.suffix == ".parquet" else df.to_csv(tmp, index=False)
         os.replace(tmp, out)
     finally:
