@@ -19,6 +19,7 @@ from kdgap.agent.runner import play
 from kdgap.agent.text_agent import TextAgent
 from kdgap.envs.bandit import BanditConfig
 from kdgap.models import load_model
+from tests.agent.test_real_chat_models import _config  # one tiny config per architecture
 
 ARCHS = ("gpt2", "llama", "qwen2")
 PROMPTS = [
@@ -27,22 +28,6 @@ PROMPTS = [
     "ACTION= the quick brown fox jumps over the unknown mean of green",
 ]
 SPELLINGS = ["red", " red", "Red", " Red", "orange", " Orange", "yellow", " green"]
-
-
-def _config(arch: str, tok):
-    from transformers import GPT2Config, LlamaConfig, Qwen2Config
-
-    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-               pad_token_id=tok.pad_token_id)  # fmt: skip
-    if arch == "gpt2":
-        return GPT2Config(vocab_size=len(tok), n_positions=1024, n_embd=32, n_layer=2, n_head=4,
-                          initializer_range=0.3, **ids)  # fmt: skip
-    cls = LlamaConfig if arch == "llama" else Qwen2Config
-    return cls(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        initializer_range=0.3, tie_word_embeddings=arch == "qwen2", **ids,
-    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
