@@ -13,7 +13,7 @@ with :func:`verify_top_k`, which re-runs them through the batched exact
 Gradients are taken with respect to a zero tensor added at each hook (``a + 0``), which
 leaves the forward unchanged and needs no ``retain_grad`` on bridge-internal tensors.
 
-Cost: the source run stops after the last block a site lives in and the base run's
+Cost: the source run stops after the last block (it needs no logits) and the base run's
 unembedding sees the metric's position only, so neither computes ``pos x d_vocab`` logits
 (forward or backward); the effects equal those from full forwards (tested). What is left
 is one no-grad forward, one forward and one backward through the bridge's blocks, which is

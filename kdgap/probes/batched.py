@@ -13,8 +13,10 @@ chosen C in one more stacked solve. The problems are independent, so the solver
 problem and drops converged problems from the stack: stacking changes the speed, not the
 solution. ``experiments/bench/probes.py`` measures the speed-up.
 
-Each problem is exactly scikit-learn's ``LogisticRegression(C=C)`` objective on inputs
-standardised per layer:
+Each problem is scikit-learn's ``LogisticRegression(C=C)`` objective on inputs
+standardised per layer (over the site's training rows; for a task with missing labels,
+e.g. unparsed rationale arms or dropped rare classes, scikit-learn's probe standardises
+over that task's rows only, so the same C is then a slightly different penalty):
 
     mean_i CE(softmax(W z_i + b), y_i) + ||W||^2 / (2 C n)
 

@@ -15,7 +15,7 @@ so the type has to recur *across* episodes.
 
 **The default type: the reward history** (``control_feature="reward_history"``,
 :func:`reward_history`): the last :data:`HISTORY_LENGTH` rewards of the episode before
-the step, i.e. the outcome tokens the prompt's history shows just before the action
+the step, i.e. the outcome tokens at the end of the prompt's history
 (``"yellow0 blue1 ..."`` in the organisms' format). With binary rewards there are
 ``2**6`` full patterns plus the shorter ones of the first steps, each seen in many
 episodes, so memorising them pays on held-out episodes, and they vary independently of
