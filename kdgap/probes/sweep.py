@@ -41,6 +41,25 @@ PROBES = ("logistic", "diffmeans")
 TRAINERS = ("batched", "sklearn")
 
 
+def _site_control_types(store: ActivationSource, table: pd.DataFrame, name: str) -> np.ndarray:
+    """Control types of ``table``'s rows (one site), computed over *every* recorded step.
+
+    A reward history must read the episode's rewards from all its steps, including steps
+    this site lacks (skipped examples, ``history.last`` at step 0): their rewards are still
+    in the prompt. So the types come from ``store.labels`` and are matched to the site's
+    rows by (episode, step); other features are read from the site's rows directly.
+    """
+    full = getattr(store, "labels", None)
+    keys = ["episode", "step"]
+    if name != "reward_history" or full is None or len(full) == len(table):
+        return control_types(table, name)
+    if full.duplicated(keys).any():
+        return control_types(table, name)  # (episode, step) does not identify a step
+    types = full[keys].assign(_type=control_types(full, name))
+    merged = table[keys].merge(types, on=keys, how="left", validate="many_to_one")
+    return merged["_type"].to_numpy()
+
+
 def load_site(
     store: ActivationSource, hooks: Sequence[str], site: str
 ) -> tuple[torch.Tensor, pd.DataFrame]:
@@ -158,7 +177,7 @@ def sweep(
             y.append(y_lab)
             dropped.append(drop)
         y = np.stack(y)
-        feature = control_types(table, control_feature)
+        feature = _site_control_types(store, table, control_feature)
         y_ctl = np.stack([control_labels(feature, yl, seed=seed) for yl in y])
         tr, te = grouped_train_test_split(groups, test_size=test_size, seed=seed)
         tasks = np.concatenate([y, y_ctl])  # [2 * n_labels, n]: real tasks, then controls

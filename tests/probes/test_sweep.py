@@ -55,3 +55,28 @@ def test_clear_errors(bypass_store, tmp_path):
     tiny = SyntheticStore(labels, n_layers=1, plants=[Plant("action")])
     with pytest.raises(ValueError, match=r"label='action': too few examples per class \{9: 3\}"):
         sweep(tiny, labels=["action"])
+
+
+def test_control_types_of_a_site_read_every_recorded_step():
+    """A site lacking some steps (skipped examples) still gets reward-history types built
+    from the episode's full history, as the prompts show it."""
+    import numpy as np
+    import pandas as pd
+
+    from kdgap.probes.control import control_types
+    from kdgap.probes.sweep import _site_control_types
+
+    rng = np.random.default_rng(0)
+    full = pd.DataFrame({"episode": np.repeat(np.arange(4), 10), "step": np.tile(np.arange(10), 4),
+                         "reward": rng.integers(0, 2, 40).astype(float)})  # fmt: skip
+
+    class Source:
+        labels = full
+
+    site = full[full["step"] % 3 != 1].reset_index(drop=True)  # every third step missing
+    got = _site_control_types(Source(), site, "reward_history")
+    want = control_types(full, "reward_history")[(full["step"] % 3 != 1).to_numpy()]
+    assert np.array_equal(got, want)
+    # ...whereas the site's own rows would see the missing steps as absent: different types
+    assert not np.array_equal(control_types(site, "reward_history"), want)
+    assert np.array_equal(_site_control_types(Source(), site, "step"), site["step"].to_numpy())
