@@ -46,7 +46,6 @@ check).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
 import os
@@ -65,14 +64,6 @@ def _rss_kb(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _trim() -> None:
-    """Give freed heap back to the OS (glibc), so RSS is live memory."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
 
 
 def play_records(organism: str, n: int, seed: int, path: Path) -> dict:
@@ -107,6 +98,7 @@ def child(args) -> dict:
     import torch
 
     from kdgap.hooks.api import record_store, transcript_text
+    from kdgap.hooks.plumbing import release_free_memory
     from kdgap.hooks.recorder import Recorder
     from kdgap.hooks.sites import resolve_sites
     from kdgap.organisms import OrganismFormat, load_organism
@@ -137,7 +129,7 @@ def child(args) -> dict:
         del cache
         return out
 
-    _trim()
+    release_free_memory()
     model_loaded = _rss_kb("VmRSS")
     # Warm-up: one batch through the variant's own code path (the recorder: a one-batch
     # store in a scratch folder, so pyarrow, safetensors and the tokenizer are loaded and
@@ -149,7 +141,7 @@ def child(args) -> dict:
         with tempfile.TemporaryDirectory() as scratch:
             record_store(model, fmt, records[:bs], "resid_post", SITES, scratch, **store_kw)
     gc.collect()
-    _trim()
+    release_free_memory()
     baseline = _rss_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     t0, c0 = time.perf_counter(), time.process_time()

@@ -21,7 +21,6 @@ truncation, micro-batching and early stopping.
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,6 +33,7 @@ from kdgap.hooks.plumbing import (
     gather_positions,
     model_device,
     model_tokenizer,
+    release_free_memory,
     require_eval,
     resolve_hooks,
     stop_layer_for,
@@ -103,28 +103,6 @@ def to_host(acts: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torc
         out[k] = flat[:, col : col + width].reshape(v.shape)
         col += width
     return out
-
-
-def _malloc_trim():
-    """glibc's ``malloc_trim`` (None elsewhere: musl, macOS, Windows)."""
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_TRIM = _malloc_trim()
-
-
-def release_free_memory() -> None:
-    """Return the allocator's free pages to the OS (glibc ``malloc_trim(0)``; else no-op).
-
-    Forwards of different shapes leave freed blocks scattered through the C heap; later
-    forwards land on other, untouched free pages, so without this the process's resident
-    memory creeps up forward after forward although the live data stays the same size.
-    """
-    if _TRIM is not None:
-        _TRIM(0)
 
 
 class _AllHooksFired(Exception):

@@ -22,8 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -32,7 +30,9 @@ from jaxtyping import Float
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kdgap.records import atomic_write_json, file_mode
+from kdgap.hooks.plumbing import release_free_memory
+from kdgap.records import atomic_write as _atomic_write  # module global: tests wrap it
+from kdgap.records import atomic_write_json
 
 FORMAT = "kdgap-activation-store"
 FORMAT_VERSION = 1
@@ -101,26 +101,8 @@ def release_write_memory() -> None:
     later forward runs on top of a write's leftovers (measured: 4-10 MB on the organisms)."""
     import pyarrow as pa
 
-    from kdgap.hooks.recorder import release_free_memory
-
     pa.default_memory_pool().release_unused()
     release_free_memory()
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)``, fsync the result and rename it to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        os.chmod(tmp, file_mode())
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class StoreWriter:

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from kdgap.organisms.language import OrganismLanguage
-from kdgap.records import atomic_write_json
+from kdgap.records import atomic_write, atomic_write_json
 
 SHIPPED_DIR = Path(__file__).parent / "shipped"
 FORMAT_TAG = "kdgap-organism"
@@ -84,13 +83,7 @@ def save_organism(model, lang: OrganismLanguage, train_cfg, folder, *, extra: di
     if tokenizer is not None and not (folder / "tokenizer.json").exists():
         tokenizer.save_pretrained(folder)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".model.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp)
-        os.replace(tmp, folder / "model.safetensors")
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write(folder / "model.safetensors", lambda tmp: save_file(state, tmp))
     config = {"format": FORMAT_TAG, "name": folder.name, **extra,
               "language": lang.to_dict(), "model": _model_dict(train_cfg)}  # fmt: skip
     atomic_write_json(folder / "config.json", config)
@@ -99,8 +92,8 @@ def save_organism(model, lang: OrganismLanguage, train_cfg, folder, *, extra: di
 
 
 def make_readable(folder: str | os.PathLike) -> None:
-    """chmod 644 every file of ``folder``: atomic writes go through ``mkstemp`` (mode 600),
-    and shipped package data must be readable by every user."""
+    """chmod 644 every file of ``folder``: shipped package data must be readable by every
+    user whatever the umask of whoever trained it (atomic writes follow the umask)."""
     for path in Path(folder).iterdir():
         if path.is_file():
             path.chmod(0o644)

@@ -12,7 +12,6 @@ trainer is tested and benchmarked against).
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from kdgap.probes.source import (
 )
 from kdgap.probes.splits import grouped_train_test_split
 from kdgap.probes.stats import accuracy_ci, chance_level
-from kdgap.records import file_mode
+from kdgap.records import atomic_write as write_atomically
 
 PROBES = ("logistic", "diffmeans")
 TRAINERS = ("batched", "sklearn")
@@ -91,21 +90,13 @@ def load_site(
 
 
 def atomic_write(df: pd.DataFrame, out: str | os.PathLike) -> Path:
-    """Write ``df`` to ``out`` (``.parquet`` or ``.csv``) via a temp file and rename."""
+    """Write ``df`` to ``out`` (``.parquet`` or ``.csv``) atomically (temp file + rename)."""
     out = Path(out)
     if out.suffix not in (".parquet", ".csv"):
         raise ValueError(f"out={str(out)!r}: use a .parquet or .csv file name.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=out.suffix)
-    os.close(fd)
-    try:
-        os.chmod(tmp, file_mode())
-        df.to_parquet(tmp, index=False) if out.suffix == ".parquet" else df.to_csv(tmp, index=False)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    if out.suffix == ".parquet":
+        return write_atomically(out, lambda tmp: df.to_parquet(tmp, index=False))
+    return write_atomically(out, lambda tmp: df.to_csv(tmp, index=False))
 
 
 def sweep(
