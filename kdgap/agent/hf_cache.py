@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 import torch
 from jaxtyping import Float, Int
 
+from kdgap.agent.decoding import decode_loop
+
 try:
     from transformers import PreTrainedModel
     from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -262,38 +264,23 @@ def generate(
     """
     from transformer_lens.utilities import sample_logits
 
-    device = tokens.device
-    eos_t = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
-    freeze = bool(len(eos_ids)) or stop is not None
-    devices = [device] if device.type == "cuda" else []
+    state: dict = {"cache": None}
+
+    def step(ids, positions, key_mask):
+        logits, state["cache"] = _forward(lm, ids, key_mask, positions, state["cache"])
+        return logits[:, -1, :]
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        if temperature > 0:
+            return sample_logits(logits, temperature=temperature).to(logits.device)
+        return logits.argmax(dim=-1)
+
+    devices = [tokens.device] if tokens.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(int(seed))
-        key_mask = mask.long()
-        positions = (key_mask.cumsum(-1) - 1).clamp(min=0)
-        next_pos = key_mask.sum(-1, keepdim=True)
-        logits, cache = _forward(lm, tokens, key_mask, positions)
-        finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=device)
-        seq, new = tokens, []
-        for step in range(max_new_tokens):
-            last = logits[:, -1, :]
-            if temperature > 0:
-                nxt = sample_logits(last, temperature=temperature).to(device)
-            else:
-                nxt = last.argmax(dim=-1)
-            if freeze:
-                nxt = torch.where(finished, torch.full_like(nxt, fill_id), nxt)
-            new.append(nxt)
-            seq = torch.cat([seq, nxt[:, None]], dim=1)
-            if len(eos_ids):
-                finished |= torch.isin(nxt, eos_t)
-            if stop is not None:
-                finished |= stop(seq).to(device)
-            if (freeze and bool(finished.all())) or step == max_new_tokens - 1:
-                break
-            key_mask = torch.cat([key_mask, torch.ones_like(key_mask[:, :1])], dim=1)
-            logits, cache = _forward(lm, nxt[:, None], key_mask, next_pos, cache)
-            next_pos = next_pos + 1
-    return torch.stack(new, dim=1).cpu(), cache
+        new = decode_loop(step, tokens, mask, max_new_tokens=max_new_tokens, pick=pick,
+                          eos_ids=eos_ids, fill_id=fill_id, stop=stop)  # fmt: skip
+    return new.cpu(), state["cache"]
 
 
 # -------------------------------------------------------------------------------- scoring

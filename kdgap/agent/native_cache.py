@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 
+from kdgap.agent.decoding import decode_loop
+
 try:  # the native source exists in transformer-lens 4.x; guard for other versions
     from transformer_lens.model_bridge.sources.native.model import NativeModel, apply_softcap
 except ImportError:  # pragma: no cover - older/newer layouts fall back to bridge.generate
@@ -113,34 +115,19 @@ def generate(
         filled with ``eos_ids[0]`` (or 0) like ``bridge.generate``.
     """
     nm = model.original_model
-    device = tokens.device
-    gen = torch.Generator(device=device).manual_seed(int(seed))
-    fill = int(eos_ids[0]) if len(eos_ids) else 0
-    eos_t = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
+    gen = torch.Generator(device=tokens.device).manual_seed(int(seed))
     cache: list = [None] * len(nm.layers)
-    key_mask = mask.long()
-    positions = (key_mask.cumsum(-1) - 1).clamp(min=0)
-    next_pos = key_mask.sum(-1, keepdim=True)
     capacity = tokens.shape[1] + max_new_tokens
-    logits = _forward(nm, tokens, positions, key_mask, cache, capacity)
-    finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=device)
-    seq, new = tokens, []
-    for step in range(max_new_tokens):
-        if temperature > 0:
-            probs = F.softmax(logits.float() / temperature, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=gen).squeeze(1)
-        else:
-            nxt = logits.argmax(dim=-1)
-        nxt = torch.where(finished, torch.full_like(nxt, fill), nxt)
-        new.append(nxt)
-        seq = torch.cat([seq, nxt[:, None]], dim=1)
-        if len(eos_ids):
-            finished |= torch.isin(nxt, eos_t)
-        if stop is not None:
-            finished |= stop(seq).to(device)
-        if bool(finished.all()) or step == max_new_tokens - 1:
-            break
-        key_mask = torch.cat([key_mask, torch.ones_like(key_mask[:, :1])], dim=1)
-        logits = _forward(nm, nxt[:, None], next_pos, key_mask, cache, capacity)
-        next_pos = next_pos + 1
-    return torch.stack(new, dim=1).cpu()
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        if temperature <= 0:
+            return logits.argmax(dim=-1)
+        probs = F.softmax(logits.float() / temperature, dim=-1)
+        return torch.multinomial(probs, 1, generator=gen).squeeze(1)
+
+    new = decode_loop(
+        lambda ids, pos, key_mask: _forward(nm, ids, pos, key_mask, cache, capacity),
+        tokens, mask, max_new_tokens=max_new_tokens, pick=pick, eos_ids=eos_ids,
+        fill_id=int(eos_ids[0]) if len(eos_ids) else 0, stop=stop,
+    )  # fmt: skip
+    return new.cpu()
