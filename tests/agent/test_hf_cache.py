@@ -18,10 +18,8 @@ from kdgap.agent.prompts import PaperFormat
 from kdgap.agent.runner import play
 from kdgap.agent.text_agent import TextAgent
 from kdgap.envs.bandit import BanditConfig
-from kdgap.models import load_model
-from tests.agent.test_real_chat_models import _config  # one tiny config per architecture
+from tests.agent.test_real_chat_models import ARCHS, save_and_load
 
-ARCHS = ("gpt2", "llama", "qwen2")
 PROMPTS = [
     "Step=0 Action=red Reward=1\nStep=1 Action=blue",
     "You are in a room",
@@ -32,18 +30,8 @@ SPELLINGS = ["red", " red", "Red", " Red", "orange", " Orange", "yellow", " gree
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tiny_tokenizer_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = {}
-    for seed, arch in enumerate(ARCHS):
-        tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-        torch.manual_seed(20 + seed)
-        model = AutoModelForCausalLM.from_config(_config(arch, tok))
-        path = tmp_path_factory.mktemp(f"fast_{arch}")
-        model.save_pretrained(path, safe_serialization=True)
-        tok.save_pretrained(path)
-        out[arch] = load_model(str(path))
-    return out
+    """``{arch: LoadedModel}``: random models without a chat template."""
+    return save_and_load(tmp_path_factory, tiny_tokenizer_dir, prefix="fast", seed=20)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -45,22 +45,32 @@ def _config(arch: str, tok):
     )  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def chat_models(tmp_path_factory, tiny_tokenizer_dir):
-    """``{arch: LoadedModel}``: random chat models saved with a template, then loaded."""
+def save_and_load(tmp_path_factory, tokenizer_dir, *, prefix: str, seed: int,
+                  chat_template: str | None = None) -> dict:  # fmt: skip
+    """``{arch: LoadedModel}``: one random model per architecture in ``ARCHS`` (torch seed
+    ``seed + index``), saved to a temp folder with the tokenizer (and ``chat_template``),
+    then loaded through :func:`kdgap.models.load_model`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = {}
-    for seed, arch in enumerate(ARCHS):
-        tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-        tok.chat_template = CHAT_TEMPLATE
-        torch.manual_seed(10 + seed)
+    for i, arch in enumerate(ARCHS):
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        if chat_template is not None:
+            tok.chat_template = chat_template
+        torch.manual_seed(seed + i)
         model = AutoModelForCausalLM.from_config(_config(arch, tok))
-        path = tmp_path_factory.mktemp(f"chat_{arch}")
+        path = tmp_path_factory.mktemp(f"{prefix}_{arch}")
         model.save_pretrained(path, safe_serialization=True)
         tok.save_pretrained(path)
         out[arch] = load_model(str(path))
     return out
+
+
+@pytest.fixture(scope="module")
+def chat_models(tmp_path_factory, tiny_tokenizer_dir):
+    """``{arch: LoadedModel}``: random chat models saved with a template, then loaded."""
+    return save_and_load(tmp_path_factory, tiny_tokenizer_dir, prefix="chat", seed=10,
+                         chat_template=CHAT_TEMPLATE)  # fmt: skip
 
 
 def _hand_arm_logprobs(bridge, tok, prefix: str, names, fmt) -> torch.Tensor:
