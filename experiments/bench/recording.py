@@ -29,9 +29,18 @@ memory is not counted as baseline; the kernel's peak counter is reset there thro
 the same peak against the RSS right after loading the model (warm-up leftovers, library
 code pages and allocator arenas included). Every child runs one thread (torch, OpenMP and
 the tokenizer's Rust pool). Each variant and size runs ``--repeats`` times, interleaved;
-the ratios use the *medians* of the repeats (one run's peak moves by +-10 MB with heap
-fragmentation, measured: 28-50 MB for the same recording), and the ``*_max`` /
-``*_best`` keys give the highest peak and the fastest run. Output keys (``--json OUT``):
+the ratios use the *medians* of the repeats, and the ``*_max`` / ``*_best`` keys give the
+highest peak and the fastest run.
+
+Allocator: every variant and size runs twice per repeat, once with glibc's mmap threshold
+pinned (``MALLOC_MMAP_THRESHOLD_=131072``, the value glibc starts from; setting it turns
+off the *dynamic* threshold) and once with glibc's defaults. Under the default, freed
+forward tensors stay in the heap in a layout that changes from run to run: the same
+500-transcript recording peaked at 28-55 MB in six runs, so a 20% flatness criterion
+cannot be resolved. Pinned, large blocks are unmapped when freed and peak RSS tracks live
+memory (17.0-17.1 MB for the same recording), at a speed cost both variants pay. The
+top-level keys come from the pinned runs; the same keys for glibc's defaults are under
+``default_malloc`` (``--malloc`` picks one configuration). Output keys (``--json OUT``):
 ``throughput_ratio`` (recorder / cache, transcripts per wall-clock second, at ``--n``),
 ``peak_rss_ratio`` (cache / recorder peak above baseline, at ``--n``), ``rss_growth``
 (recorder peak at 4000 over at 500 transcripts), ``throughput_ratio_cpu`` (per CPU second,
@@ -172,8 +181,18 @@ def child(args) -> dict:
             "peak_above_model_loaded_mb": (peak - model_loaded) / 1024}  # fmt: skip
 
 
-def _spawn(args, variant: str, n: int, tmp: Path) -> tuple[dict, Path]:
-    sample = tmp / f"{variant}-{n}.pt"
+#: glibc's starting mmap threshold. Setting it (to the value glibc starts from anyway) turns
+#: off glibc's *dynamic* threshold, which otherwise rises to the largest block freed so far,
+#: after which freed forward tensors stay in the heap in a layout that differs from run to
+#: run (measured: the same 500-transcript recording peaked at 28-55 MB in six runs; pinned:
+#: 17.0-17.1 MB). Large blocks are then mapped and unmapped per allocation: peak RSS tracks
+#: live memory, at a speed cost for both variants alike (more page faults).
+PINNED_MMAP_THRESHOLD = 128 * 1024
+MALLOC_CONFIGS = ("pinned", "default")
+
+
+def _spawn(args, variant: str, n: int, tmp: Path, malloc: str) -> tuple[dict, Path]:
+    sample = tmp / f"{variant}-{n}-{malloc}.pt"
     cmd = [sys.executable, __file__, "--child", variant, "--n", str(n),
            "--batch-size", str(args.batch_size), "--threads", str(args.threads),
            "--organism", args.organism, "--records", str(args.records),
@@ -183,10 +202,13 @@ def _spawn(args, variant: str, n: int, tmp: Path) -> tuple[dict, Path]:
     env = {**os.environ, "OMP_NUM_THREADS": threads, "RAYON_NUM_THREADS": threads}
     if args.threads == 1:
         env["TOKENIZERS_PARALLELISM"] = "false"
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if malloc == "pinned":
+        env["MALLOC_MMAP_THRESHOLD_"] = str(PINNED_MMAP_THRESHOLD)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{variant} n={n} failed:\n{out.stderr[-3000:]}")
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res = {**json.loads(out.stdout.strip().splitlines()[-1]), "malloc": malloc}
     print(json.dumps(res), file=sys.stderr)
     return res, sample
 
@@ -205,6 +227,39 @@ def _best(runs: list[tuple[dict, Path]]) -> tuple[dict, Path]:
         out[f"{key}_max"] = max(r[0][key] for r in runs)
         out[key] = statistics.median(r[0][key] for r in runs)
     return out, sample
+
+
+def _summarise(best: dict, small_n: int, big_n: int) -> dict:
+    """The ratios of one allocator configuration from ``{variant: _best(...)}``."""
+    (rec, rec_s), (cache, cache_s), (same, _) = best["rec"], best["cache"], best["same"]
+    small, big = best["small"][0], best["big"][0]
+    import torch
+
+    a, b = torch.load(rec_s), torch.load(cache_s)
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    cache_mb, cache_tps = cache["peak_above_baseline_mb"], cache["transcripts_per_s"]
+    strict, peak = "peak_above_model_loaded_mb", "peak_above_baseline_mb"
+    return {
+        "throughput_ratio": rec["transcripts_per_s"] / cache_tps,
+        "peak_rss_ratio": cache_mb / rec[peak],
+        "rss_growth": big[peak] / small[peak],
+        # The conservative readings: highest peak of the repeats, fastest run.
+        "peak_rss_ratio_max": cache[f"{peak}_max"] / rec[f"{peak}_max"],
+        "rss_growth_max": big[f"{peak}_max"] / small[f"{peak}_max"],
+        "throughput_ratio_best": rec["transcripts_per_s_best"] / cache["transcripts_per_s_best"],
+        # Load-independent speed: transcripts per CPU second (one thread), medians.
+        "throughput_ratio_cpu": rec["transcripts_per_cpu_s"] / cache["transcripts_per_cpu_s"],
+        # Memory against the RSS right after loading the model (the warm-up's leftovers,
+        # library code pages and allocator arenas included): the conservative reading.
+        "peak_rss_ratio_vs_model_loaded": cache[strict] / rec[strict],
+        "rss_growth_vs_model_loaded": big[strict] / small[strict],
+        # Identical forward batches (no sorting, micro-batching or truncation): hooks alone.
+        "throughput_ratio_same_batches": same["transcripts_per_s"] / cache_tps,
+        "peak_rss_ratio_same_batches": cache_mb / same[peak],
+        "max_abs_diff": diff,
+        "runs": {"recorder": rec, "cache": cache, "recorder_same_batches": same,
+                 f"recorder_{small_n}": small, f"recorder_{big_n}": big},
+    }  # fmt: skip
 
 
 def _default_batch_size() -> int:
@@ -230,6 +285,11 @@ def main(argv=None) -> dict:
     p.add_argument("--organism", type=str, default="faithful", help="a shipped organism")
     p.add_argument("--records", type=Path, help="reuse these step records (JSONL)")
     p.add_argument(
+        "--malloc", choices=["both", *MALLOC_CONFIGS], default="both",
+        help="glibc allocator setting of the children: pinned mmap threshold (top-level keys), "
+        "glibc's default (under 'default_malloc'), or both",
+    )  # fmt: skip
+    p.add_argument(
         "--child", choices=["recorder", "recorder_same_batches", "cache"], help=argparse.SUPPRESS
     )
     p.add_argument("--sample-out", type=Path, help=argparse.SUPPRESS)
@@ -240,54 +300,41 @@ def main(argv=None) -> dict:
         args.variant = args.child
         print(json.dumps(child(args)))
         return {}
-    import torch
-
     small_n, big_n = (int(x) for x in args.growth.split(","))
+    configs = MALLOC_CONFIGS if args.malloc == "both" else (args.malloc,)
+    summaries = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         played = {}
         if args.records is None:
             args.records = tmp / "records.jsonl"
             played = play_records(args.organism, max(args.n, big_n), args.seed, args.records)
-        rec, cache, same, small, big = [], [], [], [], []
+        runs = {(m, v): [] for m in configs for v in ("rec", "cache", "same", "small", "big")}
         for _ in range(args.repeats):  # interleaved, so load on the machine hits all alike
-            rec.append(_spawn(args, "recorder", args.n, tmp))
-            cache.append(_spawn(args, "cache", args.n, tmp))
-            same.append(_spawn(args, "recorder_same_batches", args.n, tmp))
-            small.append(_spawn(args, "recorder", small_n, tmp))
-            big.append(_spawn(args, "recorder", big_n, tmp))
-        (rec, rec_s), (cache, cache_s), (same, _) = (_best(x) for x in (rec, cache, same))
-        (small, _), (big, _) = _best(small), _best(big)
-        a, b = torch.load(rec_s), torch.load(cache_s)
-        diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    cache_mb, cache_tps = cache["peak_above_baseline_mb"], cache["transcripts_per_s"]
-    strict, peak = "peak_above_model_loaded_mb", "peak_above_baseline_mb"
-    result = {
-        "throughput_ratio": rec["transcripts_per_s"] / cache_tps,
-        "peak_rss_ratio": cache_mb / rec["peak_above_baseline_mb"],
-        "rss_growth": big["peak_above_baseline_mb"] / small["peak_above_baseline_mb"],
-        # The conservative readings: highest peak of the repeats, fastest run.
-        "peak_rss_ratio_max": cache[f"{peak}_max"] / rec[f"{peak}_max"],
-        "rss_growth_max": big[f"{peak}_max"] / small[f"{peak}_max"],
-        "throughput_ratio_best": rec["transcripts_per_s_best"] / cache["transcripts_per_s_best"],
-        # Load-independent speed: transcripts per CPU second (one thread), best of repeats.
-        "throughput_ratio_cpu": rec["transcripts_per_cpu_s"] / cache["transcripts_per_cpu_s"],
-        # Memory against the RSS right after loading the model (the warm-up's leftovers,
-        # library code pages and allocator arenas included): the conservative reading.
-        "peak_rss_ratio_vs_model_loaded": cache[strict] / rec[strict],
-        "rss_growth_vs_model_loaded": big[strict] / small[strict],
-        # Identical forward batches (no sorting, micro-batching or truncation): hooks alone.
-        "throughput_ratio_same_batches": same["transcripts_per_s"] / cache_tps,
-        "peak_rss_ratio_same_batches": cache_mb / same["peak_above_baseline_mb"],
-        "max_abs_diff": diff,
-        "config": {"n": args.n, "batch_size": args.batch_size, "threads": args.threads,
-                   "repeats": args.repeats, "load_average": os.getloadavg(),
-                   "hooks": "resid_post (all layers)", "sites": SITES,
-                   "model": f"organism:{args.organism}",
-                   "transcripts": "forced-mode play, random driver", **played},
-        "runs": {"recorder": rec, "cache": cache, "recorder_same_batches": same,
-                 f"recorder_{small_n}": small, f"recorder_{big_n}": big},
-    }  # fmt: skip
+            for m in configs:
+                runs[m, "rec"].append(_spawn(args, "recorder", args.n, tmp, m))
+                runs[m, "cache"].append(_spawn(args, "cache", args.n, tmp, m))
+                runs[m, "same"].append(_spawn(args, "recorder_same_batches", args.n, tmp, m))
+                runs[m, "small"].append(_spawn(args, "recorder", small_n, tmp, m))
+                runs[m, "big"].append(_spawn(args, "recorder", big_n, tmp, m))
+        for m in configs:
+            summaries[m] = _summarise({v: _best(runs[m, v]) for v in
+                                       ("rec", "cache", "same", "small", "big")},
+                                      small_n, big_n)  # fmt: skip
+    # Top level: the pinned allocator (peak RSS = live memory, both variants alike); the
+    # default allocator's readings sit beside them under "default_malloc".
+    result = dict(summaries[configs[0]])
+    if len(configs) > 1:
+        result["default_malloc"] = summaries["default"]
+    result["malloc"] = (
+        f"MALLOC_MMAP_THRESHOLD_={PINNED_MMAP_THRESHOLD} (glibc's dynamic threshold off)"
+        if configs[0] == "pinned" else "glibc default (dynamic mmap threshold)"
+    )  # fmt: skip
+    result["config"] = {"n": args.n, "batch_size": args.batch_size, "threads": args.threads,
+                        "repeats": args.repeats, "load_average": os.getloadavg(),
+                        "hooks": "resid_post (all layers)", "sites": SITES,
+                        "model": f"organism:{args.organism}", "malloc": list(configs),
+                        "transcripts": "forced-mode play, random driver", **played}  # fmt: skip
     if args.json:  # written first: a closed stdout must not lose the results
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -90,9 +90,18 @@ def _build_twin(hf):
             twin = type(hf)(cfg)
     except Exception:  # noqa: BLE001 - no SDPA for this class, or an exotic constructor
         return None, []
+    return bind_shared(twin, hf)
+
+
+def bind_shared(twin: torch.nn.Module, source: torch.nn.Module):
+    """``(twin, unused)``: ``twin`` (built on the meta device) with every parameter and
+    buffer replaced by ``source``'s tensor of the same name (bridge wrapper segments such as
+    ``_original_component`` stripped), and the tensors of ``source`` the twin does not use
+    (each must stay all zero); ``(None, [])`` when a name is missing, ambiguous or of
+    another shape, or a meta tensor is left."""
     src: dict[str, torch.Tensor] = {}
-    named = list(hf.named_parameters(remove_duplicate=False)) + list(
-        hf.named_buffers(remove_duplicate=False)
+    named = list(source.named_parameters(remove_duplicate=False)) + list(
+        source.named_buffers(remove_duplicate=False)
     )
     for name, t in named:
         key = _strip(name)

@@ -158,7 +158,8 @@ def record_store(
             :class:`~kdgap.hooks.recorder.Recorder`; keeps the heap from fragmenting).
         truncate: run each transcript only up to its last site (exact for causal models,
             see :class:`~kdgap.hooks.recorder.Recorder`).
-        fast: record residual-stream hooks of Hugging Face models on the SDPA twin (see
+        fast: record residual-stream hooks on a twin of the model (SDPA twin of a Hugging
+            Face model, plain NativeModel of a native bridge; see
             :class:`~kdgap.hooks.recorder.Recorder`); False always runs the bridge.
         model_identity: provenance stored in the manifest (``LoadedModel.identity``).
 

@@ -140,9 +140,10 @@ class Recorder:
             freed blocks instead of fragmenting the heap (measured: without it, RSS creeps
             up batch after batch); 1 turns it off.
         fast: record ``hook_resid_pre`` / ``hook_resid_post`` of a Hugging Face-backed
-            bridge on its SDPA twin (:mod:`kdgap.hooks.twin_record`: the same tensors, no
-            bridge forward; equal up to float rounding) when no hook is attached and no
-            other hook is requested; False always runs the bridge.
+            bridge on its SDPA twin, and of a native bridge on a plain ``NativeModel``
+            (:mod:`kdgap.hooks.twin_record`: the same tensors, no bridge forward; equal up
+            to float rounding) when no hook is attached and no other hook is requested;
+            False always runs the bridge.
         release_memory: after each forward, return freed heap pages to the OS
             (:func:`release_free_memory`, glibc only), so resident memory tracks what is
             live instead of creeping up as forwards of different shapes land on different
@@ -236,16 +237,16 @@ class Recorder:
         groups.append(order[start:])
         return groups
 
-    def _forward(self, tokens, mask, positions) -> dict[str, torch.Tensor]:
+    def _forward(self, tokens, mask, positions, plan=None) -> dict[str, torch.Tensor]:
         """One forward of ``[rows pos]`` tokens -> ``{hook: [rows n_sites *shape]}`` on CPU.
 
         The forward is abandoned (a private exception raised from the hook) as soon as every
         requested hook has fired, so nothing after the last recorded activation is computed
-        (on top of ``stop_at_layer``, which skips whole blocks).
+        (on top of ``stop_at_layer``, which skips whole blocks). ``plan`` is
+        :func:`~kdgap.hooks.twin_record.twin_plan`'s result (None: the bridge path).
         """
         dev = model_device(self.model)
         pos = positions.to(dev)
-        plan = twin_plan(self.model, self.hooks) if self.fast else None
         if plan is not None:
             return to_host(twin_forward(plan, tokens.to(dev), mask.to(dev), pos), self.dtype)
         got: dict[str, torch.Tensor] = {}
@@ -317,6 +318,8 @@ class Recorder:
         pad_left = batch.pad_left[kept]
         need = self.needed_lengths(batch, sp.positions)[kept]
         out: dict[str, torch.Tensor] = {}
+        # Once per batch: twin_plan walks the model's modules looking for attached hooks.
+        plan = twin_plan(self.model, self.hooks) if self.fast else None
         for rows in self._micro_batches(need):
             w = self._width(int(need[rows].max()))
             lead = w - need[rows]  # left padding of each row in this forward
@@ -327,7 +330,7 @@ class Recorder:
             tokens = torch.where(real, batch.tokens[kept[rows]].gather(1, src), self._pad)
             mask = real.to(batch.attention_mask.dtype)
             positions = sp.positions[kept[rows]] - first[:, None] + lead[:, None]
-            got = self._forward(tokens, mask, positions)
+            got = self._forward(tokens, mask, positions, plan)
             if self.release_memory:
                 release_free_memory()
             for h, t in got.items():

@@ -142,7 +142,9 @@ def test_truncated_forwards_equal_the_full_cache(model_name, request, tiny_token
     widths = []
     forward = rec._forward
     monkeypatch.setattr(
-        rec, "_forward", lambda t, m, p: widths.append(t.shape[1]) or forward(t, m, p)
+        rec,
+        "_forward",
+        lambda t, m, p, plan=None: widths.append(t.shape[1]) or forward(t, m, p, plan),
     )
     res = rec.record(texts)
     b = tokenize_batch(tiny_tokenizer, texts)

@@ -289,3 +289,24 @@ def test_model_fingerprint_indexes_large_tensors_exactly():
     a = store_mod.model_fingerprint(m)
     m.w.data[-1] = 2.0
     assert store_mod.model_fingerprint(m) != a
+
+
+def test_labels_are_written_through_the_system_pool_and_the_default_comes_back(tmp_path):
+    import pandas as pd
+    import pyarrow as pa
+
+    seen = []
+    before = pa.default_memory_pool().backend_name
+
+    class Probe:  # records which pool pyarrow would allocate from while writing
+        def to_parquet(self, path, index):
+            seen.append(pa.default_memory_pool().backend_name)
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        store_mod.write_labels(Probe(), tmp_path / "x.parquet")  # type: ignore[arg-type]
+    assert seen == [pa.system_memory_pool().backend_name]
+    assert pa.default_memory_pool().backend_name == before  # restored despite the error
+    df = pd.DataFrame({"example": [0, 1], "rationale_arm": pd.array([2, None], dtype="Int64")})
+    store_mod.write_labels(df, tmp_path / "y.parquet")
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "y.parquet"), df)

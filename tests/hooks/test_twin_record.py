@@ -64,3 +64,56 @@ def test_other_hooks_or_attached_hooks_take_the_bridge_path(models):  # noqa: F8
     with model.hooks(fwd_hooks=[("blocks.1.hook_resid_pre", lambda act, hook: act)]):
         assert twin_plan(model, ["blocks.0.hook_resid_post"]) is None
     assert twin_plan(models["llama"].bridge, ["blocks.9.hook_resid_post"]) is None  # 2 layers
+
+
+def _record_both(model, texts, hooks="resid_pre,resid_post"):
+    """(fast recording, bridge recording, run_with_cache sliced at the same positions)."""
+    fmt = demo_format()
+    fast = Recorder(model, fmt, hooks, SITES, max_batch_tokens=200)
+    slow = Recorder(model, fmt, hooks, SITES, fast=False)
+    a, b = fast.record(texts), slow.record(texts)
+    batch = fast.tokenize(texts)
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(batch.tokens, attention_mask=batch.attention_mask)
+    rows = torch.arange(len(texts))
+    ref = {
+        (h, s): cache[h][rows, a.positions[:, j]] for h in fast.hooks for j, s in enumerate(SITES)
+    }
+    return a.acts, b.acts, ref
+
+
+def test_native_twin_recording_equals_bridge_and_cache(tiny_native):
+    from kdgap.hooks.twin_record import native_twin
+
+    twin = native_twin(tiny_native)
+    assert twin is not None and twin_plan(tiny_native, ["blocks.1.hook_resid_post"]) is not None
+    bridge_ptrs = {p.data_ptr() for p in tiny_native.original_model.parameters()}
+    assert {p.data_ptr() for p in twin.parameters()} <= bridge_ptrs  # shared, not copied
+    fast, slow, ref = _record_both(tiny_native, _texts())
+    for k in ref:
+        assert (fast[k] - slow[k]).abs().max() <= 1e-5, k
+        assert (fast[k] - ref[k]).abs().max() <= 1e-5, k
+
+
+def test_native_twin_follows_weights_and_mode(tiny_native):
+    from kdgap.hooks.twin_record import native_twin
+
+    lin = tiny_native.original_model.layers[0].mlp
+    name = next(n for n, p in lin.named_parameters() if p.dim() == 2)
+    old = dict(lin.named_parameters())[name]
+    owner = lin.get_submodule(name.rsplit(".", 1)[0]) if "." in name else lin
+    leaf = name.rsplit(".", 1)[-1]
+    try:
+        with torch.no_grad():  # a replaced tensor (load_state_dict, a new Parameter): rebuilt
+            setattr(owner, leaf, torch.nn.Parameter(old.detach() * 3.0))
+        twin = native_twin(tiny_native)
+        assert twin is not None
+        assert any(p.data_ptr() == getattr(owner, leaf).data_ptr() for p in twin.parameters())
+        fast, _, ref = _record_both(tiny_native, _texts(), "resid_post")
+        assert all((fast[k] - ref[k]).abs().max() <= 1e-5 for k in ref)
+        tiny_native.train()
+        assert native_twin(tiny_native) is None  # training mode: only the bridge forward
+    finally:
+        tiny_native.eval()
+        setattr(owner, leaf, old)
+    assert native_twin(tiny_native) is not None
