@@ -36,9 +36,10 @@ Allocator: every variant and size runs twice per repeat, once with glibc's mmap 
 pinned (``MALLOC_MMAP_THRESHOLD_=131072``, the value glibc starts from; setting it turns
 off the *dynamic* threshold) and once with glibc's defaults. Under the default, freed
 forward tensors stay in the heap in a layout that changes from run to run: the same
-500-transcript recording peaked at 28-55 MB in six runs, so a 20% flatness criterion
-cannot be resolved. Pinned, large blocks are unmapped when freed and peak RSS tracks live
-memory (17.0-17.1 MB for the same recording), at a speed cost both variants pay. The
+500-transcript recording peaked at 31.5-43.7 MB over five runs of this bench, so a 20%
+flatness criterion cannot be resolved. Pinned, large blocks are unmapped when freed and
+peak RSS tracks live memory (16.9-17.1 MB over the same five runs), at a speed cost both
+variants pay (32% for the recorder at batch 256). The
 top-level keys come from the pinned runs; the same keys for glibc's defaults are under
 ``default_malloc`` (``--malloc`` picks one configuration). Output keys (``--json OUT``):
 ``throughput_ratio`` (recorder / cache, transcripts per wall-clock second, at ``--n``),
@@ -183,10 +184,9 @@ def child(args) -> dict:
 
 #: glibc's starting mmap threshold. Setting it (to the value glibc starts from anyway) turns
 #: off glibc's *dynamic* threshold, which otherwise rises to the largest block freed so far,
-#: after which freed forward tensors stay in the heap in a layout that differs from run to
-#: run (measured: the same 500-transcript recording peaked at 28-55 MB in six runs; pinned:
-#: 17.0-17.1 MB). Large blocks are then mapped and unmapped per allocation: peak RSS tracks
-#: live memory, at a speed cost for both variants alike (more page faults).
+#: after which freed forward tensors stay in the heap (see the module docstring). Large
+#: blocks are then mapped and unmapped per allocation: peak RSS tracks live memory, at a
+#: speed cost for both variants alike (page faults on fresh mappings).
 PINNED_MMAP_THRESHOLD = 128 * 1024
 MALLOC_CONFIGS = ("pinned", "default")
 

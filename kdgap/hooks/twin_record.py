@@ -62,7 +62,7 @@ def native_twin(model):
 
     Why: the bridge wraps every sub-module of the native model in a component with hook
     points; the unwrapped model computes the same blocks without them (measured on the
-    organism: 15-20% less time per forward, and fewer intermediate tensors). Built once per
+    organism: 14-21% less time per forward, and fewer intermediate tensors). Built once per
     bridge and rebuilt when a parameter tensor is replaced.
     """
     try:
