@@ -139,12 +139,40 @@ def _all_zero(tensors: Sequence[torch.Tensor]) -> bool:
     return all(not bool(t.detach().abs().max() > 0) for t in tensors)
 
 
+def probe_ids(bridge, n: int = 8) -> Int[torch.Tensor, "1 n"]:
+    """``[1, n]`` fixed, spread-out token ids (no BOS, no pad) to compare a twin with its
+    bridge on (``n`` capped at the context length)."""
+    n_vocab = int(bridge.cfg.d_vocab)
+    n = min(n, int(bridge.cfg.n_ctx))
+    return (torch.arange(1, n + 1) * 7919 % max(2, n_vocab - 1) + 1)[None].to(bridge.cfg.device)
+
+
+def cached_twin(cache: weakref.WeakKeyDictionary, bridge, source, build, agrees):
+    """The twin of ``source`` (the module ``bridge`` wraps), or None; built once per bridge.
+
+    ``build(source) -> (twin, unused)`` makes it (:func:`bind_shared`), ``agrees(bridge,
+    twin)`` must accept it. The entry ``(parameter signature, twin, unused)`` in ``cache`` is
+    rebuilt when a parameter tensor of ``source`` is replaced; the twin is withheld (None)
+    while a tensor only ``source`` reads (``unused``) is non-zero.
+    """
+    sig = _signature(source)
+    entry = cache.get(bridge, _MISSING)
+    if entry is _MISSING or entry[0] != sig:
+        tw, unused = build(source)
+        if tw is not None and not agrees(bridge, tw):
+            tw, unused = None, []
+        entry = (sig, tw, unused)
+        cache[bridge] = entry
+    if entry[1] is None or not _all_zero(entry[2]):
+        return None
+    return entry[1]
+
+
 def _agrees(bridge, twin) -> bool:
     """Twin and bridge (no hooks) agree on a short probe: same next-token argmax everywhere
     and log-probabilities within float rounding (1e-3 in float32, 0.15 in half precision:
     SDPA and eager attention round differently)."""
-    n_vocab = int(bridge.cfg.d_vocab)
-    ids = (torch.arange(1, 9) * 7919 % max(2, n_vocab - 1) + 1)[None].to(bridge.cfg.device)
+    ids = probe_ids(bridge)
     with torch.no_grad():
         want = torch.log_softmax(bridge(ids, return_type="logits").float(), dim=-1)
         got = torch.log_softmax(twin(input_ids=ids).logits.float(), dim=-1)
@@ -169,17 +197,8 @@ def fast_model(bridge, *, twin: bool = True):
         return None  # dropout etc.: only the bridge forward does what training mode does
     if not twin:
         return hf
-    sig = _signature(hf)
-    entry = _TWINS.get(bridge, _MISSING)
-    if entry is _MISSING or entry[0] != sig:
-        tw, unused = _build_twin(hf)
-        if tw is not None and not _agrees(bridge, tw):
-            tw, unused = None, []
-        entry = (sig, tw, unused)
-        _TWINS[bridge] = entry
-    if entry[1] is None or not _all_zero(entry[2]):
-        return hf  # no twin, or a tensor only the wrapped model reads was set in place
-    return entry[1]
+    tw = cached_twin(_TWINS, bridge, hf, _build_twin, _agrees)
+    return hf if tw is None else tw  # no twin, or a tensor only hf reads was set in place
 
 
 @functools.cache

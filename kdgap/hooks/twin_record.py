@@ -72,29 +72,23 @@ def native_twin(model):
     nat = getattr(model, "original_model", None)
     if not isinstance(nat, NativeModel) or model.training or nat.training:
         return None
-    sig = tuple(p.data_ptr() for p in nat.parameters())
-    entry = _NATIVE_TWINS.get(model)
-    if entry is None or entry[0] != sig:
-        try:
-            with torch.device("meta"):
-                twin = type(nat)(copy.deepcopy(nat.cfg))
-        except Exception:  # noqa: BLE001 - a config the plain class cannot build
-            twin = None
-        twin, unused = hf_cache.bind_shared(twin, nat) if twin is not None else (None, [])
-        if twin is not None and not _native_agrees(model, twin):
-            twin, unused = None, []
-        entry = (sig, twin, unused)
-        _NATIVE_TWINS[model] = entry
-    if entry[1] is None or not hf_cache._all_zero(entry[2]):
-        return None
-    return entry[1]
+    return hf_cache.cached_twin(_NATIVE_TWINS, model, nat, _build_native_twin, _native_agrees)
+
+
+def _build_native_twin(nat):
+    """``(twin, unused)``: a plain copy of ``nat``'s class sharing its tensors (see
+    :func:`kdgap.agent.hf_cache.bind_shared`), or ``(None, [])``."""
+    try:
+        with torch.device("meta"):
+            twin = type(nat)(copy.deepcopy(nat.cfg))
+    except Exception:  # noqa: BLE001 - a config the plain class cannot build
+        return None, []
+    return hf_cache.bind_shared(twin, nat)
 
 
 def _native_agrees(model, twin) -> bool:
     """Bridge and twin logits agree (1e-4, float32; 0.15 in half precision) on a probe."""
-    n_vocab = int(model.cfg.d_vocab)
-    n = min(8, int(model.cfg.n_ctx))
-    ids = (torch.arange(1, n + 1) * 7919 % max(2, n_vocab - 1) + 1)[None].to(model.cfg.device)
+    ids = hf_cache.probe_ids(model)
     with torch.no_grad():
         want = model(ids, return_type="logits").float()
         got = twin(input_ids=ids).float()
