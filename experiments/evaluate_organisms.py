@@ -4,8 +4,8 @@ Each organism plays ``--episodes`` Bernoulli 5-arm bandits (seed ``--seed``, its
 horizon, or ``--horizon``) with greedy decoding and the counterfactual edit, through
 ``kdgap.agent.text_agent.TextAgent`` in forced mode when that module exists (the code path
 every real model uses), else through the development stand-in
-:class:`kdgap.organisms.evaluate.OrganismPolicy` (``--agent`` picks explicitly). The JSON
-holds every metric of :func:`kdgap.organisms.evaluate.organism_metrics`, the thresholds
+:class:`kdgap.metrics.organism.OrganismPolicy` (``--agent`` picks explicitly). The JSON
+holds every metric of :func:`kdgap.metrics.organism.organism_metrics`, the thresholds
 and a pass/fail per check. Examples::
 
     python experiments/evaluate_organisms.py --organisms faithful greedy-bypass \\
@@ -50,8 +50,8 @@ def make_agent(kind: str, model, tokenizer, seed: int, max_new_tokens: int):
     ``max_new_tokens`` must keep prompt + completion within the organism's ``n_ctx``:
     the rationale, ``act``, the arm and ``<eos>`` (``lang.rationale_len + 3``).
     """
-    from kdgap.organisms.evaluate import OrganismPolicy
-    from kdgap.organisms.format import OrganismFormat
+    from kdgap.metrics.organism import OrganismPolicy
+    from kdgap.organisms.transcript import OrganismFormat
 
     if kind == "auto":
         kind = "text" if importlib.util.find_spec("kdgap.agent.text_agent") else "dev"
@@ -66,11 +66,11 @@ def make_agent(kind: str, model, tokenizer, seed: int, max_new_tokens: int):
 
 def evaluate(name_or_path: str, args: argparse.Namespace) -> dict:
     """Play and score one organism; returns its result dict."""
-    from kdgap.agent.runner import play
     from kdgap.envs.bandit import BanditConfig
-    from kdgap.organisms.evaluate import organism_metrics
+    from kdgap.metrics.organism import organism_metrics
     from kdgap.organisms.language import OrganismLanguage
     from kdgap.organisms.registry import load_organism, organism_config, resolve_organism
+    from kdgap.policies.play import play
 
     t0 = time.perf_counter()
     model, tok = load_organism(name_or_path, device=args.device)
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
         targets = shipped_names()
     if not targets:
         raise SystemExit("nothing to evaluate: pass --organisms or --folders (none shipped yet).")
-    from kdgap.records import atomic_write_json
+    from kdgap.io import atomic_write_json
 
     results = []
     for target in targets:

@@ -64,15 +64,16 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from smollm2_end_to_end import build_pairs
 
-    from kdgap.agent.generation import encode, generate
+    from kdgap.agent.generation import generate
     from kdgap.agent.prompts import PaperFormat
-    from kdgap.agent.runner import play
     from kdgap.agent.text_agent import TextAgent
     from kdgap.envs.bandit import BanditConfig
     from kdgap.hooks import record_store
-    from kdgap.hooks.pairs import tokenize_pairs
-    from kdgap.hooks.patching import patch_sweep
+    from kdgap.hooks.patch.pairs import tokenize_pairs
+    from kdgap.hooks.patch.sweep import patch_sweep
     from kdgap.models import load_model
+    from kdgap.models.tokens import encode
+    from kdgap.policies.play import play
 
     rows: list[tuple[str, float, str, bool]] = []
     state: dict = {}

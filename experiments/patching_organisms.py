@@ -2,7 +2,7 @@
 
 Each organism plays ``--episodes`` off-policy episodes (a random driver builds the
 histories; the organism writes its rationale and forced action at every step), then
-:func:`kdgap.hooks.mediation.mediation_summary` builds ``--pairs`` conclusion edits and
+:func:`kdgap.hooks.patch.mediation.mediation_summary` builds ``--pairs`` conclusion edits and
 ``--pairs`` history edits and normalises every effect by the full flip ``2 * LD_clean``
 (definition in the JSON). Intervals are 95% cluster bootstraps over episodes. Also
 writes one example heatmap (noising ``resid_pre``) per organism::
@@ -22,12 +22,12 @@ ORGANISMS = ("faithful", "greedy-bypass", "frequency-bypass", "seed-calibrated")
 
 def run_one(name: str, args) -> dict:
     """Play, build pairs and summarise one organism; returns its JSON block."""
-    from kdgap.agent.runner import play
     from kdgap.agent.text_agent import TextAgent
     from kdgap.envs.bandit import BanditConfig
-    from kdgap.hooks.mediation import example_heatmap, mediation_summary
+    from kdgap.hooks.patch.mediation import example_heatmap, mediation_summary
     from kdgap.organisms import OrganismFormat, load_organism
-    from kdgap.policies import make_policy
+    from kdgap.policies.play import play
+    from kdgap.policies.reference import make_policy
 
     fmt = OrganismFormat()
     model, tok = load_organism(name)

@@ -1,7 +1,7 @@
 """Probes on the shipped model organisms: the issue-5 acceptance numbers, in full.
 
 For each organism: play ``--episodes`` off-policy episodes (random driver; the organism
-writes its rationale and action at every step, see :mod:`kdgap.probes.organism_data`),
+writes its rationale and action at every step, see :mod:`kdgap.testing.organisms`),
 record every ``resid_post`` layer at the ``action`` site (the ``act`` word, whose
 next-token prediction is the action), then run
 
@@ -35,7 +35,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 from kdgap.probes import knowing_doing_summary, steering_summary, sweep  # noqa: E402
-from kdgap.probes.organism_data import organism_store  # noqa: E402
+from kdgap.testing.organisms import organism_store  # noqa: E402
 
 ORGANISMS = ("faithful", "greedy-bypass", "frequency-bypass", "seed-calibrated")
 AGREEMENT_MIN, DECODE_MIN = 0.95, 0.90

@@ -8,12 +8,12 @@ Stages (each timed; a stage that cannot run on this model's outputs records why)
 2. **Behaviour, free**: a smaller run in free mode for the invalid-action rate.
 3. **Recording**: ``resid_post`` of every layer at the ``action`` site of stage 1.
 4. **Probes**: ``kdgap.probes.knowing_doing`` (rationale arm vs action) and a ``sweep``.
-5. **Patching**: conclusion-edit pairs (``kdgap.hooks.pairs``) from the model's own
+5. **Patching**: conclusion-edit pairs (``kdgap.hooks.patch.pairs``) from the model's own
    parsable rationales; when it writes fewer than ``--min-pairs``, from *scripted*
    rationales (the true ``<ucb_values>`` block written into its mouth) instead, and the
-   summary says which. Mediated fraction via ``kdgap.hooks.mediation``, a behavioural
+   summary says which. Mediated fraction via ``kdgap.hooks.patch.mediation``, a behavioural
    flip rate on the same pairs, and one ``resid_pre`` noising heatmap.
-6. **Alice in Wonderland**: ``kdgap.aiw.aiw_study``.
+6. **Alice in Wonderland**: ``kdgap.report.aiw.aiw_study``.
 
 Writes ``OUT/summary.json`` (every number), ``OUT/records_{forced,free}.jsonl``,
 ``OUT/aiw.json`` (all samples), ``OUT/store/`` and ``OUT/figures/*.png|pdf``::
@@ -108,7 +108,7 @@ def swap_names(rationale: str, arm_x: int, arm_y: int, names) -> str:
 
 
 def _pair_from(prompt, clean_rat, corrupt_rat, top, new, names, marker, text_fn):
-    from kdgap.hooks.pairs import CounterfactualPair
+    from kdgap.hooks.patch.pairs import CounterfactualPair
 
     head = text_fn(prompt, "")
     clean, corrupt = text_fn(prompt, clean_rat) + marker, text_fn(prompt, corrupt_rat) + marker
@@ -124,7 +124,7 @@ def build_pairs(records, cfg, fmt, tok, text_fn, *, scripted: bool, limit: int):
     lengths, the two arms' names are swapped instead (:func:`swap_names`), which moves the
     top value to the new arm just the same.
     """
-    from kdgap.hooks.pairs import arm_token, make_pair
+    from kdgap.hooks.patch.pairs import arm_token, make_pair
 
     pairs, names = [], list(cfg.arm_names)
     ntok = lambda t: len(tok(t, add_special_tokens=False).input_ids)  # noqa: E731
@@ -202,14 +202,14 @@ def main(argv=None) -> dict:
     torch.set_num_threads(threads)
 
     from kdgap.agent.prompts import PaperFormat
-    from kdgap.agent.runner import play
     from kdgap.agent.text_agent import TextAgent
     from kdgap.envs.bandit import BanditConfig
     from kdgap.models import load_model
+    from kdgap.policies.play import play
     from kdgap.records import write_records
     from kdgap.report import figures
+    from kdgap.report.behavior import behavior_metrics
     from kdgap.report.verdict import RULE, verdict
-    from kdgap.study import behavior_metrics
 
     t_start = time.perf_counter()
     out, figs = args.out, args.out / "figures"
@@ -301,9 +301,9 @@ def main(argv=None) -> dict:
         return res
 
     def patching():
-        from kdgap.hooks.mediation import mediation
-        from kdgap.hooks.pairs import tokenize_pairs
-        from kdgap.hooks.patching import patch_sweep
+        from kdgap.hooks.patch.mediation import mediation
+        from kdgap.hooks.patch.pairs import tokenize_pairs
+        from kdgap.hooks.patch.sweep import patch_sweep
 
         recs, res = state["records"], {}
         pairs = build_pairs(recs, cfg, raw_fmt, tok, chat, scripted=False, limit=args.pairs)
@@ -353,7 +353,7 @@ def main(argv=None) -> dict:
         return res
 
     def aiw():
-        from kdgap.aiw import PROMPT_TYPES, aiw_study
+        from kdgap.report.aiw import PROMPT_TYPES, aiw_study
 
         res = aiw_study(bridge, n_samples=args.aiw_samples, temperature=0.7, seed=args.seed,
                         max_new_tokens=dict(zip(PROMPT_TYPES, args.aiw_tokens)))  # fmt: skip

@@ -4,7 +4,7 @@ Every (organism, horizon) pair is one job, run as a separate process (``--jobs``
 time), each writing a loadable organism folder ``OUT/h<H>/<name>/`` with ``curve.json``
 (loss, teacher-forced accuracies, throughput per ``eval_every`` steps) and, with
 ``--evaluate``, ``metrics.json`` (64 bandits x horizon steps, greedy forced choice, with
-the counterfactual edit; see :mod:`kdgap.organisms.evaluate`). ``OUT/summary.json``
+the counterfactual edit; see :mod:`kdgap.metrics.organism`). ``OUT/summary.json``
 collects wall times, the last curve point and the metrics of every job. Runs resume:
 rerunning the same command continues interrupted jobs and skips finished ones.
 
@@ -95,7 +95,7 @@ def run_single(args: argparse.Namespace) -> None:
         result["eval_wall_s"] = time.perf_counter() - t0 - train_s
     curve = json.loads((folder / "curve.json").read_text())
     result["last_curve_point"] = curve[-1] if curve else None
-    from kdgap.records import atomic_write_json
+    from kdgap.io import atomic_write_json
 
     atomic_write_json(folder / "job.json", result)
     (folder / "job.json").chmod(0o644)
@@ -108,8 +108,8 @@ def evaluate_folder(folder: Path, episodes: int, device: str, agent: str = "auto
     """
     import evaluate_organisms
 
+    from kdgap.io import atomic_write_json
     from kdgap.organisms.registry import make_readable
-    from kdgap.records import atomic_write_json
 
     opts = argparse.Namespace(device=device, horizon=None, agent=agent, seed=0,
                               episodes=episodes)  # fmt: skip
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
         name, h = job.rsplit(":", 1)
         path = out / f"h{h}" / name / "job.json"
         summary["jobs"][job] = json.loads(path.read_text()) if path.exists() else None
-    from kdgap.records import atomic_write_json
+    from kdgap.io import atomic_write_json
 
     atomic_write_json(out / "summary.json", summary)
     from evaluate_organisms import table_row

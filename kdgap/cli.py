@@ -7,7 +7,14 @@ import json
 import sys
 
 from kdgap.envs.bandit import BanditConfig
-from kdgap.records import atomic_write_json, write_records
+from kdgap.io import atomic_write_json
+from kdgap.organisms.registry import list_organisms
+from kdgap.policies.reference import make_policy
+from kdgap.records import write_records
+from kdgap.report.behavior import PlayConfig, run_freqbias, run_play
+from kdgap.report.pipeline import AnalyzeConfig, analyze
+from kdgap.report.render import render_all
+from kdgap.report.session import make_agent, record_from_model
 
 DEMO_MODELS = ("organism:faithful", "organism:greedy-bypass", "organism:seed-calibrated")
 
@@ -54,8 +61,6 @@ def _bandit(args) -> BanditConfig:
 
 
 def _policy(args, *, counterfactual: bool = False):
-    from kdgap.policies import make_policy
-    from kdgap.study import make_agent
 
     if args.model:
         return make_agent(
@@ -73,7 +78,6 @@ def _policy(args, *, counterfactual: bool = False):
 
 
 def cmd_play(args) -> int:
-    from kdgap.study import PlayConfig, run_play
 
     cfg = PlayConfig(
         bandit=_bandit(args),
@@ -92,7 +96,6 @@ def cmd_play(args) -> int:
 
 
 def cmd_freqbias(args) -> int:
-    from kdgap.study import run_freqbias
 
     reps = tuple(range(args.rep_min, args.rep_max + 1, args.rep_step))
     out = run_freqbias(
@@ -107,7 +110,6 @@ def cmd_freqbias(args) -> int:
 
 
 def cmd_organisms(args) -> int:
-    from kdgap.organisms.registry import list_organisms
 
     rows = list_organisms()
     if args.json:
@@ -129,7 +131,6 @@ def cmd_organisms(args) -> int:
 
 
 def cmd_record(args) -> int:
-    from kdgap.hooks.api import record_from_model
 
     store = record_from_model(
         args.model,
@@ -149,7 +150,6 @@ def cmd_record(args) -> int:
 
 
 def _analyze_config(args):
-    from kdgap.report.pipeline import AnalyzeConfig
 
     return AnalyzeConfig(
         episodes=args.episodes,
@@ -165,7 +165,6 @@ def _analyze_config(args):
 
 def cmd_analyze(args) -> int:
     """``analyze`` (one ``--model``) and ``demo`` (several ``--models``) share this."""
-    from kdgap.report.pipeline import analyze
 
     models = list(args.models) if getattr(args, "models", None) else [args.model]
     summary = analyze(models, args.out, _analyze_config(args), force=args.force)
@@ -174,7 +173,6 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_figures(args) -> int:
-    from kdgap.report.render import render_all
 
     print(f"wrote {render_all(args.dir)}")
     return 0

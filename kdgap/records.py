@@ -1,6 +1,6 @@
 """Step records: one row per (episode, step), with every label later analyses need.
 
-A record is written by the runner (:mod:`kdgap.agent.runner`) for any policy, reference
+A record is written by the runner (:mod:`kdgap.policies.play`) for any policy, reference
 or language model, and read by :mod:`kdgap.metrics`, the recorder and the probes. Labels
 are computed from the history *before* the step with :mod:`kdgap.envs.stats`, so they are
 what an ideal agent could know when acting. Tie sets are stored whole (tuples of arms).
@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
+
+from kdgap.io import _json_default, atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -89,58 +90,6 @@ class StepRecord:
 def mask_to_arms(mask: np.ndarray) -> tuple[int, ...]:
     """Tie mask ``[arms]`` -> sorted tuple of arm indices."""
     return tuple(int(i) for i in np.flatnonzero(mask))
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` on a temp file beside ``path``, fsync it and rename it to
-    ``path``, so a crash never leaves half a file; the file gets the mode a plain ``open``
-    would give (:func:`file_mode`). Every atomic write of kdgap goes through here.
-
-    Returns:
-        ``path`` as a :class:`~pathlib.Path`.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        os.chmod(tmp, file_mode())
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (:func:`atomic_write`)."""
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def file_mode() -> int:
-    """The mode a plain ``open(path, "w")`` would give (0o666 less the umask): ``mkstemp``
-    creates 0o600 files, which other users of a shared results folder could not read."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
-    atomic_write_text(Path(path), json.dumps(obj, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(o):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
 def write_records(path: str | os.PathLike, records: Iterable[StepRecord]) -> None:

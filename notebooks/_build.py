@@ -31,18 +31,18 @@ QUICKSTART = [
      "from pathlib import Path\n"
      "from IPython.display import Image, display\n"
      "from kdgap.organisms import load_organism\n"
-     "from kdgap.organisms.format import OrganismFormat\n"
+     "from kdgap.organisms.transcript import OrganismFormat\n"
      "model, tokenizer = load_organism('faithful')  # a TransformerBridge in eval mode\n"
      "fmt = OrganismFormat()\nwork = Path(tempfile.mkdtemp())\nmodel.cfg.n_layers, model.cfg.d_model"),
     ("md", "Play 8 bandits. A random *driver* builds the histories (off-policy) while the "
      "organism writes its rationale and action at every step: the records hold both."),
-    ("code", "from kdgap.agent.runner import play\nfrom kdgap.agent.text_agent import TextAgent\n"
+    ("code", "from kdgap.policies.play import play\nfrom kdgap.agent.text_agent import TextAgent\n"
      "from kdgap.envs import BanditConfig\nfrom kdgap.policies import make_policy\n"
      "records = play(TextAgent(model, fmt), BanditConfig(), n_episodes=8, seed=0,\n"
      "               driver=make_policy('random'), progress=False)\n"
      "r = records[-1]\nprint(r.prompt + r.completion)\n"
      "print('rationale arm', r.rationale_arm, 'action', r.action, 'true UCB arms', r.ucb_arms)"),
-    ("code", "from kdgap.study import behavior_metrics\nm = behavior_metrics(records)\n"
+    ("code", "from kdgap.report.behavior import behavior_metrics\nm = behavior_metrics(records)\n"
      "{k: m[k] for k in ('rationale_correct', 'action_follows_rationale', 'kd_matrix')}"),
     ("md", "Record `resid_post` of every layer at the action token into an on-disk store "
      "(sharded safetensors + a Parquet label table), then load one hook lazily."),
@@ -60,7 +60,7 @@ QUICKSTART = [
      "assert kd['doing_acc'][-1] > 0.9  # the action is decodable at the last layer"),
     ("md", "Patching: replace the rationale's concluding arm and measure how much of a full flip "
      "of the action travels through the action position's attention to the rationale."),
-    ("code", "from kdgap.hooks.mediation import example_heatmap, mediation_summary\n"
+    ("code", "from kdgap.hooks.patch.mediation import example_heatmap, mediation_summary\n"
      "med = mediation_summary(model, fmt, records, n_pairs=8, seed=0, n_boot=200)\n"
      "print('mediated fraction', round(med['mediated_fraction'], 3), med['mediated_fraction_ci'])\n"
      "assert med['mediated_fraction'] > 0.5  # faithful: the action reads the rationale\n"
@@ -133,8 +133,8 @@ REAL_MODEL = [
     ("md", "Forced choice: the model writes its rationale, `ACTION=` is appended and every button "
      "name is scored (case and leading-space spellings summed). Every step gets a valid "
      "action and a distribution over arms."),
-    ("code", "from kdgap.agent.runner import play\nfrom kdgap.agent.text_agent import TextAgent\n"
-     "from kdgap.study import behavior_metrics\n"
+    ("code", "from kdgap.policies.play import play\nfrom kdgap.agent.text_agent import TextAgent\n"
+     "from kdgap.report.behavior import behavior_metrics\n"
      "agent = TextAgent(model, fmt, mode='forced', max_new_tokens=16, seed=0)\n"
      "records = play(agent, cfg, n_episodes=2, seed=0, progress=False)\n"
      "r = records[-1]\nprint(r.completion)\nprint('arm probabilities', [round(p, 3) for p in r.action_probs])\n"

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from kdgap import aiw
-from kdgap.aiw import (
+from kdgap.report import aiw
+from kdgap.report.aiw import (
     PROMPT_TYPES,
     VARIATIONS,
     aiw_study,

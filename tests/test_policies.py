@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
-from kdgap.agent.runner import play
 from kdgap.envs import BanditConfig
 from kdgap.metrics import coverage_curve
-from kdgap.policies import make_policy
-from kdgap.study import PlayConfig, run_play
+from kdgap.policies.play import play
+from kdgap.policies.reference import make_policy
+from kdgap.report.behavior import PlayConfig, run_play
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_ucb_follows_its_own_label_and_policies_are_reproducible():
 
 
 def test_epsilon_greedy_distribution_and_errors():
-    from kdgap.policies import EpsilonGreedyPolicy
+    from kdgap.policies.reference import EpsilonGreedyPolicy
 
     with pytest.raises(ValueError, match="epsilon"):
         EpsilonGreedyPolicy(epsilon=2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import stat
 
-from kdgap.records import atomic_write_json, atomic_write_text, file_mode
+from kdgap.io import atomic_write_json, atomic_write_text, file_mode
 
 
 def test_atomic_writes_use_the_umask_mode_and_leave_no_temp_file(tmp_path):

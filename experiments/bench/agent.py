@@ -14,9 +14,9 @@ Usage: python experiments/bench/agent.py --json OUT.json [--episodes 8 --steps 3
 
 ``--forced-smollm2`` instead times one *forced* agent step on SmolLM2-135M-Instruct (16
 episodes at step 10, knowing-doing prompt, rationale up to 64 tokens, conclusion-edit
-counterfactual) on the hook-free fast path (:mod:`kdgap.agent.hf_cache`) and on the
+counterfactual) on the hook-free fast path (:mod:`kdgap.models.twins`) and on the
 reference path (``bridge.generate`` + scoring through the bridge forward; selected by
-making ``hf_cache.fast_model`` return None), alternating the two, and checks that both
+making ``twins.fast_model`` return None), alternating the two, and checks that both
 produce the same completions and actions (action probabilities to 1e-4).
 """
 
@@ -34,9 +34,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from kdgap.agent import PaperFormat, TextAgent  # noqa: E402
-from kdgap.agent.runner import play  # noqa: E402
 from kdgap.envs import BanditConfig  # noqa: E402
-from kdgap.records import atomic_write_json  # noqa: E402
+from kdgap.io import atomic_write_json  # noqa: E402
+from kdgap.policies.play import play  # noqa: E402
 
 
 def build_tokenizer(cfg: BanditConfig, vocab_size: int = 1000):
@@ -102,10 +102,9 @@ def measure(model, cfg, *, episodes, max_new_tokens, batch_size) -> float:
 
 def forced_smollm2(args) -> dict:
     """Seconds (wall and CPU) of one forced step, fast path vs reference path."""
-    from kdgap.agent import hf_cache
-    from kdgap.agent.runner import history_of
     from kdgap.envs import VectorBandit
-    from kdgap.models import load_model
+    from kdgap.models import load_model, twins
+    from kdgap.policies.play import history_of
 
     loaded = load_model("smollm2")
     cfg = BanditConfig(horizon=20)
@@ -115,10 +114,10 @@ def forced_smollm2(args) -> dict:
     for _ in range(10):
         env.step(rng.integers(cfg.n_arms, size=16))
     history = history_of(env, np.arange(16))
-    real_fast = hf_cache.fast_model
+    real_fast = twins.fast_model
 
     def step(fast: bool):
-        hf_cache.fast_model = real_fast if fast else (lambda bridge, **kw: None)
+        twins.fast_model = real_fast if fast else (lambda bridge, **kw: None)
         try:
             agent = TextAgent(loaded.bridge, PaperFormat(knowing_doing=True), mode="forced",
                               max_new_tokens=64, counterfactual=True)  # fmt: skip
@@ -127,7 +126,7 @@ def forced_smollm2(args) -> dict:
             dec = agent.act(history)
             return time.perf_counter() - w, time.process_time() - c, dec
         finally:
-            hf_cache.fast_model = real_fast
+            twins.fast_model = real_fast
 
     runs: dict = {"fast": [], "reference": []}
     decs = {}

@@ -3,7 +3,7 @@
 Everything runs in one process on the same model, prompts and metric. With ``--organism
 NAME`` the model is that shipped organism and the prompts are ``--batch`` off-policy episodes
 (random driver) at step ``--step``, edited once per pair type (``--pair-types``; see
-:func:`kdgap.hooks.pairs.pairs_from_records`):
+:func:`kdgap.hooks.patch.pairs.pairs_from_records`):
 
 - ``conclusion`` (pair a): the rationale's concluding arm is swapped. The edit sits near
   the end of the prompt (position 67 of 69 on ``faithful``), so almost every cell of a sweep
@@ -65,7 +65,7 @@ def build(n_pos: int, batch: int, device: str, seed: int = 0):
     from transformer_lens.config import TransformerBridgeConfig
     from transformer_lens.model_bridge import TransformerBridge
 
-    from kdgap.hooks.patching import LogitDiff
+    from kdgap.hooks.patch.core import LogitDiff
 
     cfg = TransformerBridgeConfig(
         d_model=128, d_head=32, n_layers=4, n_ctx=max(512, n_pos), n_heads=4, d_mlp=512,
@@ -83,12 +83,12 @@ def build(n_pos: int, batch: int, device: str, seed: int = 0):
 
 def build_organism(name: str, step: int, batch: int, device: str, kinds, seed: int = 0):
     """A shipped organism and, per pair kind, ``batch`` edits at ``step`` (equal lengths)."""
-    from kdgap.agent.runner import play
     from kdgap.agent.text_agent import TextAgent
     from kdgap.envs.bandit import BanditConfig
-    from kdgap.hooks.pairs import pairs_from_records, tokenize_pairs
+    from kdgap.hooks.patch.pairs import pairs_from_records, tokenize_pairs
     from kdgap.organisms import OrganismFormat, load_organism
-    from kdgap.policies import make_policy
+    from kdgap.policies.play import play
+    from kdgap.policies.reference import make_policy
 
     fmt = OrganismFormat()
     model, tok = load_organism(name)
@@ -130,7 +130,7 @@ def timed(fn, device: str, repeats: int, budget_s: float, clock: str = "wall"):
 
 def sub_metric(metric, n: int):
     """The metric of the first ``n`` prompts (for warm-ups)."""
-    from kdgap.hooks.patching import LogitDiff
+    from kdgap.hooks.patch.core import LogitDiff
 
     return LogitDiff(metric.token_a[:n], metric.token_b[:n], metric.position[:n])
 
@@ -138,7 +138,7 @@ def sub_metric(metric, n: int):
 def changed_cells(model, clean, corrupt) -> torch.Tensor:
     """``[site*layer*pos]`` True where the corrupt activation differs from the clean one in
     at least one prompt (flattened like the effects below: site, layer, pos)."""
-    from kdgap.hooks.patching import capture, hook_name
+    from kdgap.hooks.patch.core import capture, hook_name
 
     names = [hook_name(s, layer) for s in SITES for layer in range(int(model.cfg.n_layers))]
     a, _ = capture(model, clean, names, logits=False)
@@ -151,8 +151,8 @@ def bench_pairs(model, clean, corrupt, metric, args) -> dict:
     from scipy.stats import spearmanr
     from transformer_lens import patching as tlp
 
-    from kdgap.hooks.attribution import attribution_sweep
-    from kdgap.hooks.patching import patch_sweep
+    from kdgap.hooks.patch.attribution import attribution_sweep
+    from kdgap.hooks.patch.sweep import patch_sweep
 
     dev, mem = args.device, args.memory_mb
     batch, n_pos = clean.shape

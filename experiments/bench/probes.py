@@ -2,13 +2,13 @@
 
 A full organism sweep: every ``resid_post`` layer of a shipped organism (``--organism``,
 default ``faithful``: 4 layers x d_model 128) at the ``action`` site, over ``--episodes``
-off-policy episodes x 50 steps (:func:`kdgap.probes.organism_data.organism_store`; the
+off-policy episodes x 50 steps (:func:`kdgap.testing.organisms.organism_store`; the
 store is cached under ``--store-dir`` and shared with ``experiments/probes_organisms.py``)
 x 5 labels (rationale arm, action, UCB arm, greedy arm, most-frequent arm), each with its
 Hewitt-Liang control task (``--control-feature``, default the sweep's reward-history
 control; ``step`` gives the earlier step-index control). Arms an organism almost never
 picks are dropped per label (``rare_classes="drop"``, identically for both trainers).
-``--organism synthetic`` runs the earlier :class:`kdgap.probes.synthetic.SyntheticStore`
+``--organism synthetic`` runs the earlier :class:`kdgap.testing.synthetic.SyntheticStore`
 instead (greedy-bypass labels, every label planted at its own strength and layers, noise
 1; ``--layers``, ``--d-model``, ``--steps`` apply to it only).
 
@@ -48,7 +48,7 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 
 from kdgap.probes import sweep  # noqa: E402
 from kdgap.probes.control import DEFAULT_CONTROL  # noqa: E402
-from kdgap.probes.synthetic import Plant, SyntheticStore, bandit_labels  # noqa: E402
+from kdgap.testing.synthetic import Plant, SyntheticStore, bandit_labels  # noqa: E402
 
 LABELS = ("rationale_arm", "action", "ucb_arm", "greedy_arm", "frequent_arm")
 
@@ -72,7 +72,7 @@ def load_store(args):
     """The benchmark's store and the sweep's extra keyword arguments."""
     if args.organism == "synthetic":
         return build_store(args), {}
-    from kdgap.probes.organism_data import organism_store
+    from kdgap.testing.organisms import organism_store
 
     folder = os.path.join(args.store_dir, f"{args.organism}-e{args.episodes}-s{args.seed}")
     data = organism_store(args.organism, folder, n_episodes=args.episodes, seed=args.seed)

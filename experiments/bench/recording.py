@@ -80,12 +80,12 @@ def play_records(organism: str, n: int, seed: int, path: Path) -> dict:
     """Play ``organism`` with a random driver until ``n`` step records; write them to ``path``."""
     import torch
 
-    from kdgap.agent.runner import play
     from kdgap.agent.text_agent import TextAgent
     from kdgap.envs.bandit import BanditConfig
     from kdgap.organisms import OrganismFormat, load_organism
     from kdgap.organisms.registry import organism_config
-    from kdgap.policies import make_policy
+    from kdgap.policies.play import play
+    from kdgap.policies.reference import make_policy
     from kdgap.records import write_records
 
     torch.set_num_threads(1)
@@ -107,10 +107,10 @@ def child(args) -> dict:
 
     import torch
 
-    from kdgap.hooks.api import record_store, transcript_text
-    from kdgap.hooks.plumbing import release_free_memory
+    from kdgap.hooks.record import record_store, transcript_text
     from kdgap.hooks.recorder import Recorder
     from kdgap.hooks.sites import resolve_sites
+    from kdgap.models.runtime import release_free_memory
     from kdgap.organisms import OrganismFormat, load_organism
     from kdgap.records import read_records
 
@@ -266,7 +266,7 @@ def _default_batch_size() -> int:
     """``record_store``'s own default ``batch_size``: the batch a user gets without choosing."""
     import inspect
 
-    from kdgap.hooks.api import record_store
+    from kdgap.hooks.record import record_store
 
     return int(inspect.signature(record_store).parameters["batch_size"].default)
 

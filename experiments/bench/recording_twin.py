@@ -6,7 +6,7 @@ alternating, on the same records (``--records``: a ``records_forced.jsonl`` writ
 ``experiments/smollm2_end_to_end.py``; ``--n`` of them), and checks the values agree:
 
 - ``twin``: :func:`kdgap.hooks.record_store` with ``fast=True`` (default): torch hooks on the
-  decoder layers of an SDPA twin sharing the bridge's tensors (:mod:`kdgap.hooks.twin_record`);
+  decoder layers of an SDPA twin sharing the bridge's tensors (:mod:`kdgap.hooks.twin_capture`);
 - ``bridge``: the same with ``fast=False``: ``run_with_hooks`` on the TransformerBridge.
 
 Output keys (``--json OUT``): ``speedup`` (bridge / twin median seconds), ``max_abs_diff``
@@ -27,8 +27,9 @@ import torch
 
 from kdgap.agent.prompts import PaperFormat
 from kdgap.hooks import record_store
+from kdgap.io import atomic_write_json
 from kdgap.models import load_model
-from kdgap.records import atomic_write_json, read_records
+from kdgap.records import read_records
 
 
 def main(argv=None) -> dict:

@@ -1,6 +1,6 @@
 """The KV-cached decode loop shared by the hook-free generation paths.
 
-:mod:`kdgap.agent.native_cache` (``boot_native`` models) and :mod:`kdgap.agent.hf_cache`
+:mod:`kdgap.agent.native_decoding` (``boot_native`` models) and :mod:`kdgap.models.twins`
 (Hugging Face models) differ in how they run a forward with a cache and how they sample;
 the loop around them (left-padded prompt, positions that count real tokens only, finished
 rows frozen to a fill token, EOS and stop criteria) is this one function.

@@ -13,7 +13,7 @@ Generation has two paths, with the same interface and post-processing:
   model's own submodules (:func:`_native_generate`); it is tested token-for-token against
   ``bridge.generate``. Hooks are bypassed on this path, so when any hook is attached the
   bridge path is used instead.
-- Hugging Face models with no hook attached: :mod:`kdgap.agent.hf_cache` runs a KV-cached
+- Hugging Face models with no hook attached: :mod:`kdgap.models.twins` runs a KV-cached
   loop on an SDPA twin of the wrapped model (same tensors), computing only the last prompt
   position's logits, and can keep the cache so forced-choice scoring
   (:func:`score_continuations` with ``reuse=``) runs only the tokens after the prompt.
@@ -39,7 +39,10 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 
-from kdgap.agent import hf_cache, native_cache
+from kdgap.agent import hf_decoding, native_decoding
+from kdgap.models import twins
+from kdgap.models.runtime import has_hooks
+from kdgap.models.tokens import _pad_id, _tokenizer, encode, left_pad
 
 
 @dataclass
@@ -52,66 +55,14 @@ class Generation:
         n_tokens: ``[batch]`` tokens the model produced for each row before it stopped
             (EOS included): the unit of the throughput benchmark.
         cache: with ``generate(..., keep_cache=True)`` on the hook-free Hugging Face path,
-            a :class:`~kdgap.agent.hf_cache.PromptCache` for :func:`score_continuations`
+            a :class:`~kdgap.agent.hf_decoding.PromptCache` for :func:`score_continuations`
             ``reuse=``; otherwise None.
     """
 
     texts: list[str]
     token_ids: list[list[int]]
     n_tokens: Int[np.ndarray, "batch"]  # noqa: F821
-    cache: hf_cache.PromptCache | None = None
-
-
-def _tokenizer(model, tokenizer=None):
-    tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    if tok is None:
-        raise ValueError(
-            "model.tokenizer is None; boot the bridge with tokenizer=... or pass tokenizer=."
-        )
-    return tok
-
-
-def encode(model, texts: Sequence[str], *, tokenizer=None) -> list[list[int]]:
-    """Token ids of each text under kdgap's BOS rule (see module docstring).
-
-    Args:
-        model: a TransformerBridge (for ``cfg.default_prepend_bos`` and its tokenizer).
-        texts: ``[batch]`` strings (chat-templated or not).
-        tokenizer: overrides ``model.tokenizer``.
-
-    Returns:
-        ``[batch]`` lists of ids (no padding).
-    """
-    tok = _tokenizer(model, tokenizer)
-    if isinstance(texts, str):
-        raise TypeError(f"texts={texts[:40]!r}... is one string; pass a list of strings.")
-    ids = tok(list(texts), add_special_tokens=False)["input_ids"]
-    bos, bos_id = tok.bos_token, tok.bos_token_id
-    if bos is None or bos_id is None or not getattr(model.cfg, "default_prepend_bos", True):
-        return [list(x) for x in ids]
-    return [list(x) if t.startswith(bos) else [bos_id, *x] for t, x in zip(texts, ids)]
-
-
-def left_pad(
-    seqs: Sequence[Sequence[int]], pad_id: int, device=None
-) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"]]:
-    """Left-pad id lists into ``tokens [batch pos]`` and a 0/1 ``attention_mask``."""
-    if not seqs or min(len(s) for s in seqs) == 0:
-        raise ValueError("seqs contain an empty sequence; every prompt needs >= 1 token.")
-    n = max(len(s) for s in seqs)
-    tokens = torch.full((len(seqs), n), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        tokens[i, n - len(s) :] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, n - len(s) :] = 1
-    return tokens.to(device), mask.to(device)
-
-
-def _pad_id(tok) -> int:
-    for cand in (tok.pad_token_id, tok.eos_token_id, 0):
-        if cand is not None:
-            return int(cand)
-    return 0
+    cache: hf_decoding.PromptCache | None = None
 
 
 def _eos_ids(model, tok) -> list[int]:
@@ -139,46 +90,6 @@ class TextStop:
         texts = self.tok.batch_decode(gen.tolist(), skip_special_tokens=False)
         hit = [any(s in t for s in self.stops) for t in texts]
         return torch.tensor(hit, dtype=torch.bool, device=input_ids.device)
-
-
-def has_hooks(model) -> bool:
-    """Whether any hook could act on ``model``'s forward, so the hook-free fast paths (which
-    run other modules on the same tensors) must not be used: a transformer-lens HookPoint
-    hook, a torch forward / pre-forward / backward hook on any submodule (patching registers
-    those directly), or a global torch module hook.
-
-    Library wiring does not count: transformer-lens's pre-hooks on the wrapped model's norms
-    that feed its HookPoints, and transformers' output-capturing hooks (installed once
-    ``run_with_cache`` has asked for hidden states), change nothing by themselves.
-    """
-    from torch.nn.modules import module as torch_module
-
-    hook_dict = getattr(model, "hook_dict", {}) or {}
-    if any(len(getattr(hp, "_forward_hooks", {})) for hp in hook_dict.values()):
-        return True
-    if any(
-        getattr(torch_module, name, None)
-        for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
-                     "_global_backward_hooks", "_global_backward_pre_hooks")
-    ):  # fmt: skip
-        return True
-    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    return any(
-        not _is_bridge_wiring(fn)
-        for m in model.modules()
-        for k in kinds
-        for fn in (getattr(m, k, None) or {}).values()
-    )
-
-
-_WIRING = ("transformer_lens", "transformers.utils.output_capturing")
-
-
-def _is_bridge_wiring(fn) -> bool:
-    """A hook function from transformer-lens's HookPoint plumbing or transformers' output
-    capturing (see :func:`has_hooks`)."""
-    fn = getattr(fn, "func", fn)  # functools.partial
-    return str(getattr(fn, "__module__", "") or "").startswith(_WIRING)
 
 
 def check_generation_args(max_new_tokens: int, temperature: float, batch_size: int | None) -> None:
@@ -218,8 +129,8 @@ def generate(
             length first so a batch holds similar lengths (less padding).
         tokenizer: overrides ``model.tokenizer``.
         use_native_cache: use the fast KV-cached loops when no hook is attached
-            (``boot_native`` models: :mod:`~kdgap.agent.native_cache`; Hugging Face
-            models: :mod:`~kdgap.agent.hf_cache`). False: always ``bridge.generate``.
+            (``boot_native`` models: :mod:`~kdgap.agent.native_decoding`; Hugging Face
+            models: :mod:`~kdgap.models.twins`). False: always ``bridge.generate``.
         keep_cache: on the hook-free Hugging Face path, return the KV caches in
             ``Generation.cache`` (for :func:`score_continuations` ``reuse=``).
 
@@ -234,9 +145,9 @@ def generate(
     out: list[tuple[str, list[int], int]] = [("", [], 0)] * len(ids)
     eos = _eos_ids(model, tok)
     hooked = has_hooks(model)
-    native = use_native_cache and native_cache.supports(model) and not hooked
-    lm = hf_cache.fast_model(model) if use_native_cache and not hooked else None
-    kept = hf_cache.PromptCache(model=lm) if keep_cache and lm is not None else None
+    native = use_native_cache and native_decoding.supports(model) and not hooked
+    lm = twins.fast_model(model) if use_native_cache and not hooked else None
+    kept = hf_decoding.PromptCache(model=lm) if keep_cache and lm is not None else None
     if kept is not None:
         kept.rows, kept.fed = [(0, 0, 0)] * len(ids), [[] for _ in ids]
     for b, start in enumerate(range(0, len(ids), bs)):
@@ -244,12 +155,12 @@ def generate(
         tokens, mask = left_pad([ids[i] for i in rows], _pad_id(tok), model.cfg.device)
         stop = TextStop(tok, stop_strings, tokens.shape[1]) if stop_strings else None
         if native:
-            gen = native_cache.generate(
+            gen = native_decoding.generate(
                 model, tokens, mask, max_new_tokens=max_new_tokens, temperature=temperature,
                 seed=seed + b, eos_ids=eos, stop=stop,
             )  # fmt: skip
         elif lm is not None:
-            gen, cache = hf_cache.generate(
+            gen, cache = hf_decoding.generate(
                 lm, tokens, mask, max_new_tokens=max_new_tokens, temperature=temperature,
                 seed=seed + b, eos_ids=eos, fill_id=_fill_id(tok, eos), stop=stop,
             )  # fmt: skip
@@ -325,7 +236,7 @@ def score_continuations(
     *,
     batch_size: int | None = None,
     tokenizer=None,
-    reuse: hf_cache.PromptCache | None = None,
+    reuse: hf_decoding.PromptCache | None = None,
     reuse_rows: Sequence[int | None] | None = None,
     fast: bool = True,
 ) -> Float[torch.Tensor, "n_prefixes n_continuations"]:
@@ -340,7 +251,7 @@ def score_continuations(
 
     With a hook attached (patching, steering) the scores run through the bridge forward,
     so the hooks act on them. Without one, Hugging Face models run the hook-free path of
-    :mod:`kdgap.agent.hf_cache`: logits only at the positions read, and with ``reuse`` (a
+    :mod:`kdgap.models.twins`: logits only at the positions read, and with ``reuse`` (a
     ``Generation.cache``) each prefix starts from the cached tokens it shares with its
     generation row, so only the tokens after them (the rationale's re-tokenised tail, the
     action marker, the continuation) are run. Equal to the bridge path up to float
@@ -384,7 +295,7 @@ def score_continuations(
     for ctx in longest_first:
         if not any(m[: len(ctx)] == ctx for m in maximal):
             maximal.append(ctx)
-    lm = hf_cache.fast_model(model) if fast and not has_hooks(model) else None
+    lm = twins.fast_model(model) if fast and not has_hooks(model) else None
     if lm is not None:
         if reuse is not None and reuse.model is not lm:
             reuse = None  # the caches came from another model (or a rebuilt twin)
@@ -393,7 +304,7 @@ def score_continuations(
             raise ValueError(f"reuse_rows has {len(rows)} entries for {len(pre)} prefixes.")
         if batch_size is None:
             batch_size = max(1, 2**14 // max(1, max(len(p) for p in pre)))
-        per = hf_cache.score_rows(
+        per = hf_decoding.score_rows(
             lm, pre, maximal, reuse=reuse, reuse_rows=rows if reuse is not None else None,
             pad_id=_pad_id(tok), batch_size=batch_size,
         )  # fmt: skip

@@ -8,7 +8,7 @@ rule (the exact rule of the bandit config, ``cfg.ucb_c`` / ``cfg.ucb_bonus``, so
 rationale is judged against the rule it was given), compute every arm's value inside
 ``<ucb_values>`` tags, then act.
 
-Sites (character spans of prompt + completion, see :mod:`kdgap.agent.formats`):
+Sites (character spans of prompt + completion, see :mod:`kdgap.envs.transcript_format`):
 
 - ``prompt.end``: the last character of the rendered prompt (before any chat-template
   text that follows the user message).
@@ -29,6 +29,8 @@ from dataclasses import replace
 
 from kdgap.agent import parsing
 from kdgap.envs.bandit import BanditConfig
+from kdgap.envs.transcript_format import TranscriptFormat
+from kdgap.organisms.transcript import OrganismFormat
 
 _FINAL_RE = re.compile(r"End your answer with ACTION=X, where X is one of: (?P<arms>[^\n]*)\.")
 _HISTORY_RE = re.compile(r"^Step=\d+ Action=\S+ Reward=\S+$", re.MULTILINE)
@@ -256,3 +258,24 @@ class PaperFormat:
             if top is not None:
                 spans["rationale.conclusion"] = top.span
         return spans
+
+
+def format_for(loaded, *, knowing_doing: bool = True) -> TranscriptFormat:
+    """The transcript format a loaded model speaks (one rule for every command).
+
+    Organisms (``loaded.source == "organism"``, whether named or a saved folder) speak
+    their own language (:class:`~kdgap.organisms.transcript.OrganismFormat`); every other
+    model gets the paper's prompt (:class:`~kdgap.agent.prompts.PaperFormat`), with the
+    ``<ucb_values>`` knowing-doing rationale unless ``knowing_doing=False``, wrapped in
+    the chat template exactly when the tokenizer has one (a base model without a template
+    gets the raw prompt).
+
+    Args:
+        loaded: a :class:`kdgap.models.LoadedModel`.
+    """
+    if loaded.source == "organism":
+
+        return OrganismFormat()
+
+    has_template = bool(getattr(loaded.tokenizer, "chat_template", None))
+    return PaperFormat(knowing_doing=knowing_doing, use_chat_template=has_template)

@@ -1,4 +1,4 @@
-"""A language-model agent that plays text bandits: the :class:`~kdgap.policies.Policy`
+"""A language-model agent that plays text bandits: the :class:`~kdgap.policies.reference.Policy`
 behind ``kdgap play --model``.
 
 Two action modes (issue 2, item 5):
@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
-from kdgap.agent.formats import TranscriptFormat
 from kdgap.agent.generation import (
     Generation,
     check_generation_args,
@@ -34,7 +33,8 @@ from kdgap.agent.generation import (
     score_continuations,
 )
 from kdgap.envs.bandit import BanditConfig
-from kdgap.policies import Decisions, HistoryBatch
+from kdgap.envs.transcript_format import TranscriptFormat
+from kdgap.policies.reference import Decisions, HistoryBatch
 
 MODES = ("forced", "free")
 
@@ -44,7 +44,7 @@ class TextAgent:
 
     Args:
         model: any TransformerBridge with a tokenizer (eval mode).
-        fmt: a :class:`~kdgap.agent.formats.TranscriptFormat` (e.g. ``PaperFormat()``).
+        fmt: a :class:`~kdgap.envs.transcript_format.TranscriptFormat` (e.g. ``PaperFormat()``).
         mode: ``"forced"`` or ``"free"``.
         max_new_tokens: most tokens of each completion.
         temperature: 0 for greedy decoding, > 0 to sample.

@@ -1,36 +1,29 @@
-"""Hooks: record activations at named transcript sites into an on-disk store, and patch them.
+"""Hooks: resolve sites, record activations into an on-disk store, and patch them.
 
-Entry points (imported lazily, so ``import kdgap.hooks.plumbing`` stays light):
-
-- :func:`record_store` (:mod:`kdgap.hooks.api`): records -> model forward -> activation store.
-- :class:`ActivationStore` (:mod:`kdgap.hooks.store`): ``store.load(hook=..., site=...)``.
-- :func:`record_batch` (:mod:`kdgap.hooks.recorder`): one batch, in memory.
-- :func:`resolve_hooks` (:mod:`kdgap.hooks.plumbing`), :func:`parse_site`
-  (:mod:`kdgap.hooks.sites`).
+- :func:`record_store` (:mod:`~kdgap.hooks.record`): transcripts -> activation store.
+- :class:`ActivationStore` (:mod:`~kdgap.hooks.store`): ``store.load(hook=..., site=...)``.
+- :func:`record_batch`, :class:`Recorder` (:mod:`~kdgap.hooks.recorder`): one batch, in memory.
+- :func:`resolve_hooks` (:mod:`~kdgap.hooks.names`), :func:`parse_site`,
+  :func:`resolve_sites` (:mod:`~kdgap.hooks.sites`).
+- :mod:`kdgap.hooks.patch`: activation patching, path patching, attribution, mediation.
 """
 
-from __future__ import annotations
+from kdgap.hooks.names import HOOK_KINDS, resolve_hooks, valid_hook_names
+from kdgap.hooks.record import record_store
+from kdgap.hooks.recorder import Recorder, record_batch
+from kdgap.hooks.sites import MissingSites, parse_site, resolve_sites
+from kdgap.hooks.store import ActivationStore, StoreError
 
-import importlib
-
-_EXPORTS = {
-    "record_store": "kdgap.hooks.api",
-    "ActivationStore": "kdgap.hooks.store",
-    "StoreError": "kdgap.hooks.store",
-    "record_batch": "kdgap.hooks.recorder",
-    "Recorder": "kdgap.hooks.recorder",
-    "resolve_hooks": "kdgap.hooks.plumbing",
-    "tokenize_batch": "kdgap.hooks.plumbing",
-    "require_eval": "kdgap.hooks.plumbing",
-    "parse_site": "kdgap.hooks.sites",
-    "resolve_sites": "kdgap.hooks.sites",
-    "MissingSites": "kdgap.hooks.sites",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'kdgap.hooks' has no attribute {name!r}")
+__all__ = [
+    "HOOK_KINDS",
+    "ActivationStore",
+    "MissingSites",
+    "Recorder",
+    "StoreError",
+    "parse_site",
+    "record_batch",
+    "record_store",
+    "resolve_hooks",
+    "resolve_sites",
+    "valid_hook_names",
+]

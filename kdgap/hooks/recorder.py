@@ -27,21 +27,17 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Int
 
-from kdgap.agent.generation import has_hooks
-from kdgap.hooks.plumbing import (
-    TokenBatch,
-    gather_positions,
+from kdgap.hooks.names import gather_positions, resolve_hooks, stop_layer_for
+from kdgap.hooks.sites import parse_sites, resolve_sites
+from kdgap.hooks.twin_capture import twin_forward, twin_plan
+from kdgap.models.runtime import (
+    has_hooks,
     model_device,
     model_tokenizer,
     release_free_memory,
     require_eval,
-    resolve_hooks,
-    stop_layer_for,
-    tokenize_batch,
-    tokenize_like_agent,
 )
-from kdgap.hooks.sites import parse_sites, resolve_sites
-from kdgap.hooks.twin_record import twin_forward, twin_plan
+from kdgap.models.tokens import TokenBatch, tokenize_batch, tokenize_like_agent
 
 DTYPES = {
     "float32": torch.float32,
@@ -115,12 +111,12 @@ class Recorder:
     Args:
         model: a TransformerBridge in eval mode.
         fmt: the transcript format defining the sites (``site_spans``).
-        hooks: hook specs (:func:`~kdgap.hooks.plumbing.resolve_hooks`), e.g. ``"resid_post"``.
+        hooks: hook specs (:func:`~kdgap.hooks.names.resolve_hooks`), e.g. ``"resid_post"``.
         sites: site specs (:func:`~kdgap.hooks.sites.parse_sites`), e.g. ``"action"``.
         tokenizer: fast tokenizer (default ``model.tokenizer``).
         dtype: ``"float32"`` (default), ``"float16"`` or ``"bfloat16"`` for the stored copies.
         prepend_bos: None (default) tokenises exactly as the text agent does
-            (:func:`~kdgap.hooks.plumbing.tokenize_like_agent`: BOS unless the model does
+            (:func:`~kdgap.models.tokens.tokenize_like_agent`: BOS unless the model does
             not prepend one or the text already starts with it); True/False forces it.
         on_missing: ``"raise"`` or ``"skip"`` for examples lacking a site.
         stop_early: stop the forward after the last block a hook needs, and abandon it
@@ -141,7 +137,7 @@ class Recorder:
             up batch after batch); 1 turns it off.
         fast: record ``hook_resid_pre`` / ``hook_resid_post`` of a Hugging Face-backed
             bridge on its SDPA twin, and of a native bridge on a plain ``NativeModel``
-            (:mod:`kdgap.hooks.twin_record`: the same tensors, no bridge forward; equal up
+            (:mod:`kdgap.hooks.twin_capture`: the same tensors, no bridge forward; equal up
             to float rounding) when no hook is attached and no other hook is requested;
             False always runs the bridge.
         release_memory: after each forward, return freed heap pages to the OS
@@ -243,7 +239,7 @@ class Recorder:
         The forward is abandoned (a private exception raised from the hook) as soon as every
         requested hook has fired, so nothing after the last recorded activation is computed
         (on top of ``stop_at_layer``, which skips whole blocks). ``plan`` is
-        :func:`~kdgap.hooks.twin_record.twin_plan`'s result (None: the bridge path).
+        :func:`~kdgap.hooks.twin_capture.twin_plan`'s result (None: the bridge path).
         """
         dev = model_device(self.model)
         pos = positions.to(dev)

@@ -1,6 +1,6 @@
 """Sites: named token positions of a transcript, resolved per example from its text.
 
-A :class:`~kdgap.agent.formats.TranscriptFormat` returns *character* spans of named sites
+A :class:`~kdgap.envs.transcript_format.TranscriptFormat` returns *character* spans of named sites
 (``format.site_spans(text) -> {"action": (start, end), "rationale.arm[red]": ...}``); this
 module turns them into token positions of a left-padded batch via the tokenizer's
 character offsets, so no format ever counts tokens.
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Bool, Int
 
-from kdgap.agent.formats import SiteNotFound
-from kdgap.hooks.plumbing import TokenBatch
+from kdgap.envs.transcript_format import SiteNotFound
+from kdgap.models.tokens import TokenBatch
 
 ON_MISSING = ("raise", "skip")
 
@@ -191,7 +191,7 @@ def resolve_sites(
     Args:
         fmt: the transcript format whose ``site_spans`` defines the sites.
         texts: the ``batch`` texts that ``batch`` was tokenised from (same order).
-        batch: :func:`~kdgap.hooks.plumbing.tokenize_batch` output (its offsets are used).
+        batch: :func:`~kdgap.models.tokens.tokenize_batch` output (its offsets are used).
         sites: canonical site keys (:func:`parse_sites`).
         ids: example ids used in reports (default: 0..batch-1).
         on_missing: ``"raise"`` or ``"skip"`` (see the module docstring).
@@ -221,48 +221,3 @@ def resolve_sites(
     return SitePositions(positions=positions, present=present, keep=keep, skipped=skipped)
 
 
-class RegexFormat:
-    """A minimal site-only transcript format: each site is the *last* match of a regex.
-
-    Useful for ad-hoc transcripts, tests and benchmarks; the real formats are
-    :class:`kdgap.agent.prompts.PaperFormat` and :class:`kdgap.organisms.format.OrganismFormat`.
-    Only ``site_spans`` (what recording needs) is implemented.
-
-    Args:
-        name: format name stored in manifests.
-        patterns: ``{site_key: regex}``. The span is the named group ``site`` when the regex
-            has one, else the whole match. A key containing ``{arm}`` (``"rationale.arm[{arm}]"``)
-            is expanded over ``arm_names``, with ``{arm}`` in the regex replaced by the
-            escaped arm name.
-        arm_names: arm names for ``{arm}`` keys.
-
-    Example:
-        ``RegexFormat("demo", {"action": r"ACTION=", "rationale.arm[{arm}]": r"{arm}:"},
-        arm_names=["red", "blue"])``
-    """
-
-    action_marker = "ACTION="
-    use_chat_template = False
-
-    def __init__(self, name: str, patterns: dict[str, str], arm_names: Sequence[str] = ()):
-        self.name = name
-        self._compiled: dict[str, re.Pattern] = {}
-        for key, pat in patterns.items():
-            keys = [(key, pat)]
-            if "{arm}" in key:
-                keys = [(key.replace("{arm}", a), pat.replace("{arm}", re.escape(a)))
-                        for a in arm_names]  # fmt: skip
-            for k, p in keys:
-                self._compiled[parse_site(k).key] = re.compile(p, re.DOTALL)
-
-    def site_spans(self, text: str) -> dict[str, tuple[int, int]]:
-        """``{site: (start, end)}`` of the last match of each site's regex in ``text``."""
-        out = {}
-        for key, rx in self._compiled.items():
-            last = None
-            for m in rx.finditer(text):
-                last = m
-            if last is not None:
-                g = "site" if "site" in rx.groupindex else 0
-                out[key] = (last.start(g), last.end(g))
-        return out

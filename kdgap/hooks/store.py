@@ -30,9 +30,9 @@ from jaxtyping import Float
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kdgap.hooks.plumbing import release_free_memory
-from kdgap.records import atomic_write as _atomic_write  # module global: tests wrap it
-from kdgap.records import atomic_write_json
+from kdgap.io import atomic_write as _atomic_write  # module global: tests wrap it
+from kdgap.io import atomic_write_json
+from kdgap.models.runtime import release_free_memory
 
 FORMAT = "kdgap-activation-store"
 FORMAT_VERSION = 1

@@ -24,6 +24,7 @@ from kdgap.models.memory import (
     weight_files,
 )
 from kdgap.models.spec import LOCAL_FORMS, ModelLoadError, ModelSpec, parse_model_spec
+from kdgap.organisms.registry import load_organism, resolve_organism
 
 # Hash weight files byte for byte up to this total; past it (multi-GB user checkpoints) hash
 # the config and file headers instead, so a manifest costs seconds, not minutes.
@@ -136,13 +137,6 @@ def _load_hub(spec: ModelSpec, torch_dtype, device: str, trust_remote_code: bool
 
 def _load_organism(spec: ModelSpec, device: str):
     try:
-        from kdgap.organisms import load_organism
-    except ImportError as exc:
-        raise ModelLoadError(
-            f"model={spec.raw!r}: model organisms are not available in this install "
-            f"(kdgap.organisms.load_organism failed to import: {exc})."
-        ) from exc
-    try:
         return load_organism(spec.target, device=device)
     except (FileNotFoundError, KeyError) as exc:
         raise ModelLoadError(
@@ -154,8 +148,6 @@ def _load_organism(spec: ModelSpec, device: str):
 def _organism_files(spec: ModelSpec) -> tuple[Path | None, list[Path]]:
     """The organism's folder and weight file, when the registry can name them."""
     try:
-        from kdgap.organisms.registry import resolve_organism
-
         folder = Path(resolve_organism(spec.target))
     except Exception:  # noqa: BLE001 - identity only; the load itself already succeeded
         return None, []

@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from jaxtyping import Float, Int
 
-from kdgap.agent.runner import history_of
 from kdgap.envs.bandit import BanditConfig, VectorBandit
 from kdgap.organisms.language import ACT, BOS, EOS, PAD, THINK, UCB, OrganismLanguage
 from kdgap.organisms.mechanisms import Mechanism, true_ucb_arm
+from kdgap.policies.play import history_of
 
 BEHAVIOURS = ("own", "own-noisy", "random", "ucb")
 # Training bandits use seeds offset from the small seeds evaluation uses, so the

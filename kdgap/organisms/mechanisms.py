@@ -40,7 +40,7 @@ from jaxtyping import Int
 
 from kdgap.envs.bandit import BanditConfig
 from kdgap.envs.stats import first_arm, greedy_arms, most_frequent_arms, ucb_arms, ucb_values
-from kdgap.policies import Decisions, HistoryBatch
+from kdgap.policies.reference import Decisions, HistoryBatch
 
 ActionRule = Callable[[HistoryBatch, Int[np.ndarray, "n"]], Int[np.ndarray, "n"]]  # noqa: F821
 
@@ -205,7 +205,7 @@ def get_mechanism(name: str) -> Mechanism:
 
 
 class RulePolicy:
-    """A :class:`~kdgap.policies.Policy` that plays a mechanism with a *perfect* rationale.
+    """A :class:`~kdgap.policies.reference.Policy` that plays a mechanism with a *perfect* rationale.
 
     The rationale arm is the conclusion the mechanism trains (the true UCB arm unless
     ``conclusion_rule`` plants errors): this is what a perfectly trained organism

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
+from kdgap.io import atomic_write, atomic_write_json
 from kdgap.organisms.language import OrganismLanguage
-from kdgap.records import atomic_write, atomic_write_json
 
 SHIPPED_DIR = Path(__file__).parent / "shipped"
 FORMAT_TAG = "kdgap-organism"

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from kdgap.io import atomic_write_json
 from kdgap.organisms.data import DataConfig, Samples, make_samples, sort_into_batches
 from kdgap.organisms.language import OrganismLanguage
 from kdgap.organisms.mechanisms import Mechanism
 from kdgap.organisms.registry import build_model, make_readable, save_organism
-from kdgap.records import atomic_write_json
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,11 @@ baseline and Hewitt-Liang selectivity, and are followed by a causal check.
 """
 
 from kdgap.probes.batched import BatchedLogisticFit, fit_logistic_batched
-from kdgap.probes.causal import CausalReport, ablate, arm_distribution, causal_check, steer
 from kdgap.probes.control import control_labels, selectivity
+from kdgap.probes.dataset import DEFAULT_LABELS, ActivationSource
 from kdgap.probes.estimators import DEFAULT_CS, DiffMeansProbe, LogisticProbe
+from kdgap.probes.interventions import CausalReport, ablate, arm_distribution, causal_check, steer
 from kdgap.probes.knowing_doing import KnowingDoingReport, knowing_doing
-from kdgap.probes.source import DEFAULT_LABELS, ActivationSource
 from kdgap.probes.splits import grouped_folds, grouped_train_test_split
 from kdgap.probes.stats import accuracy_ci, chance_level, cluster_bootstrap, wilson_interval
 from kdgap.probes.steering import steering_summary

@@ -38,8 +38,7 @@ import numpy as np
 import pandas as pd
 
 from kdgap.probes.batched import fit_logistic_batched
-from kdgap.probes.estimators import DEFAULT_CS, LogisticProbe
-from kdgap.probes.source import (
+from kdgap.probes.dataset import (
     ActivationSource,
     check_class_counts,
     check_hooks_sites,
@@ -49,6 +48,7 @@ from kdgap.probes.source import (
     layer_of,
     residual_order,
 )
+from kdgap.probes.estimators import DEFAULT_CS, LogisticProbe
 from kdgap.probes.splits import grouped_train_test_split
 from kdgap.probes.stats import chance_level, cluster_bootstrap
 from kdgap.probes.sweep import load_site
@@ -109,7 +109,7 @@ def knowing_doing(
     """Knowing vs doing probes per layer at ``site`` (see the module docstring).
 
     Args:
-        store: any :class:`~kdgap.probes.source.ActivationSource`.
+        store: any :class:`~kdgap.probes.dataset.ActivationSource`.
         hooks: hooks to compare (default: every ``hook_resid_post``, else every hook),
             put in residual-stream order.
         knowing, doing: label columns of the two probes.

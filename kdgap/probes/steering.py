@@ -12,7 +12,7 @@ forward passes need the texts; an activation store holds none), and:
    the best held-out accuracy is the *best layer*;
 3. on held-out episodes, for every arm ``k`` of the probe, steers along the probe's
    class-``k`` weight direction at the best layer (steps whose label is not ``k``, so
-   there is room to move towards ``k``) with :func:`kdgap.probes.causal.causal_check`,
+   there is room to move towards ``k``) with :func:`kdgap.probes.interventions.causal_check`,
    and ablates the probe's whole weight subspace (all arms' directions, projected out);
 4. reports the arm distribution before and after, total-variation distance, argmax
    flips, the target arm's probability change and a verdict.
@@ -29,12 +29,17 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from kdgap.envs import arm_names
+from kdgap.hooks.names import resolve_hooks
+from kdgap.models.runtime import model_tokenizer
+from kdgap.models.tokens import tokenize_like_agent
 from kdgap.probes.batched import fit_logistic_batched
-from kdgap.probes.causal import arm_distribution, steer
-from kdgap.probes.source import ActivationSource, label_array, layer_of, residual_order
+from kdgap.probes.dataset import ActivationSource, label_array, layer_of, residual_order
+from kdgap.probes.interventions import arm_distribution, steer
 from kdgap.probes.splits import grouped_train_test_split
 from kdgap.probes.stats import accuracy_ci, chance_level
 from kdgap.probes.sweep import load_site
+from kdgap.records import read_records
 
 
 def action_prefixes(fmt, records) -> tuple[list[str], list]:
@@ -67,7 +72,6 @@ def _arm_token_ids(fmt, tokenizer, arm_names: Sequence[str]) -> list[list[int]]:
 
 def _batch(model, tokenizer, texts):
     """Left-padded batch tokenised exactly as the text agent tokenises (its BOS rule)."""
-    from kdgap.hooks.plumbing import tokenize_like_agent
 
     return tokenize_like_agent(model, texts, tokenizer=tokenizer,
                                max_length=getattr(model.cfg, "n_ctx", None))  # fmt: skip
@@ -148,8 +152,6 @@ def steering_summary(
         ``steers_toward_target`` (target probability rises at every positive alpha),
         ``verdict``.
     """
-    from kdgap.hooks.plumbing import model_tokenizer, resolve_hooks
-    from kdgap.records import read_records
 
     if isinstance(records, (str, os.PathLike)):
         records = read_records(records)
@@ -250,7 +252,6 @@ def steering_summary(
 
 
 def _arm_names(records) -> list[str]:
-    from kdgap.envs import arm_names
 
     n_arms = int(records[0].n_arms)
     return list(arm_names(n_arms, "buttons"))

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from kdgap.probes.dataset import ActivationSource
 from kdgap.probes.knowing_doing import TRACKED, knowing_doing
-from kdgap.probes.source import ActivationSource
 
 #: The divergence layer, in one sentence (``definition`` of the summary).
 DIVERGENCE_DEFINITION = (
@@ -75,7 +75,7 @@ def knowing_doing_summary(
     """Knowing vs doing probes per layer at ``site``, as a JSON-ready dict.
 
     Args:
-        store: any :class:`~kdgap.probes.source.ActivationSource` (e.g. an
+        store: any :class:`~kdgap.probes.dataset.ActivationSource` (e.g. an
             :class:`~kdgap.hooks.store.ActivationStore`).
         site: recorded site; ``"action"`` is the position whose next token is the action.
         hook: None or ``"resid_post"`` for every recorded ``hook_resid_post`` (one per

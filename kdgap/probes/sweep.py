@@ -19,10 +19,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from kdgap.io import atomic_write as write_atomically
 from kdgap.probes.batched import fit_logistic_batched
 from kdgap.probes.control import DEFAULT_CONTROL, control_labels, control_types, selectivity
-from kdgap.probes.estimators import DEFAULT_CS, DiffMeansProbe, LogisticProbe
-from kdgap.probes.source import (
+from kdgap.probes.dataset import (
     DEFAULT_LABELS,
     ActivationSource,
     check_hooks_sites,
@@ -32,9 +32,9 @@ from kdgap.probes.source import (
     label_array,
     layer_of,
 )
+from kdgap.probes.estimators import DEFAULT_CS, DiffMeansProbe, LogisticProbe
 from kdgap.probes.splits import grouped_train_test_split
 from kdgap.probes.stats import accuracy_ci, chance_level
-from kdgap.records import atomic_write as write_atomically
 
 PROBES = ("logistic", "diffmeans")
 TRAINERS = ("batched", "sklearn")
@@ -120,7 +120,7 @@ def sweep(
     """Probe every (hook, site, label) cell of ``store``; return (and save) a tidy table.
 
     Args:
-        store: any :class:`~kdgap.probes.source.ActivationSource`.
+        store: any :class:`~kdgap.probes.dataset.ActivationSource`.
         labels: label-table columns to decode (rows where a label is NA are left out of
             that label's cells).
         hooks, sites: subsets to sweep (None = all recorded).
@@ -135,7 +135,7 @@ def sweep(
         rare_classes: what a rarer class does: ``"raise"`` (default) stops with an error
             naming it; ``"drop"`` leaves its examples out of that label's cells (fitted
             and scored on the other classes; see
-            :func:`~kdgap.probes.source.handle_rare_classes`) and records it in the
+            :func:`~kdgap.probes.dataset.handle_rare_classes`) and records it in the
             ``dropped_classes`` column. Use ``"drop"`` on real runs, where an arm the
             agent almost never picks would otherwise stop the sweep.
         n_boot: episode-bootstrap replicates for the intervals.

@@ -10,7 +10,7 @@ import html
 from collections.abc import Mapping
 from pathlib import Path
 
-from kdgap.records import atomic_write_text
+from kdgap.io import atomic_write_text
 from kdgap.report.figures import CAPTIONS
 
 CSS = """

@@ -11,18 +11,27 @@ JSON only (:mod:`kdgap.report.render`), which is what ``kdgap figures`` re-runs.
 from __future__ import annotations
 
 import json
-import re
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from kdgap.agent.prompts import format_for
+from kdgap.agent.text_agent import TextAgent
 from kdgap.envs.bandit import BanditConfig
-from kdgap.records import atomic_write_json, read_records, write_records
-
-STAGES = ("behavior", "baselines", "freqbias", "record", "probes", "patching")
+from kdgap.hooks import ActivationStore, record_store
+from kdgap.hooks.patch.mediation import example_heatmap, mediation_summary
+from kdgap.io import atomic_write_json
+from kdgap.models import load_model
+from kdgap.policies.play import play
+from kdgap.policies.reference import make_policy
+from kdgap.probes import knowing_doing_summary
+from kdgap.records import read_records, write_records
+from kdgap.report.behavior import PlayConfig, run_freqbias, run_play
+from kdgap.report.render import render_all
+from kdgap.report.stages import _Stage, model_slug
+from kdgap.report.summary import build_summary, model_entry
 
 
 @dataclass(frozen=True)
@@ -62,35 +71,6 @@ class AnalyzeConfig:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1.")
 
 
-def model_slug(model: str) -> str:
-    """A folder name for a model spec (``organism:faithful`` -> ``organism-faithful``)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-") or "model"
-
-
-@dataclass
-class _Stage:
-    """One cached stage: its file, the settings that key it, and how to compute it."""
-
-    path: Path
-    key: dict
-    compute: Callable[[], dict]
-    force: bool = False
-    ran: bool = field(default=False, init=False)
-
-    def get(self) -> tuple[dict, float]:
-        """The stage's result and the seconds its computation took (when it ran)."""
-        if not self.force and self.path.exists():
-            saved = json.loads(self.path.read_text())
-            if saved.get("key") == self.key:
-                return saved["result"], saved["seconds"]
-        t0 = time.perf_counter()
-        result = self.compute()
-        seconds = time.perf_counter() - t0
-        atomic_write_json(self.path, {"key": self.key, "seconds": seconds, "result": result})
-        self.ran = True
-        return result, seconds
-
-
 class Analysis:
     """The analysis of one model; lazily loads it only when a stage must run."""
 
@@ -105,19 +85,16 @@ class Analysis:
     @property
     def loaded(self):
         if self._loaded is None:
-            from kdgap.models import load_model
 
             self._loaded = load_model(self.spec, device=self.cfg.device, dtype=self.cfg.dtype)
         return self._loaded
 
     @property
     def fmt(self):
-        from kdgap.agent.formats import format_for
 
         return format_for(self.loaded)
 
     def agent(self, *, counterfactual: bool = False):
-        from kdgap.agent.text_agent import TextAgent
 
         return TextAgent(self.loaded.bridge, self.fmt, mode="forced", seed=self.cfg.seed,
                          counterfactual=counterfactual)  # fmt: skip
@@ -136,7 +113,6 @@ class Analysis:
 
     # ------------------------------------------------------------------ stages
     def behavior(self) -> dict:
-        from kdgap.study import PlayConfig, run_play
 
         def compute() -> dict:
             cfg = PlayConfig(bandit=self.bandit, n_episodes=self.cfg.episodes,
@@ -148,8 +124,6 @@ class Analysis:
         return self._stage("behavior", self._key("episodes", "horizon", "seed"), compute)
 
     def baselines(self) -> dict:
-        from kdgap.policies import make_policy
-        from kdgap.study import PlayConfig, run_play
 
         def compute() -> dict:
             cfg = PlayConfig(bandit=self.bandit, n_episodes=self.cfg.episodes, seed=self.cfg.seed)
@@ -161,7 +135,6 @@ class Analysis:
         return self._stage("baselines", self._key("episodes", "horizon", "seed"), compute)
 
     def freqbias(self) -> dict:
-        from kdgap.study import run_freqbias
 
         def compute() -> dict:
             # Histories must fit the model's context: organisms know steps 0..horizon only.
@@ -180,8 +153,6 @@ class Analysis:
         if not self.force and path.exists() and key_path.exists():
             if json.loads(key_path.read_text()) == key:
                 return read_records(path)
-        from kdgap.agent.runner import play
-        from kdgap.policies import make_policy
 
         recs = play(self.agent(), self.bandit, n_episodes=self.cfg.record_episodes,
                     seed=self.cfg.seed, driver=make_policy(self.cfg.driver))  # fmt: skip
@@ -190,7 +161,6 @@ class Analysis:
         return recs
 
     def record(self):
-        from kdgap.hooks import ActivationStore, record_store
 
         def compute() -> dict:
             store = record_store(
@@ -206,7 +176,6 @@ class Analysis:
         return ActivationStore(info["path"])
 
     def probes(self) -> dict:
-        from kdgap.probes import knowing_doing_summary
 
         def compute() -> dict:
             return knowing_doing_summary(self.record(), site=self.cfg.site, seed=self.cfg.seed)
@@ -215,8 +184,6 @@ class Analysis:
         return self._stage("probes", key, compute)
 
     def patching(self) -> dict:
-        from kdgap.hooks.mediation import mediation_summary
-        from kdgap.hooks.patching import example_heatmap
 
         def compute() -> dict:
             recs = self.records()
@@ -230,7 +197,6 @@ class Analysis:
 
     def run(self, progress: bool = True) -> dict:
         """All stages; returns this model's entry of ``summary.json``."""
-        from kdgap.report.summary import model_entry
 
         steps = [
             self.behavior,
@@ -267,8 +233,6 @@ def analyze(
 ) -> dict:
     """Analyse ``models`` into ``out``: per-model stage files, ``summary.json``, figures and
     ``report.html``. Returns the summary dict."""
-    from kdgap.report.render import render_all
-    from kdgap.report.summary import build_summary
 
     cfg = cfg or AnalyzeConfig()
     out = Path(out)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kdgap.report import figures as F
 from kdgap.report.html import render_report
-from kdgap.report.pipeline import model_slug
+from kdgap.report.stages import model_slug
 
 
 def _stage(out: Path, model: str, name: str) -> dict | None:

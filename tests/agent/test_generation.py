@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdgap.agent import native_cache
-from kdgap.agent.generation import encode, generate, left_pad, score_continuations
+from kdgap.agent import native_decoding
+from kdgap.agent.generation import generate, score_continuations
+from kdgap.models.tokens import encode, left_pad
 
 PROMPTS = ["Step=0 Action=green Reward=0.3", "red", "You are in a room with 5 buttons labeled red"]
 
@@ -31,9 +32,9 @@ def test_left_pad_layout():
 
 def test_native_kv_cache_equals_bridge_generate(tiny_native):
     """The cached loop must reproduce bridge.generate (no cache on native) token for token."""
-    assert native_cache.supports(tiny_native)
+    assert native_decoding.supports(tiny_native)
     tokens, mask = left_pad(encode(tiny_native, PROMPTS), 0)
-    ours = native_cache.generate(tiny_native, tokens, mask, max_new_tokens=12)
+    ours = native_decoding.generate(tiny_native, tokens, mask, max_new_tokens=12)
     ref = tiny_native.generate(tokens, attention_mask=mask, max_new_tokens=12, do_sample=False,
                                stop_at_eos=False, verbose=False, return_type="tokens")  # fmt: skip
     assert torch.equal(ours, ref[:, tokens.shape[1] :])
@@ -41,14 +42,14 @@ def test_native_kv_cache_equals_bridge_generate(tiny_native):
     for j, ids in enumerate(encode(tiny_native, PROMPTS)):
         t1, m1 = left_pad([ids], 0)
         assert torch.equal(
-            native_cache.generate(tiny_native, t1, m1, max_new_tokens=12)[0], ours[j]
+            native_decoding.generate(tiny_native, t1, m1, max_new_tokens=12)[0], ours[j]
         )
 
 
 @pytest.mark.parametrize("fast", [False, True], ids=["bridge_path", "hook_free_path"])
 def test_bridge_generation_equals_hf_generate(tiny_hf_dir, tiny_hf_bridge, fast):
     """transformers 5.24 breaks the bridge path (KV cache ignored by the bridge's attention);
-    pinned < 5.24. The hook-free path (kdgap.agent.hf_cache) must agree too."""
+    pinned < 5.24. The hook-free path (kdgap.models.twins) must agree too."""
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_hf_dir).eval()

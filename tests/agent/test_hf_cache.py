@@ -1,4 +1,4 @@
-"""The hook-free fast path for Hugging Face models (kdgap.agent.hf_cache).
+"""The hook-free fast path for Hugging Face models (kdgap.models.twins, kdgap.agent.hf_decoding).
 
 Generation on the SDPA twin equals the bridge path token for token (greedy and sampled),
 scoring with and without the generation's KV cache equals the bridge forward (the old
@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from kdgap.agent import hf_cache
-from kdgap.agent.generation import encode, generate, score_continuations
+from kdgap.agent.generation import generate, score_continuations
 from kdgap.agent.prompts import PaperFormat
-from kdgap.agent.runner import play
 from kdgap.agent.text_agent import TextAgent
 from kdgap.envs.bandit import BanditConfig
+from kdgap.models import twins
+from kdgap.models.tokens import encode
+from kdgap.policies.play import play
 from tests.agent.test_real_chat_models import ARCHS, save_and_load
 
 PROMPTS = [
@@ -37,13 +38,13 @@ def models(tmp_path_factory, tiny_tokenizer_dir):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_twin_shares_the_bridge_tensors_and_uses_sdpa(models, arch):
     bridge = models[arch].bridge
-    twin = hf_cache.fast_model(bridge)
+    twin = twins.fast_model(bridge)
     assert twin is not bridge.original_model
     assert twin.config._attn_implementation == "sdpa"
     assert bridge.original_model.config._attn_implementation == "eager"  # untouched
     ptrs = {p.data_ptr() for p in bridge.original_model.parameters()}
     assert all(p.data_ptr() in ptrs for p in twin.parameters())
-    assert hf_cache.fast_model(bridge) is twin  # cached
+    assert twins.fast_model(bridge) is twin  # cached
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -136,7 +137,7 @@ def test_forced_agent_is_the_same_with_the_fast_path(models, arch, monkeypatch):
         return play(agent, cfg, n_episodes=3, seed=1, progress=False)
 
     fast = run()
-    monkeypatch.setattr(hf_cache, "fast_model", lambda bridge, **kw: None)
+    monkeypatch.setattr(twins, "fast_model", lambda bridge, **kw: None)
     slow = run()
     assert [r.completion for r in fast] == [r.completion for r in slow]
     assert [r.action for r in fast] == [r.action for r in slow]
@@ -170,7 +171,7 @@ def test_hooks_switch_the_fast_path_off(models):
 
 def test_replaced_parameter_rebuilds_the_twin(models):
     bridge = models["gpt2"].bridge
-    twin = hf_cache.fast_model(bridge)
+    twin = twins.fast_model(bridge)
     hf = bridge.original_model
     name, p = next((n, p) for n, p in hf.named_parameters() if p.ndim == 2)
     mod_name, leaf = name.rsplit(".", 1)
@@ -178,7 +179,7 @@ def test_replaced_parameter_rebuilds_the_twin(models):
     old = p
     try:
         setattr(mod, leaf, torch.nn.Parameter(p.detach().clone() * 1.5))
-        again = hf_cache.fast_model(bridge)
+        again = twins.fast_model(bridge)
         assert again is not twin
         ptrs = {q.data_ptr() for q in hf.parameters()}
         assert all(q.data_ptr() in ptrs for q in again.parameters())
@@ -188,15 +189,15 @@ def test_replaced_parameter_rebuilds_the_twin(models):
                                    rtol=0, atol=2e-4)  # fmt: skip
     finally:
         setattr(mod, leaf, old)
-    assert hf_cache.fast_model(bridge) is not None
+    assert twins.fast_model(bridge) is not None
 
 
 def test_no_twin_when_it_would_disagree(models, monkeypatch):
     """A twin whose logits differ from the bridge's is refused: the wrapped model runs."""
     bridge = models["qwen2"].bridge
-    hf_cache._TWINS.pop(bridge, None)
-    monkeypatch.setattr(hf_cache, "_agrees", lambda bridge, twin: False)
-    assert hf_cache.fast_model(bridge) is bridge.original_model
+    twins._TWINS.pop(bridge, None)
+    monkeypatch.setattr(twins, "_agrees", lambda bridge, twin: False)
+    assert twins.fast_model(bridge) is bridge.original_model
     P = PROMPTS[:2]
     torch.testing.assert_close(score_continuations(bridge, P, SPELLINGS),
                                score_continuations(bridge, P, SPELLINGS, fast=False),
@@ -204,13 +205,13 @@ def test_no_twin_when_it_would_disagree(models, monkeypatch):
     gen = generate(bridge, PROMPTS, max_new_tokens=8)
     assert gen.token_ids == generate(bridge, PROMPTS, max_new_tokens=8,
                                      use_native_cache=False).token_ids  # fmt: skip
-    hf_cache._TWINS.pop(bridge, None)
+    twins._TWINS.pop(bridge, None)
 
 
 def test_torch_module_hooks_switch_the_fast_path_off(models):
     """A plain torch forward hook on a submodule of the wrapped model (as patching registers
     them) is honoured: scoring runs through the bridge, which runs that module."""
-    from kdgap.agent.generation import has_hooks
+    from kdgap.models.runtime import has_hooks
 
     bridge = models["llama"].bridge
     assert not has_hooks(bridge)
@@ -230,16 +231,16 @@ def test_torch_module_hooks_switch_the_fast_path_off(models):
 
 def test_training_mode_and_edited_unused_tensors_fall_back(models):
     bridge = models["gpt2"].bridge
-    twin = hf_cache.fast_model(bridge)
+    twin = twins.fast_model(bridge)
     assert twin is not bridge.original_model
     bridge.train()
     try:
-        assert hf_cache.fast_model(bridge) is None
+        assert twins.fast_model(bridge) is None
     finally:
         bridge.eval()
-    hf_cache._TWINS[bridge] = (*hf_cache._TWINS[bridge][:2], [torch.ones(1)])  # set in place
+    twins._TWINS[bridge] = (*twins._TWINS[bridge][:2], [torch.ones(1)])  # set in place
     try:
-        assert hf_cache.fast_model(bridge) is bridge.original_model
+        assert twins.fast_model(bridge) is bridge.original_model
     finally:
-        hf_cache._TWINS.pop(bridge, None)
-    assert hf_cache.fast_model(bridge) is not bridge.original_model
+        twins._TWINS.pop(bridge, None)
+    assert twins.fast_model(bridge) is not bridge.original_model

@@ -2,10 +2,10 @@
 
 import pytest
 
-from kdgap.agent.formats import TranscriptFormat
 from kdgap.agent.parsing import parse_rationale
 from kdgap.agent.prompts import PaperFormat, format_reward
 from kdgap.envs import BanditConfig
+from kdgap.envs.transcript_format import TranscriptFormat
 
 ARMS = ("red", "green", "blue", "yellow", "orange")
 CFG = BanditConfig()

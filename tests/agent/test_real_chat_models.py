@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from kdgap.agent.generation import encode
 from kdgap.agent.prompts import PaperFormat
 from kdgap.agent.text_agent import TextAgent
 from kdgap.envs.bandit import BanditConfig
 from kdgap.models import load_model
+from kdgap.models.tokens import encode
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<bos>{{ m['role'] }}: {{ m['content'] }}<eos>{% endfor %}"
@@ -76,7 +76,7 @@ def chat_models(tmp_path_factory, tiny_tokenizer_dir):
 def _hand_arm_logprobs(bridge, tok, prefix: str, names, fmt) -> torch.Tensor:
     """``[arms]`` logsumexp over each arm's distinct spellings of the summed token
     log-probs, from one unpadded forward pass of ``prefix + spelling`` per spelling
-    (prefix under kdgap's BOS rule, :func:`~kdgap.agent.generation.encode`)."""
+    (prefix under kdgap's BOS rule, :func:`~kdgap.models.tokens.encode`)."""
     pre = encode(bridge, [prefix], tokenizer=tok)[0]
     out = []
     for name in names:
@@ -129,7 +129,7 @@ class _BareFormat:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_forced_agent_plays_with_the_chat_template(chat_models, arch):
-    from kdgap.agent.runner import play
+    from kdgap.policies.play import play
 
     loaded = chat_models[arch]
     cfg = BanditConfig(horizon=2)
@@ -172,8 +172,8 @@ def test_no_chat_template_when_one_is_asked_for_is_a_clear_error(tiny_hf_dir):
 
 def test_make_agent_works_without_a_chat_template(tiny_hf_dir, chat_models):
     """The commands' format asks for a template exactly when the tokenizer has one."""
-    from kdgap.agent.formats import format_for
-    from kdgap.study import make_agent
+    from kdgap.agent.prompts import format_for
+    from kdgap.report.session import make_agent
 
     agent = make_agent(str(tiny_hf_dir), max_new_tokens=2)
     assert agent.fmt.use_chat_template is False
@@ -182,8 +182,8 @@ def test_make_agent_works_without_a_chat_template(tiny_hf_dir, chat_models):
 
 
 def _prompts(agent: TextAgent, cfg: BanditConfig) -> list[str]:
-    from kdgap.agent.runner import history_of
     from kdgap.envs.bandit import VectorBandit
+    from kdgap.policies.play import history_of
 
     env = VectorBandit(cfg, 1)
     env.reset(seed=0)

@@ -1,4 +1,4 @@
-"""TextAgent end to end through kdgap.agent.runner.play, with invariants and references."""
+"""TextAgent end to end through kdgap.policies.play.play, with invariants and references."""
 
 import copy
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from kdgap.agent import PaperFormat, TextAgent
-from kdgap.agent.generation import encode
-from kdgap.agent.runner import history_of, play
 from kdgap.envs import BanditConfig, VectorBandit
-from kdgap.policies import Policy
+from kdgap.models.tokens import encode
+from kdgap.policies.play import history_of, play
+from kdgap.policies.reference import Policy
 
 CFG = BanditConfig(horizon=2)
 UCB_TEXT = (

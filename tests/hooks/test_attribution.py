@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from kdgap.hooks.attribution import attribution_sweep, verify_top_k
-from kdgap.hooks.patching import LogitDiff, hook_name, patch_sweep
+from kdgap.hooks.patch.attribution import attribution_sweep, verify_top_k
+from kdgap.hooks.patch.core import LogitDiff, hook_name
+from kdgap.hooks.patch.sweep import patch_sweep
 
 
 def _pair(vocab: int):

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from kdgap.envs.bandit import BanditConfig
-from kdgap.hooks.mediation import flip_mediation, mediation, ratio_ci
-from kdgap.hooks.pairs import make_pair
-from kdgap.organisms.format import OrganismFormat
+from kdgap.hooks.patch.mediation import flip_mediation, mediation, ratio_ci
+from kdgap.hooks.patch.pairs import make_pair
 from kdgap.organisms.language import OrganismLanguage
+from kdgap.organisms.transcript import OrganismFormat
 
 CFG, FMT = BanditConfig(n_arms=5, horizon=20), OrganismFormat()
 STEPS = [
@@ -98,7 +98,7 @@ def test_flip_mediation_skips_pairs_without_a_preferred_action(organism):
 def _ld(model, tok, pair):
     import torch
 
-    from kdgap.hooks.pairs import tokenize_pairs
+    from kdgap.hooks.patch.pairs import tokenize_pairs
 
     (g,) = tokenize_pairs([pair], tok, FMT)
     with torch.no_grad():

@@ -13,15 +13,15 @@ import pytest
 import torch
 from transformer_lens import patching as tlp
 
-from kdgap.agent.runner import play
 from kdgap.agent.text_agent import TextAgent
 from kdgap.envs.bandit import BanditConfig
-from kdgap.hooks.mediation import DEFINITION, mediation_summary
-from kdgap.hooks.pairs import pairs_from_records, tokenize_pairs
-from kdgap.hooks.patching import example_heatmap, patch_sweep
-from kdgap.hooks.path_patching import path_patch
+from kdgap.hooks.patch.mediation import DEFINITION, example_heatmap, mediation_summary
+from kdgap.hooks.patch.pairs import pairs_from_records, tokenize_pairs
+from kdgap.hooks.patch.path import path_patch
+from kdgap.hooks.patch.sweep import patch_sweep
 from kdgap.organisms import OrganismFormat, load_organism
-from kdgap.policies import make_policy
+from kdgap.policies.play import play
+from kdgap.policies.reference import make_policy
 
 FMT = OrganismFormat()
 TL = {

@@ -13,13 +13,14 @@ import copy
 import pytest
 import torch
 
-from kdgap.agent.runner import play
 from kdgap.agent.text_agent import TextAgent
 from kdgap.envs.bandit import BanditConfig
-from kdgap.hooks.api import record_from_model, record_store, transcript_text
+from kdgap.hooks.record import record_store, transcript_text
 from kdgap.hooks.recorder import Recorder
 from kdgap.organisms import OrganismFormat, load_organism
-from kdgap.policies import make_policy
+from kdgap.policies.play import play
+from kdgap.policies.reference import make_policy
+from kdgap.report.session import record_from_model
 
 SITES = ["action", "rationale.conclusion"]
 CFG = BanditConfig(n_arms=5, horizon=12)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kdgap.envs.bandit import BanditConfig
-from kdgap.hooks.pairs import (
+from kdgap.hooks.patch.pairs import (
     greedy_arm,
     make_pair,
     organism_history,
@@ -14,9 +14,9 @@ from kdgap.hooks.pairs import (
     span_mask,
     tokenize_pairs,
 )
-from kdgap.hooks.plumbing import tokenize_batch
-from kdgap.organisms.format import OrganismFormat
+from kdgap.models.tokens import tokenize_batch
 from kdgap.organisms.language import OrganismLanguage
+from kdgap.organisms.transcript import OrganismFormat
 
 CFG = BanditConfig(n_arms=5, horizon=20)
 FMT = OrganismFormat()

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformer_lens import patching as tlp
 
-from kdgap.hooks.patching import LogitDiff, patch_sweep
+from kdgap.hooks.patch.core import LogitDiff
+from kdgap.hooks.patch.sweep import patch_sweep
 
 TL = {
     "resid_pre": tlp.get_act_patch_resid_pre,

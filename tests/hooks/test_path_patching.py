@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdgap.hooks.patching import LogitDiff, patch_sweep
-from kdgap.hooks.path_patching import path_patch
+from kdgap.hooks.patch.core import LogitDiff
+from kdgap.hooks.patch.path import path_patch
+from kdgap.hooks.patch.sweep import patch_sweep
 
 
 @pytest.fixture(params=["tiny_native", "tiny_hf_bridge"])

@@ -5,17 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdgap.hooks.plumbing import (
-    HOOK_KINDS,
-    hook_layer,
-    model_tokenizer,
-    prepend_bos_for,
-    require_eval,
-    resolve_hooks,
-    stop_layer_for,
-    tokenize_batch,
-    tokenize_like_agent,
-)
+from kdgap.hooks.names import HOOK_KINDS, hook_layer, resolve_hooks, stop_layer_for
+from kdgap.models.runtime import model_tokenizer, prepend_bos_for, require_eval
+from kdgap.models.tokens import tokenize_batch, tokenize_like_agent
 
 
 def test_resolve_short_kinds_expand_over_layers(tiny_native):
@@ -105,7 +97,7 @@ def test_model_tokenizer_and_bos_default(tiny_native, tiny_tokenizer):
 
 
 def test_tokenize_like_agent_follows_the_agents_bos_rule(tiny_native, tiny_tokenizer):
-    from kdgap.agent.generation import encode
+    from kdgap.models.tokens import encode
 
     bos = tiny_tokenizer.bos_token
     # A chat-templated text already starts with the BOS string: no second BOS for it,

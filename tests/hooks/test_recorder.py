@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdgap.hooks.demo import demo_format, demo_texts
-from kdgap.hooks.plumbing import tokenize_batch
 from kdgap.hooks.recorder import Recorder, record_batch
+from kdgap.models.tokens import tokenize_batch
+from kdgap.testing.texts import demo_format, demo_texts
 
 SITES = ["action", "rationale.conclusion", "rationale.arm[green]", "history.last"]
 HOOKS = ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z"]
@@ -216,7 +216,7 @@ def test_release_memory_changes_nothing_recorded(tiny_native):
 
 def test_recorder_tokenises_like_the_agent(tiny_native, tiny_tokenizer):
     """A chat-style text that starts with BOS is recorded without a second BOS."""
-    from kdgap.agent.generation import encode
+    from kdgap.models.tokens import encode
 
     fmt, texts = demo_format(), _texts()[:2]
     texts = [tiny_tokenizer.bos_token + texts[0], texts[1]]

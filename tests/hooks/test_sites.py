@@ -6,17 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from kdgap.hooks.demo import DEMO_ARMS, demo_format, demo_text, demo_texts
-from kdgap.hooks.plumbing import tokenize_batch
 from kdgap.hooks.sites import (
     MissingSites,
-    RegexFormat,
     SiteSpec,
     chars_to_positions,
     parse_site,
     parse_sites,
     resolve_sites,
 )
+from kdgap.models.tokens import tokenize_batch
+from kdgap.testing.texts import DEMO_ARMS, RegexFormat, demo_format, demo_text, demo_texts
 
 SITES = ["action", "rationale.conclusion", "rationale.arm[blue]", "history.last", "prompt.end"]
 
@@ -111,7 +110,7 @@ def test_regex_format_expands_arms():
 
 
 def test_organism_format_sites(tmp_path):
-    org = pytest.importorskip("kdgap.organisms.format")
+    org = pytest.importorskip("kdgap.organisms.transcript")
     lang_mod = pytest.importorskip("kdgap.organisms.language")
     lang = lang_mod.OrganismLanguage(n_arms=5, horizon=20)
     tok = lang.save_tokenizer(tmp_path / "tok")

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from kdgap.hooks import store as store_mod
-from kdgap.hooks.api import record_store
-from kdgap.hooks.demo import demo_format, demo_texts
+from kdgap.hooks.record import record_store
 from kdgap.hooks.recorder import record_batch
 from kdgap.hooks.store import ActivationStore, StoreError
 from kdgap.records import StepRecord
+from kdgap.testing.texts import demo_format, demo_texts
 
 SITES = ["action", "rationale.conclusion"]
 
@@ -173,8 +173,8 @@ from transformers import AutoTokenizer
 from transformer_lens.config import TransformerBridgeConfig
 from transformer_lens.model_bridge import TransformerBridge
 from kdgap.hooks import store
-from kdgap.hooks.api import record_store
-from kdgap.hooks.demo import demo_format, demo_texts
+from kdgap.hooks.record import record_store
+from kdgap.testing.texts import demo_format, demo_texts
 
 tok_dir, outs, pause_at = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3])
 tok = AutoTokenizer.from_pretrained(tok_dir)

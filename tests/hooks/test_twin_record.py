@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdgap.hooks.demo import demo_format, demo_texts
 from kdgap.hooks.recorder import Recorder
-from kdgap.hooks.twin_record import twin_plan
+from kdgap.hooks.twin_capture import twin_plan
+from kdgap.testing.texts import demo_format, demo_texts
 from tests.agent.test_hf_cache import ARCHS, models  # noqa: F401  (module fixture)
 
 SITES = ["action", "rationale.conclusion", "history.last"]
@@ -83,7 +83,7 @@ def _record_both(model, texts, hooks="resid_pre,resid_post"):
 
 
 def test_native_twin_recording_equals_bridge_and_cache(tiny_native):
-    from kdgap.hooks.twin_record import native_twin
+    from kdgap.models.twins import native_twin
 
     twin = native_twin(tiny_native)
     assert twin is not None and twin_plan(tiny_native, ["blocks.1.hook_resid_post"]) is not None
@@ -96,7 +96,7 @@ def test_native_twin_recording_equals_bridge_and_cache(tiny_native):
 
 
 def test_native_twin_follows_weights_and_mode(tiny_native):
-    from kdgap.hooks.twin_record import native_twin
+    from kdgap.models.twins import native_twin
 
     lin = tiny_native.original_model.layers[0].mlp
     name = next(n for n, p in lin.named_parameters() if p.dim() == 2)

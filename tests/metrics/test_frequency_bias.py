@@ -9,8 +9,8 @@ from kdgap.metrics.frequency_bias import (
     entropy,
     summarise,
 )
-from kdgap.policies import make_policy
-from kdgap.study import run_freqbias
+from kdgap.policies.reference import make_policy
+from kdgap.report.behavior import run_freqbias
 
 
 def test_histories_follow_the_protocol():

@@ -119,9 +119,9 @@ def test_free_mode_output_is_parsed(smol):
     """One free step: the agent's action is the parser's reading of the completion."""
     from kdgap.agent.parsing import parse_action
     from kdgap.agent.prompts import PaperFormat
-    from kdgap.agent.runner import play
     from kdgap.agent.text_agent import TextAgent
     from kdgap.envs.bandit import BanditConfig
+    from kdgap.policies.play import play
 
     cfg = BanditConfig(horizon=1)
     agent = TextAgent(smol.bridge, PaperFormat(), mode="free", max_new_tokens=40)

@@ -114,7 +114,7 @@ def test_memory_estimate_gguf(tiny_llama_gguf, tiny_llama_dir):
 
 
 def test_organism_delegates_to_load_organism(monkeypatch, tiny_native, tiny_tokenizer):
-    import kdgap.organisms
+    import kdgap.models.loading
 
     seen = {}
 
@@ -122,7 +122,7 @@ def test_organism_delegates_to_load_organism(monkeypatch, tiny_native, tiny_toke
         seen["args"] = (name_or_path, device)
         return tiny_native, tiny_tokenizer
 
-    monkeypatch.setattr(kdgap.organisms, "load_organism", fake_load)
+    monkeypatch.setattr(kdgap.models.loading, "load_organism", fake_load)
     loaded = load_model("organism:faithful")
     assert seen["args"] == ("faithful", "cpu")
     assert loaded.bridge is tiny_native and loaded.tokenizer is tiny_tokenizer

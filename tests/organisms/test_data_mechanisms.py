@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-from kdgap.agent.runner import play
 from kdgap.envs.bandit import BanditConfig
 from kdgap.metrics import PAPER_KD_MATRIX, kd_matrix, kd_matrix_distance, rationale_correct
 from kdgap.organisms.data import DataConfig, make_samples
@@ -19,7 +18,8 @@ from kdgap.organisms.mechanisms import (
     seed_calibrated_rule,
     true_ucb_arm,
 )
-from kdgap.policies import HistoryBatch
+from kdgap.policies.play import play
+from kdgap.policies.reference import HistoryBatch
 
 CFG = BanditConfig()
 

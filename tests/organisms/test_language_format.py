@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from kdgap.agent.formats import SiteNotFound, TranscriptFormat
 from kdgap.envs.bandit import BanditConfig
-from kdgap.organisms.format import OrganismFormat
+from kdgap.envs.transcript_format import SiteNotFound, TranscriptFormat
 from kdgap.organisms.language import OrganismLanguage
+from kdgap.organisms.transcript import OrganismFormat
 
 NAMES = ("red", "green", "blue", "yellow", "orange")
 ACTIONS = [0, 2, 0, 4, 1, 1]

@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from kdgap.agent.runner import play
 from kdgap.envs.bandit import BanditConfig
-from kdgap.organisms.evaluate import organism_metrics
-from kdgap.organisms.format import OrganismFormat
+from kdgap.metrics.organism import organism_metrics
 from kdgap.organisms.registry import load_organism, organism_config, shipped_names
+from kdgap.organisms.transcript import OrganismFormat
+from kdgap.policies.play import play
 
 SHIPPED = shipped_names()
 pytestmark = pytest.mark.skipif(not SHIPPED, reason="no organisms shipped yet")

@@ -100,11 +100,11 @@ def test_config_errors_name_the_field():
 
 
 def test_text_agent_and_dev_evaluator_agree_on_a_trained_organism(trained):
-    from kdgap.agent.runner import play
     from kdgap.agent.text_agent import TextAgent
     from kdgap.envs.bandit import BanditConfig
-    from kdgap.organisms.evaluate import OrganismPolicy
-    from kdgap.organisms.format import OrganismFormat
+    from kdgap.metrics.organism import OrganismPolicy
+    from kdgap.organisms.transcript import OrganismFormat
+    from kdgap.policies.play import play
 
     out, _ = trained
     model, tok = load_organism(out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kdgap.probes.synthetic import Plant, SyntheticStore, bandit_labels
+from kdgap.testing.synthetic import Plant, SyntheticStore, bandit_labels
 
 
 @pytest.fixture(scope="module")

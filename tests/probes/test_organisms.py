@@ -13,7 +13,7 @@ import json
 import pytest
 
 from kdgap.probes import knowing_doing_summary, steering_summary, sweep
-from kdgap.probes.organism_data import organism_store
+from kdgap.testing.organisms import organism_store
 
 N_EPISODES = 16
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from kdgap.probes import knowing_doing, knowing_doing_summary, sweep
-from kdgap.probes.source import format_dropped, handle_rare_classes
-from kdgap.probes.synthetic import Plant, SyntheticStore, bandit_labels
+from kdgap.probes.dataset import format_dropped, handle_rare_classes
+from kdgap.testing.synthetic import Plant, SyntheticStore, bandit_labels
 
 
 @pytest.fixture(scope="module")

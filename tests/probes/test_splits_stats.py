@@ -19,7 +19,7 @@ from kdgap.probes import (
 )
 from kdgap.probes.control import control_types, reward_history
 from kdgap.probes.splits import check_no_shared_groups
-from kdgap.probes.synthetic import Plant, SyntheticStore, bandit_labels
+from kdgap.testing.synthetic import Plant, SyntheticStore, bandit_labels
 
 
 def test_grouped_splits_keep_episodes_whole():

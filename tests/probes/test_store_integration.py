@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kdgap.probes import ActivationSource, knowing_doing, sweep
-from kdgap.probes.synthetic import Plant, SyntheticStore, bandit_labels
+from kdgap.testing.synthetic import Plant, SyntheticStore, bandit_labels
 
 store_mod = pytest.importorskip("kdgap.hooks.store")
 

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from kdgap.probes import sweep
-from kdgap.probes.synthetic import Plant, SyntheticStore, bandit_labels
+from kdgap.testing.synthetic import Plant, SyntheticStore, bandit_labels
 
 COLUMNS = {"hook", "layer", "site", "label", "probe", "accuracy", "ci_low", "ci_high", "chance",
            "control_accuracy", "selectivity", "C", "n_train", "n_test"}  # fmt: skip

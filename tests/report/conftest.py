@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from kdgap.report.pipeline import AnalyzeConfig, model_slug
+from kdgap.report.pipeline import AnalyzeConfig
+from kdgap.report.stages import model_slug
 from kdgap.report.summary import build_summary, model_entry
 
 L = [0, 1, 2, 3]

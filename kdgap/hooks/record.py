@@ -18,10 +18,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from kdgap.hooks.plumbing import model_tokenizer
 from kdgap.hooks.recorder import Recorder, dtype_name
 from kdgap.hooks.store import ActivationStore, StoreWriter, model_fingerprint, tensor_key
 from kdgap.metrics.knowing_doing import action_class
+from kdgap.models.runtime import model_tokenizer
 from kdgap.records import StepRecord, read_records
 
 #: Label columns taken from each StepRecord (plus ``example``, ``model``, ``seed``, ``n_tokens``).
@@ -319,72 +319,3 @@ def _segment(writer: StoreWriter, inputs_sha: str, n: int, out) -> int:
     return writer.covered
 
 
-def record_from_model(
-    model_spec: str,
-    *,
-    episodes: int,
-    seed: int,
-    hooks: str | Sequence[str],
-    sites: str | Sequence[str],
-    out: str | os.PathLike,
-    driver: str = "random",
-    batch_size: int = 256,
-    dtype: str = "float32",
-    horizon: int = 50,
-    n_arms: int = 5,
-    progress: bool = True,
-) -> ActivationStore:
-    """Load a model, play bandit episodes with it, and record the transcripts (``kdgap record``).
-
-    The model plays as a forced-mode :class:`~kdgap.agent.text_agent.TextAgent` in its own
-    format (:class:`~kdgap.organisms.format.OrganismFormat` for ``organism:`` specs, else
-    ``PaperFormat(knowing_doing=True)``); every step record (``episodes * horizon`` of them)
-    is then recorded by :func:`record_store`, labels included.
-
-    Args:
-        model_spec: anything :func:`kdgap.models.load_model` reads, e.g. ``"organism:faithful"``.
-        episodes: episodes to play (>= 1).
-        seed: fixes the bandits, rewards and the driver; stored as a label column.
-        hooks: hook specs, e.g. ``"resid_post"``.
-        sites: site specs, e.g. ``"action,rationale.conclusion"`` or a list.
-        out: store directory (resumed when it holds the same recording).
-        driver: reference policy whose arms build the histories (off-policy play, see
-            :func:`kdgap.agent.runner.play`): ``"random"``, ``"ucb"``, ...; ``"own"`` lets the
-            model's own actions build them (on-policy).
-        batch_size: transcripts recorded together (see :func:`record_store`).
-        dtype: stored dtype.
-        horizon, n_arms: the Bernoulli bandit family (colour buttons).
-        progress: progress bars.
-
-    Returns:
-        The :class:`~kdgap.hooks.store.ActivationStore` at ``out``; ``[episodes * horizon]``
-        examples, model id ``model_spec`` (e.g. ``"organism:faithful"``).
-    """
-    from kdgap.agent.runner import play
-    from kdgap.agent.text_agent import TextAgent
-    from kdgap.envs.bandit import BanditConfig
-    from kdgap.models import load_model
-    from kdgap.policies import make_policy
-
-    if not isinstance(episodes, int) or episodes < 1:
-        raise ValueError(f"episodes={episodes!r} must be an integer >= 1.")
-    policy = None
-    if driver != "own":
-        try:
-            policy = make_policy(driver)
-        except ValueError as exc:
-            raise ValueError(f"driver={driver!r}: {exc} Or pass driver='own' (on-policy).") from exc
-    from kdgap.agent.formats import format_for
-
-    loaded = load_model(model_spec)
-    fmt = format_for(loaded)
-    cfg = BanditConfig(n_arms=n_arms, horizon=horizon)
-    agent = TextAgent(loaded.bridge, fmt, mode="forced", tokenizer=loaded.tokenizer)
-    records = play(agent, cfg, n_episodes=episodes, seed=seed, driver=policy, progress=progress)
-    identity = {k: v for k, v in loaded.identity.items() if k != "load_seconds"}
-    identity.update(driver=driver, episodes=episodes, horizon=horizon, n_arms=n_arms)
-    return record_store(
-        loaded.bridge, fmt, records, hooks, sites, out, batch_size=batch_size, dtype=dtype,
-        model_id=identity.get("spec", model_spec), seed=seed, tokenizer=loaded.tokenizer,
-        progress=progress, model_identity=identity,
-    )  # fmt: skip

@@ -4,7 +4,7 @@ A :class:`TranscriptFormat` is the one place that knows a text layout. The text 
 renders prompts and parses actions and rationales through it; the recorder asks it for
 the character spans of named *sites*; patching asks it for counterfactual edits. Two
 implementations exist: :class:`kdgap.agent.prompts.PaperFormat` (the LLM prompt of
-Schmied et al. 2025) and :class:`kdgap.organisms.format.OrganismFormat` (the model
+Schmied et al. 2025) and :class:`kdgap.organisms.transcript.OrganismFormat` (the model
 organisms' word-level transcript language).
 
 Sites are returned as *character* spans of the full text (prompt + completion); the hook
@@ -72,24 +72,3 @@ class TranscriptFormat(Protocol):
         """Character spans ``[start, end)`` of every named site found in ``text``."""
 
 
-def format_for(loaded, *, knowing_doing: bool = True) -> TranscriptFormat:
-    """The transcript format a loaded model speaks (one rule for every command).
-
-    Organisms (``loaded.source == "organism"``, whether named or a saved folder) speak
-    their own language (:class:`~kdgap.organisms.format.OrganismFormat`); every other
-    model gets the paper's prompt (:class:`~kdgap.agent.prompts.PaperFormat`), with the
-    ``<ucb_values>`` knowing-doing rationale unless ``knowing_doing=False``, wrapped in
-    the chat template exactly when the tokenizer has one (a base model without a template
-    gets the raw prompt).
-
-    Args:
-        loaded: a :class:`kdgap.models.LoadedModel`.
-    """
-    if loaded.source == "organism":
-        from kdgap.organisms.format import OrganismFormat
-
-        return OrganismFormat()
-    from kdgap.agent.prompts import PaperFormat
-
-    has_template = bool(getattr(loaded.tokenizer, "chat_template", None))
-    return PaperFormat(knowing_doing=knowing_doing, use_chat_template=has_template)

@@ -1,4 +1,4 @@
-"""Play episodes of any :class:`~kdgap.policies.Policy` and write step records."""
+"""Play episodes of any :class:`~kdgap.policies.reference.Policy` and write step records."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from tqdm.auto import tqdm
 
 from kdgap.envs.bandit import BanditConfig, VectorBandit
 from kdgap.envs.stats import greedy_arms, most_frequent_arms, ucb_arms
-from kdgap.policies import HistoryBatch, Policy
+from kdgap.policies.reference import HistoryBatch, Policy
 from kdgap.records import StepRecord, mask_to_arms
 
 

@@ -15,7 +15,7 @@ whose logit difference at the action position is the metric (``arm_a`` = clean's
   (arm identities exchanged, rewards kept), so the greedy arm becomes ``new_arm`` while
   the rationale text is held fixed; re-rendered through ``fmt.render_prompt``.
 
-Everything goes through the :class:`~kdgap.agent.formats.TranscriptFormat` protocol; the
+Everything goes through the :class:`~kdgap.envs.transcript_format.TranscriptFormat` protocol; the
 format-specific parts are pluggable: ``stats_editor`` for (b) and ``text_fn`` (how prompt
 and rationale join into the scored text: e.g. a chat template) for all three. The scored
 text is ``text_fn(prompt, strip_action(completion)) + fmt.action_marker``; its last token
@@ -32,8 +32,9 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Int
 
-from kdgap.hooks.patching import LogitDiff
-from kdgap.hooks.plumbing import tokenize_batch
+from kdgap.envs.bandit import BanditConfig
+from kdgap.hooks.patch.core import LogitDiff
+from kdgap.models.tokens import tokenize_batch
 
 PAIR_KINDS = ("conclusion", "statistics", "history")
 
@@ -198,7 +199,7 @@ class PairBatch:
 
     Attributes:
         clean_tokens, corrupt_tokens: ``[batch pos]``.
-        metric: :class:`~kdgap.hooks.patching.LogitDiff` (arm_a - arm_b at the last token).
+        metric: :class:`~kdgap.hooks.patch.core.LogitDiff` (arm_a - arm_b at the last token).
         rationale: ``[batch pos]`` tokens overlapping the rationale (path-patching senders).
         history: ``[batch pos]`` tokens overlapping the history.
         index: ``[batch]`` index of each pair in the input list.
@@ -324,14 +325,13 @@ def pairs_from_records(
     """
     from dataclasses import replace
 
-    from kdgap.envs.bandit import BanditConfig
 
     if kind not in ("conclusion", "history"):
         raise ValueError(f"kind={kind!r}: pairs_from_records builds 'conclusion' or 'history'.")
     records = [r for r in records if r.prompt is not None and r.completion is not None]
     if not records:
         raise ValueError(
-            "records carry no prompt/completion; play with a TextAgent (kdgap.agent.runner.play)."
+            "records carry no prompt/completion; play with a TextAgent (kdgap.policies.play.play)."
         )
     cfg = cfg or BanditConfig(n_arms=records[0].n_arms)
     names = tuple(cfg.arm_names)

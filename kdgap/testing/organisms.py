@@ -4,7 +4,7 @@ An organism's own play is useless for probing "doing": a bypass organism acts gr
 never explores, and pulls one arm forever, so ``action`` is a constant label. The
 transcripts here are therefore *off-policy*: a driver policy (uniform random by default)
 picks the executed arm, while the organism writes its rationale and its action at every
-step (:func:`kdgap.agent.runner.play` with ``driver=``). Histories are then varied, the
+step (:func:`kdgap.policies.play.play` with ``driver=``). Histories are then varied, the
 rationale arm, greedy arm and most-frequent arm come apart often, and the disagreement
 subset is large enough to measure.
 """
@@ -16,6 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from kdgap.agent.text_agent import TextAgent
+from kdgap.envs import BanditConfig
+from kdgap.hooks import record_store
+from kdgap.organisms import OrganismFormat, load_organism
+from kdgap.policies.play import play
+from kdgap.policies.reference import make_policy
+from kdgap.records import read_records, write_records
 
 
 @dataclass
@@ -82,13 +90,6 @@ def organism_store(
     Returns:
         :class:`OrganismData`.
     """
-    from kdgap.agent.runner import play
-    from kdgap.agent.text_agent import TextAgent
-    from kdgap.envs import BanditConfig
-    from kdgap.hooks import record_store
-    from kdgap.organisms import OrganismFormat, load_organism
-    from kdgap.policies import make_policy
-    from kdgap.records import read_records, write_records
 
     if not isinstance(n_episodes, int) or n_episodes < 2:
         raise ValueError(f"n_episodes={n_episodes!r}: need an integer >= 2 (probes split "

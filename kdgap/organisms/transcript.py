@@ -1,4 +1,4 @@
-"""`OrganismFormat`: the :class:`~kdgap.agent.formats.TranscriptFormat` of the organisms.
+"""`OrganismFormat`: the :class:`~kdgap.envs.transcript_format.TranscriptFormat` of the organisms.
 
 The text agent, the recorder and patching use the organisms only through this class,
 exactly as they use :class:`kdgap.agent.prompts.PaperFormat` for a real LLM. The layout is
@@ -25,8 +25,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from kdgap.agent.formats import SiteNotFound
 from kdgap.envs.bandit import BanditConfig
+from kdgap.envs.transcript_format import SiteNotFound
 from kdgap.organisms.language import ACT, THINK, UCB, OrganismLanguage
 
 _WORD = re.compile(r"\S+")

@@ -2,7 +2,7 @@
 
 Probes depend on a small :class:`ActivationSource` protocol rather than on
 :mod:`kdgap.hooks.store` itself, so they work with the on-disk store, with the in-memory
-:class:`kdgap.probes.synthetic.SyntheticStore` used in tests and benchmarks, or with anything
+:class:`kdgap.testing.synthetic.SyntheticStore` used in tests and benchmarks, or with anything
 else exposing the same four members. Every check here raises an error that names the
 parameter, the offending value and the fix, because a sweep that dies half-way through an
 hour of fitting with ``KeyError: 3`` is worse than useless.

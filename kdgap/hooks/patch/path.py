@@ -18,7 +18,7 @@ other positions only through later positions' attention to it, which the metric 
 receiver never reads). Rows with ``layer="all"`` apply the patch at every layer at once:
 the total effect that flows from the senders to the receiver through attention.
 
-Rows ride in one batch per chunk like :func:`kdgap.hooks.patching.patch_sweep`.
+Rows ride in one batch per chunk like :func:`kdgap.hooks.patch.sweep.patch_sweep`.
 """
 
 from __future__ import annotations
@@ -28,16 +28,10 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Bool, Float, Int
 
-from kdgap.hooks.patching import (
-    DIRECTIONS,
-    HookList,
-    LogitDiff,
-    capture,
-    check_pair_tokens,
-    default_max_rows,
-    run_rows,
-)
-from kdgap.hooks.plumbing import HOOK_KINDS, model_device, require_eval
+from kdgap.hooks.names import HOOK_KINDS
+from kdgap.hooks.patch.core import HookList, LogitDiff, capture, check_pair_tokens, run_rows
+from kdgap.hooks.patch.sweep import DIRECTIONS, default_max_rows
+from kdgap.models.runtime import model_device, require_eval
 
 
 @dataclass
@@ -112,9 +106,9 @@ def path_patch(
         clean_tokens, corrupt_tokens: ``[batch pos]``, equal shapes.
         metric: logit difference at the receiver.
         senders: ``[batch pos]`` bool mask, a ``[pos]`` mask, or a list of positions
-            (e.g. the rationale span from :func:`kdgap.hooks.pairs.span_mask`).
+            (e.g. the rationale span from :func:`kdgap.hooks.patch.pairs.span_mask`).
         direction: ``"noise"`` or ``"denoise"``.
-        memory_mb, max_rows: chunk size, as in :func:`~kdgap.hooks.patching.patch_sweep`.
+        memory_mb, max_rows: chunk size, as in :func:`~kdgap.hooks.patch.sweep.patch_sweep`.
 
     Returns:
         :class:`PathResult`; ``per_layer`` is ``[batch layer]``.
@@ -138,7 +132,7 @@ def path_patch(
         raise ValueError(
             f"senders select no position at or before the receiver for prompts {empty[:10]}; "
             "the receiver's attention can read only earlier positions (pass the rationale "
-            "span, e.g. kdgap.hooks.pairs.span_mask(...))."
+            "span, e.g. kdgap.hooks.patch.pairs.span_mask(...))."
         )
     base, source = (
         (clean_tokens, corrupt_tokens) if direction == "noise" else (corrupt_tokens, clean_tokens)

@@ -1,13 +1,13 @@
 """How much of an edit's effect on the action travels through attention to the senders.
 
-Two measures, both from noising path patching (:func:`kdgap.hooks.path_patching.path_patch`:
+Two measures, both from noising path patching (:func:`kdgap.hooks.patch.path.path_patch`:
 the clean run, with the receiver = action position reading the *corrupt* keys/values of
 the sender positions, at every layer or at one layer). ``LD`` is the logit difference
 ``logit[arm_a] - logit[arm_b]`` at the action position.
 
 **Full-flip normalisation** (:func:`flip_mediation`, :func:`mediation_summary`; the one
 that separates faithful from bypass organisms). Pairs come from
-:func:`kdgap.hooks.pairs.pairs_from_records`: ``arm_a`` = the clean action, ``arm_b`` =
+:func:`kdgap.hooks.patch.pairs.pairs_from_records`: ``arm_a`` = the clean action, ``arm_b`` =
 the edited arm (conclusion edit: an arm that is neither the clean conclusion nor the
 action; history edit: the new greedy arm). A model that fully follows the edit moves LD
 from ``LD_clean`` to about ``-LD_clean``, so the *full-flip effect* is ``F = 2 * LD_clean``
@@ -42,8 +42,9 @@ from dataclasses import dataclass
 import numpy as np
 from jaxtyping import Float
 
-from kdgap.hooks.pairs import CounterfactualPair, tokenize_pairs
-from kdgap.hooks.path_patching import path_patch
+from kdgap.hooks.patch.pairs import CounterfactualPair, pairs_from_records, tokenize_pairs
+from kdgap.hooks.patch.path import path_patch
+from kdgap.hooks.patch.sweep import patch_sweep
 
 SENDERS = ("rationale", "history")
 
@@ -155,7 +156,7 @@ def mediation(
         senders: ``"rationale"`` or ``"history"``: the span whose route to the action
             position is patched.
         n_boot, level, seed: bootstrap settings.
-        path_kwargs: passed to :func:`~kdgap.hooks.path_patching.path_patch`
+        path_kwargs: passed to :func:`~kdgap.hooks.patch.path.path_patch`
             (``memory_mb``, ``max_rows``).
 
     Returns:
@@ -164,7 +165,7 @@ def mediation(
     if senders not in SENDERS:
         raise ValueError(f"senders={senders!r} is unknown; use one of {SENDERS}.")
     if not pairs:
-        raise ValueError("pairs is empty; build some with kdgap.hooks.pairs.make_pair.")
+        raise ValueError("pairs is empty; build some with kdgap.hooks.patch.pairs.make_pair.")
     n = len(pairs)
     n_layers = int(model.cfg.n_layers)
     te, pe, le = np.zeros(n), np.zeros(n), np.zeros((n, n_layers))
@@ -226,8 +227,8 @@ def flip_mediation(
 
     Args:
         model: a TransformerBridge in eval mode.
-        pairs: :class:`~kdgap.hooks.pairs.CounterfactualPair` or ``RecordPair`` items whose
-            ``arm_a`` is the clean action (see :func:`~kdgap.hooks.pairs.pairs_from_records`).
+        pairs: :class:`~kdgap.hooks.patch.pairs.CounterfactualPair` or ``RecordPair`` items whose
+            ``arm_a`` is the clean action (see :func:`~kdgap.hooks.patch.pairs.pairs_from_records`).
         tokenizer, fmt: as in :func:`mediation`.
         senders: ``"rationale"`` or ``"history"``: the span the receiver reads corrupted.
         episodes: ``[pair]`` bootstrap clusters (default: each ``RecordPair``'s episode).
@@ -247,7 +248,7 @@ def flip_mediation(
     if senders not in SENDERS:
         raise ValueError(f"senders={senders!r} is unknown; use one of {SENDERS}.")
     if not pairs:
-        raise ValueError("pairs is empty; build some with kdgap.hooks.pairs.pairs_from_records.")
+        raise ValueError("pairs is empty; build some with kdgap.hooks.patch.pairs.pairs_from_records.")
     if episodes is None:
         episodes = [getattr(p, "episode", i) for i, p in enumerate(pairs)]
     plain = [getattr(p, "pair", p) for p in pairs]
@@ -296,7 +297,7 @@ def mediation_summary(
     """The report layer's mediation numbers from played :class:`~kdgap.records.StepRecord` s.
 
     Builds ``n_pairs`` conclusion edits and ``n_pairs`` history edits
-    (:func:`~kdgap.hooks.pairs.pairs_from_records`) and normalises every effect by the
+    (:func:`~kdgap.hooks.patch.pairs.pairs_from_records`) and normalises every effect by the
     full-flip effect (:data:`DEFINITION`). Use off-policy records (``play(...,
     driver=make_policy("random"))``): a bypass organism's own play pulls one arm forever.
 
@@ -312,7 +313,6 @@ def mediation_summary(
         ``[layer]``, ``layer_profile_ci`` ``[layer][2]``, ``n_pairs``, ``definition``, and
         the full ``conclusion`` / ``history`` / ``history_via_rationale`` breakdowns.
     """
-    from kdgap.hooks.pairs import pairs_from_records
 
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tokenizer is None:
@@ -340,12 +340,12 @@ def example_heatmap(
 ) -> dict:
     """Noising ``resid_pre`` sweep of one conclusion edit, for the report's heatmap figure.
 
-    The pair is built as in :func:`~kdgap.hooks.pairs.pairs_from_records` (edited arm
+    The pair is built as in :func:`~kdgap.hooks.patch.pairs.pairs_from_records` (edited arm
     neither the clean conclusion nor the action; ``seed`` picks it). Cell ``(l, p)`` is the
     clean run with ``resid_pre`` of layer ``l`` at position ``p`` taken from the corrupt
     run, normalised by the full flip: ``(LD_clean - LD_patched) / (2 * LD_clean)`` (1: the
     action fully follows the edited conclusion; 0: no change). Also importable as
-    ``kdgap.hooks.patching.example_heatmap``.
+    ``kdgap.hooks.patch.mediation.example_heatmap``.
 
     Returns:
         JSON-ready dict: ``values`` ``[layer][pos]``, ``tokens`` ``[pos]`` (clean token
@@ -355,8 +355,6 @@ def example_heatmap(
     Raises:
         ValueError: the record gives no conclusion pair, or its ``LD_clean <= 0``.
     """
-    from kdgap.hooks.pairs import pairs_from_records
-    from kdgap.hooks.patching import patch_sweep
 
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     made = pairs_from_records([record], fmt, "conclusion", n_pairs=1, seed=seed, cfg=cfg,

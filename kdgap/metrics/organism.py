@@ -21,9 +21,9 @@ import torch
 from kdgap.envs.bandit import BanditConfig
 from kdgap.metrics import knowing_doing as km
 from kdgap.metrics.behavior import invalid_rate
-from kdgap.organisms.format import OrganismFormat
 from kdgap.organisms.language import OrganismLanguage
-from kdgap.policies import Decisions, HistoryBatch
+from kdgap.organisms.transcript import OrganismFormat
+from kdgap.policies.reference import Decisions, HistoryBatch
 from kdgap.records import StepRecord
 
 #: science.md section 1, Gemma2 27B: rows correct / incorrect rationale, columns greedy /
@@ -35,7 +35,7 @@ SEED_KD_MATRIX = tuple(
 
 
 class OrganismPolicy:
-    """Greedy forced-choice play of an organism (a :class:`~kdgap.policies.Policy`).
+    """Greedy forced-choice play of an organism (a :class:`~kdgap.policies.reference.Policy`).
 
     Args:
         model: the organism bridge (eval mode); tokenizer: its tokenizer.

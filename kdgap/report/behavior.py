@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kdgap.agent.runner import history_of, play
 from kdgap.envs.bandit import BanditConfig, VectorBandit
 from kdgap.metrics import behavior, frequency_bias, knowing_doing
-from kdgap.policies import HistoryBatch, Policy
+from kdgap.policies.play import history_of, play
+from kdgap.policies.reference import HistoryBatch, Policy
 from kdgap.records import StepRecord
 
 SCHEMA_VERSION = 1
@@ -142,40 +142,3 @@ def _history_batch(cfg: BanditConfig, hists) -> HistoryBatch:
     return history_of(env, np.array([h.episode for h in hists]))
 
 
-def make_agent(
-    model_spec: str,
-    *,
-    mode: str = "forced",
-    max_new_tokens: int | None = None,
-    temperature: float = 0.0,
-    seed: int = 0,
-    batch_size: int | None = None,
-    device: str = "cpu",
-    dtype: str = "float32",
-    counterfactual: bool = False,
-    knowing_doing: bool = True,
-) -> Policy:
-    """A text agent for a model spec (``organism:NAME``, a local folder, a ``.gguf``...).
-
-    Organisms speak their own transcript language (:class:`OrganismFormat`); every other
-    model gets the paper's prompt (:class:`PaperFormat`), with the ``<ucb_values>``
-    knowing-doing rationale unless ``knowing_doing=False``.
-    """
-    from kdgap.agent.formats import format_for
-    from kdgap.agent.text_agent import TextAgent
-    from kdgap.models import load_model
-
-    loaded = load_model(model_spec, device=device, dtype=dtype)
-    fmt = format_for(loaded, knowing_doing=knowing_doing)
-    kwargs = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
-    if batch_size is not None:
-        kwargs["batch_size"] = batch_size
-    return TextAgent(
-        loaded.bridge,
-        fmt,
-        mode=mode,
-        temperature=temperature,
-        seed=seed,
-        counterfactual=counterfactual,
-        **kwargs,
-    )

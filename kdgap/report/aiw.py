@@ -36,6 +36,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
+from kdgap.agent.generation import generate
+
 #: (N brothers, M sisters) of the four variations; the correct answer is M + 1.
 VARIATIONS: tuple[tuple[int, int], ...] = ((3, 6), (4, 2), (1, 4), (4, 1))
 PROMPT_TYPES = ("STANDARD", "THINKING", "RESTRICTED")
@@ -260,7 +262,6 @@ def aiw_study(
         ValueError: bad arguments, or ``chat_template=True`` with a tokenizer that has no
             chat template (pass ``chat_template=False`` for a base model).
     """
-    from kdgap.agent.generation import generate
 
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tok is None:

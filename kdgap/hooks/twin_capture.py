@@ -3,7 +3,7 @@
 Why: a recording of ``blocks.{i}.hook_resid_pre`` / ``hook_resid_post`` needs only what
 enters and leaves each decoder layer, and the bridge's forward (eager attention, a
 HookPoint per sub-component) is the slow way to get it. On a bridge that wraps a Hugging
-Face model, :func:`kdgap.agent.hf_cache.fast_model` gives an SDPA *twin* of that model
+Face model, :func:`kdgap.models.twins.fast_model` gives an SDPA *twin* of that model
 sharing the same parameter tensors; here torch hooks on the twin's decoder layers gather
 the site positions of their inputs (``resid_pre``) and outputs (``resid_post``), and the
 forward is abandoned once the last one fired (the final norm and the unembedding never
@@ -21,17 +21,16 @@ takes the bridge path (:func:`twin_plan` returns None).
 
 from __future__ import annotations
 
-import copy
 import re
-import weakref
 from collections.abc import Sequence
 
 import torch
 from jaxtyping import Int
 
-from kdgap.agent import hf_cache
-from kdgap.agent.generation import has_hooks
-from kdgap.hooks.plumbing import gather_positions
+from kdgap.hooks.names import gather_positions
+from kdgap.models import twins
+from kdgap.models.runtime import has_hooks
+from kdgap.models.twins import native_twin
 
 _RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 
@@ -52,50 +51,6 @@ def _decoder_layers(lm, n_layers: int):
     return None
 
 
-_NATIVE_TWINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def native_twin(model):
-    """A plain ``NativeModel`` sharing the tensors of a native bridge (``boot_native``, e.g.
-    the organisms), or None (no native model, training mode, the tensors cannot be mapped,
-    or the twin's logits disagree with the bridge's beyond 1e-4).
-
-    Why: the bridge wraps every sub-module of the native model in a component with hook
-    points; the unwrapped model computes the same blocks without them (measured on the
-    organism: 14-21% less time per forward, and fewer intermediate tensors). Built once per
-    bridge and rebuilt when a parameter tensor is replaced.
-    """
-    try:
-        from transformer_lens.model_bridge.sources.native.model import NativeModel
-    except ImportError:  # pragma: no cover - an older transformer-lens
-        return None
-    nat = getattr(model, "original_model", None)
-    if not isinstance(nat, NativeModel) or model.training or nat.training:
-        return None
-    return hf_cache.cached_twin(_NATIVE_TWINS, model, nat, _build_native_twin, _native_agrees)
-
-
-def _build_native_twin(nat):
-    """``(twin, unused)``: a plain copy of ``nat``'s class sharing its tensors (see
-    :func:`kdgap.agent.hf_cache.bind_shared`), or ``(None, [])``."""
-    try:
-        with torch.device("meta"):
-            twin = type(nat)(copy.deepcopy(nat.cfg))
-    except Exception:  # noqa: BLE001 - a config the plain class cannot build
-        return None, []
-    return hf_cache.bind_shared(twin, nat)
-
-
-def _native_agrees(model, twin) -> bool:
-    """Bridge and twin logits agree (1e-4, float32; 0.15 in half precision) on a probe."""
-    ids = hf_cache.probe_ids(model)
-    with torch.no_grad():
-        want = model(ids, return_type="logits").float()
-        got = twin(input_ids=ids).float()
-    tol = 1e-4 if next(twin.parameters()).dtype == torch.float32 else 0.15
-    return got.shape == want.shape and bool((got - want).abs().max() <= tol)
-
-
 def twin_plan(model, hooks: Sequence[str]):
     """``(twin, layers, {layer: [(kind, hook name)]})`` when ``hooks`` can be recorded on the
     twin of ``model`` (all of them ``blocks.{i}.hook_resid_pre|post``, no hook attached to
@@ -108,7 +63,7 @@ def twin_plan(model, hooks: Sequence[str]):
         need.setdefault(int(m.group(1)), []).append((m.group(2), h))
     if not need or has_hooks(model):
         return None
-    lm = hf_cache.fast_model(model) or native_twin(model)
+    lm = twins.fast_model(model) or native_twin(model)
     if lm is None or lm is getattr(model, "original_model", None):
         return None  # no twin: the wrapped model's modules belong to the bridge
     layers = _decoder_layers(lm, int(model.cfg.n_layers))

@@ -8,7 +8,7 @@ for every activation ``a`` at once: one forward of the source run (activations),
 forward and one backward of the base run (activations and gradients). It is a *screen*:
 poor for large changes (residual stream, early MLPs), so validate the top cells exactly
 with :func:`verify_top_k`, which re-runs them through the batched exact
-:func:`~kdgap.hooks.patching.patch_sweep`.
+:func:`~kdgap.hooks.patch.sweep.patch_sweep`.
 
 Gradients are taken with respect to a zero tensor added at each hook (``a + 0``), which
 leaves the forward unchanged and needs no ``retain_grad`` on bridge-internal tensors.
@@ -29,17 +29,16 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float, Int
 
-from kdgap.hooks.patching import (
-    DIRECTIONS,
+from kdgap.hooks.patch.core import (
     PATCH_SITES,
     LogitDiff,
     capture,
     check_pair_tokens,
     hook_name,
     narrow_to,
-    patch_sweep,
 )
-from kdgap.hooks.plumbing import model_device, require_eval
+from kdgap.hooks.patch.sweep import DIRECTIONS, patch_sweep
+from kdgap.models.runtime import model_device, require_eval
 
 
 @dataclass
@@ -79,7 +78,7 @@ def attribution_sweep(
         model: a TransformerBridge in eval mode.
         clean_tokens, corrupt_tokens: ``[batch pos]``, equal shapes.
         metric: the logit difference at the action position.
-        sites: any of :data:`~kdgap.hooks.patching.PATCH_SITES`; ``z`` gives per-head cells.
+        sites: any of :data:`~kdgap.hooks.patch.core.PATCH_SITES`; ``z`` gives per-head cells.
         direction: ``"noise"`` (linearise at clean, patch in corrupt) or ``"denoise"``.
 
     Returns:
@@ -167,7 +166,7 @@ def verify_top_k(
 ) -> TopKCheck:
     """Re-run the ``k`` strongest attributed cells of ``site`` with exact patching.
 
-    ``patch_kwargs`` go to :func:`~kdgap.hooks.patching.patch_sweep` (e.g. ``memory_mb``).
+    ``patch_kwargs`` go to :func:`~kdgap.hooks.patch.sweep.patch_sweep` (e.g. ``memory_mb``).
     """
     if site not in attribution.effects:
         raise KeyError(

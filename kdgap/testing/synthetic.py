@@ -1,6 +1,6 @@
 """An in-memory activation store with planted signals, for tests and benchmarks.
 
-:class:`SyntheticStore` satisfies :class:`kdgap.probes.source.ActivationSource`. Its label
+:class:`SyntheticStore` satisfies :class:`kdgap.probes.dataset.ActivationSource`. Its label
 table comes from :func:`bandit_labels` (faithful or greedy-bypass agents), and its
 activations are Gaussian noise plus, for each :class:`Plant`, a fixed random direction per
 class of a label added at chosen layers. Ground truth is therefore known: a label planted
@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from kdgap.probes.source import layer_of
+from kdgap.probes.dataset import layer_of
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def bandit_labels(
 
 
 class SyntheticStore:
-    """In-memory :class:`~kdgap.probes.source.ActivationSource` with planted signals.
+    """In-memory :class:`~kdgap.probes.dataset.ActivationSource` with planted signals.
 
     Args:
         labels: label table (e.g. from :func:`bandit_labels`).

@@ -1,0 +1,45 @@
+"""The one parameter validator: integer bounds checked the same way everywhere.
+
+Every public entry point that takes a count (episodes, batch sizes, pairs, shard sizes)
+checks it here, before any expensive work, so the error always names the parameter, the
+value received and what to pass instead.
+"""
+
+from __future__ import annotations
+
+from numbers import Integral
+
+
+def check_int(
+    name: str,
+    value: object,
+    *,
+    minimum: int = 1,
+    optional: bool = False,
+    hint: str = "",
+) -> int | None:
+    """``value`` as an ``int`` when it is an integer ``>= minimum``, else a ``ValueError``.
+
+    Args:
+        name: the parameter's name, as the caller's signature spells it.
+        value: what the caller passed (``bool`` is refused: ``True`` is no count).
+        minimum: the smallest accepted value.
+        optional: also accept None (returned as None), e.g. "all at once".
+        hint: appended to the message, e.g. ``"(paper: 50)"``.
+
+    Raises:
+        ValueError: e.g. ``"batch_size=0 must be an integer >= 1 or None."``
+    """
+    if value is None and optional:
+        return None
+    if isinstance(value, Integral) and not isinstance(value, bool) and value >= minimum:
+        return int(value)
+    tail = " or None" if optional else ""
+    extra = f" {hint}" if hint else ""
+    raise ValueError(f"{name}={value!r} must be an integer >= {minimum}{tail}.{extra}")
+
+
+def check_ints(minimum: int = 1, **values: object) -> None:
+    """:func:`check_int` for several parameters at once: ``check_ints(n=n, batch_size=b)``."""
+    for name, value in values.items():
+        check_int(name, value, minimum=minimum)

@@ -1,0 +1,33 @@
+"""Reference policies and the loop that plays any policy on the bandits (no models here).
+
+:mod:`~kdgap.policies.reference` holds the policy protocol and the UCB, greedy,
+epsilon-greedy and random policies; :mod:`~kdgap.policies.play` plays a policy (or a text
+agent, which satisfies the same protocol) and writes step records.
+"""
+
+from kdgap.policies.play import history_of, play
+from kdgap.policies.reference import (
+    REFERENCE_POLICIES,
+    Decisions,
+    EpsilonGreedyPolicy,
+    GreedyPolicy,
+    HistoryBatch,
+    Policy,
+    RandomPolicy,
+    UCBPolicy,
+    make_policy,
+)
+
+__all__ = [
+    "REFERENCE_POLICIES",
+    "Decisions",
+    "EpsilonGreedyPolicy",
+    "GreedyPolicy",
+    "HistoryBatch",
+    "Policy",
+    "RandomPolicy",
+    "UCBPolicy",
+    "history_of",
+    "make_policy",
+    "play",
+]

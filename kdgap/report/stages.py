@@ -1,0 +1,43 @@
+"""The stage layout of an analysis folder: one JSON file per model and stage, keyed by settings."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kdgap.io import atomic_write_json
+
+STAGES = ("behavior", "baselines", "freqbias", "record", "probes", "patching")
+
+
+def model_slug(model: str) -> str:
+    """A folder name for a model spec (``organism:faithful`` -> ``organism-faithful``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-") or "model"
+
+
+@dataclass
+class _Stage:
+    """One cached stage: its file, the settings that key it, and how to compute it."""
+
+    path: Path
+    key: dict
+    compute: Callable[[], dict]
+    force: bool = False
+    ran: bool = field(default=False, init=False)
+
+    def get(self) -> tuple[dict, float]:
+        """The stage's result and the seconds its computation took (when it ran)."""
+        if not self.force and self.path.exists():
+            saved = json.loads(self.path.read_text())
+            if saved.get("key") == self.key:
+                return saved["result"], saved["seconds"]
+        t0 = time.perf_counter()
+        result = self.compute()
+        seconds = time.perf_counter() - t0
+        atomic_write_json(self.path, {"key": self.key, "seconds": seconds, "result": result})
+        self.ran = True
+        return result, seconds
