@@ -1,4 +1,4 @@
-"""The ``kdgap`` command line: parses arguments and calls the report layer, nothing more."""
+"""The ``kdgap`` command line: parses arguments and calls :mod:`kdgap.report.api`, nothing more."""
 
 from __future__ import annotations
 
@@ -6,17 +6,20 @@ import argparse
 import json
 import sys
 
-from kdgap.envs.bandit import BanditConfig
-from kdgap.io import atomic_write_json
-from kdgap.organisms.registry import list_organisms
-from kdgap.policies.reference import make_policy
-from kdgap.records import write_records
-from kdgap.report.behavior import PlayConfig, run_freqbias, run_play
-from kdgap.report.pipeline import AnalyzeConfig, analyze
-from kdgap.report.render import render_all
-from kdgap.report.session import make_agent, record_from_model
-
-DEMO_MODELS = ("organism:faithful", "organism:greedy-bypass", "organism:seed-calibrated")
+from kdgap.report.api import (
+    DEMO_MODELS,
+    AnalyzeConfig,
+    BanditConfig,
+    PlayConfig,
+    Player,
+    analyze,
+    bandit_config,
+    freqbias_study,
+    organisms_table,
+    play_study,
+    record_from_model,
+    render_all,
+)
 
 
 def _add_bandit_args(p: argparse.ArgumentParser) -> None:
@@ -48,37 +51,29 @@ def _add_agent_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
 
 
-def _bandit(args) -> BanditConfig:
-    return BanditConfig(
-        n_arms=args.arms,
-        horizon=args.steps,
-        reward=args.reward,
-        sigma=args.sigma,
-        gap=args.gap,
-        arm_style=args.arm_style,
-        ucb_c=args.ucb_c,
-    )
+# Which parsed argument fills which parameter of the report API (parameter: argument).
+_BANDIT = {"n_arms": "arms", "horizon": "steps", "reward": "reward", "sigma": "sigma",
+           "gap": "gap", "arm_style": "arm_style", "ucb_c": "ucb_c"}  # fmt: skip
+_PLAYER = {name: name for name in ("policy", "model", "mode", "max_new_tokens", "temperature",
+                                   "batch_size", "device", "dtype")}  # fmt: skip
+_ANALYZE = {"episodes": "episodes", "horizon": "steps", "record_episodes": "record_episodes",
+            "driver": "driver", "n_pairs": "pairs", "seed": "seed", "device": "device",
+            "dtype": "dtype", "aiw": "aiw", "aiw_samples": "aiw_samples"}  # fmt: skip
 
 
-def _policy(args, *, counterfactual: bool = False):
-
-    if args.model:
-        return make_agent(
-            args.model,
-            mode=args.mode,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            device=args.device,
-            dtype=args.dtype,
-            counterfactual=counterfactual,
-        )
-    return make_policy(args.policy or "ucb")
+def _pick(args: argparse.Namespace, table: dict[str, str]) -> dict:
+    return {param: getattr(args, arg) for param, arg in table.items()}
 
 
-def cmd_play(args) -> int:
+def _bandit(args: argparse.Namespace) -> BanditConfig:
+    return bandit_config(**_pick(args, _BANDIT))
 
+
+def _player(args: argparse.Namespace) -> Player:
+    return Player(**_pick(args, _PLAYER))
+
+
+def cmd_play(args: argparse.Namespace) -> int:
     cfg = PlayConfig(
         bandit=_bandit(args),
         n_episodes=args.episodes,
@@ -86,52 +81,39 @@ def cmd_play(args) -> int:
         batch_size=args.batch_size,
         counterfactual=args.counterfactual,
     )
-    out, records = run_play(_policy(args, counterfactual=args.counterfactual), cfg)
-    if args.json:
-        atomic_write_json(args.json, out)
-    if args.records:
-        write_records(args.records, records)
+    out = play_study(_player(args), cfg, json_out=args.json, records_out=args.records)
     _print_table(out)
     return 0
 
 
-def cmd_freqbias(args) -> int:
-
+def cmd_freqbias(args: argparse.Namespace) -> int:
     reps = tuple(range(args.rep_min, args.rep_max + 1, args.rep_step))
-    out = run_freqbias(
-        _policy(args), _bandit(args), n_histories=args.histories, repetitions=reps, seed=args.seed
-    )
-    if args.json:
-        atomic_write_json(args.json, out)
+    out = freqbias_study(
+        _player(args), _bandit(args), n_histories=args.histories, repetitions=reps,
+        seed=args.seed, json_out=args.json,
+    )  # fmt: skip
     for name, w in out["windows"].items():
         print(f"repetitions {name:>7}: F_f={w['F_f']:.3f}  F_g={w['F_g']:.3f}  F_o={w['F_o']:.3f}")
     print(f"corr(entropy, repetitions) = {out['entropy_repetition_corr']}")
     return 0
 
 
-def cmd_organisms(args) -> int:
-
-    rows = list_organisms()
-    if args.json:
-        atomic_write_json(args.json, rows)
+def cmd_organisms(args: argparse.Namespace) -> int:
+    rows = organisms_table(json_out=args.json)
     print(f"{'name':<18}{'rationale':>10}{'follows':>9}{'greedy':>8}{'flip':>7}  mechanism")
     for row in rows:
-        m = (row["metrics"] or {}).get("metrics", {})
-
-        def f(key, m=m):
-            v = m.get(key)
-            return "n/a" if v is None else f"{v:.3f}"
-
+        m = row["metrics"] or {}
+        greedy = (m.get("action_matches") or {}).get("greedy")
         print(
-            f"{row['name']:<18}{f('rationale_correct'):>10}{f('follows_rationale'):>9}"
-            f"{f('action_greedy'):>8}{f('counterfactual_flip_rate'):>7}  {row['description']}"
+            f"{row['name']:<18}{_num(m.get('rationale_correct')):>10}"
+            f"{_num(m.get('action_follows_rationale')):>9}{_num(greedy):>8}"
+            f"{_num(m.get('counterfactual_flip_rate')):>7}  {row['description']}"
         )
     print("(64 Bernoulli 5-arm bandits x 50 steps, greedy forced choice; metrics.json per folder)")
     return 0
 
 
-def cmd_record(args) -> int:
-
+def cmd_record(args: argparse.Namespace) -> int:
     store = record_from_model(
         args.model,
         episodes=args.episodes,
@@ -149,21 +131,11 @@ def cmd_record(args) -> int:
     return 0
 
 
-def _analyze_config(args):
-
-    return AnalyzeConfig(
-        episodes=args.episodes,
-        horizon=args.steps,
-        record_episodes=args.record_episodes,
-        driver=args.driver,
-        n_pairs=args.pairs,
-        seed=args.seed,
-        device=args.device,
-        dtype=args.dtype,
-    )
+def _analyze_config(args: argparse.Namespace) -> AnalyzeConfig:
+    return AnalyzeConfig(**_pick(args, _ANALYZE))
 
 
-def cmd_analyze(args) -> int:
+def cmd_analyze(args: argparse.Namespace) -> int:
     """``analyze`` (one ``--model``) and ``demo`` (several ``--models``) share this."""
 
     models = list(args.models) if getattr(args, "models", None) else [args.model]
@@ -172,13 +144,12 @@ def cmd_analyze(args) -> int:
     return 0
 
 
-def cmd_figures(args) -> int:
-
+def cmd_figures(args: argparse.Namespace) -> int:
     print(f"wrote {render_all(args.dir)}")
     return 0
 
 
-def _print_verdicts(summary: dict, out) -> None:
+def _print_verdicts(summary: dict, out: str) -> None:
     for name, entry in summary["models"].items():
         b, pt = entry["behavior"], entry["patching"]
         print(
@@ -189,7 +160,11 @@ def _print_verdicts(summary: dict, out) -> None:
     print(f"report: {out}/report.html  summary: {out}/summary.json")
 
 
-def _fmt(v) -> str:
+def _num(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.2f}"
 
 
@@ -283,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="cpu")
         p.add_argument("--dtype", default="float32")
         p.add_argument("--force", action="store_true", help="recompute every stage")
+        p.add_argument("--aiw", action="store_true", help="also run the Alice-in-Wonderland study")
+        p.add_argument("--aiw-samples", type=int, default=8, help="AIW samples per prompt")
         p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("figures", help="re-render figures and report.html from saved results")

@@ -48,12 +48,13 @@ def file_mode() -> int:
     return 0o666 & ~umask
 
 
-def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
+def atomic_write_json(path: str | os.PathLike, obj: object) -> None:
+    """Write ``obj`` as indented JSON, atomically (numpy scalars and arrays as numbers and
+    lists)."""
     atomic_write_text(Path(path), json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
-def _json_default(o):
+def _json_default(o: object) -> int | float | list:
     if isinstance(o, np.integer):
         return int(o)
     if isinstance(o, np.floating):

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
+from jaxtyping import Bool
 
 from kdgap.io import _json_default, atomic_write_text
 
@@ -87,7 +88,7 @@ class StepRecord:
         return self.rationale_arm in self.ucb_arms
 
 
-def mask_to_arms(mask: np.ndarray) -> tuple[int, ...]:
+def mask_to_arms(mask: Bool[np.ndarray, " arms"]) -> tuple[int, ...]:
     """Tie mask ``[arms]`` -> sorted tuple of arm indices."""
     return tuple(int(i) for i in np.flatnonzero(mask))
 

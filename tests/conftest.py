@@ -5,6 +5,10 @@
 - ``tiny_native``: ``TransformerBridge.boot_native`` with 2 layers, d_model 32, in eval mode.
 - ``tiny_hf_dir``: a random GPT-2 (2 layers, d_model 32) saved with that tokenizer to a temp
   folder, as a user's local Hugging Face folder would be.
+- ``hf_models`` / ``chat_models``: ``{arch: LoadedModel}``, one random model per
+  architecture in ``ARCHS`` (GPT-2, Llama, Qwen2 with tied embeddings) saved to a temp
+  folder and loaded through :func:`kdgap.models.load_model`; ``chat_models`` carry a chat
+  template, ``hf_models`` none. ``hf_arch`` parametrizes a test over ``ARCHS``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+ARCHS = ("gpt2", "llama", "qwen2")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<bos>{{ m['role'] }}: {{ m['content'] }}<eos>{% endfor %}"
+    "{% if add_generation_prompt %}<bos>assistant:{% endif %}"
+)
 CORPUS = [
     "You are in a room with 5 buttons labeled red, green, blue, yellow, orange.",
     "Each button is associated with a Bernoulli distribution with a fixed but unknown mean.",
@@ -71,6 +80,24 @@ def tiny_native(tiny_tokenizer):
     return model.eval()
 
 
+@pytest.fixture
+def tripled_mlp_weight(tiny_native):
+    """Replace (not edit in place) a weight of ``tiny_native``'s first MLP by 3x itself, as
+    ``load_state_dict`` or a new ``Parameter`` would, and put the old one back afterwards.
+
+    Yields ``(owner, leaf)``: ``getattr(owner, leaf)`` is the replaced parameter.
+    """
+    mlp = tiny_native.original_model.layers[0].mlp
+    name = next(n for n, p in mlp.named_parameters() if p.dim() == 2)
+    old = dict(mlp.named_parameters())[name]
+    owner = mlp.get_submodule(name.rsplit(".", 1)[0]) if "." in name else mlp
+    leaf = name.rsplit(".", 1)[-1]
+    with torch.no_grad():
+        setattr(owner, leaf, torch.nn.Parameter(old.detach() * 3.0))
+    yield owner, leaf
+    setattr(owner, leaf, old)
+
+
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory, tiny_tokenizer):
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -96,3 +123,69 @@ def tiny_hf_bridge(tiny_hf_dir):
     tok = AutoTokenizer.from_pretrained(tiny_hf_dir)
     hf = AutoModelForCausalLM.from_pretrained(tiny_hf_dir)
     return TransformerBridge.boot_transformers(str(tiny_hf_dir), hf_model=hf, tokenizer=tok).eval()
+
+
+def _arch_config(arch: str, tok):
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    ids = dict(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=len(tok), n_positions=1024, n_embd=32, n_layer=2,
+                          n_head=4, initializer_range=0.3, **ids)  # fmt: skip
+    cls = LlamaConfig if arch == "llama" else Qwen2Config
+    return cls(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        initializer_range=0.3, tie_word_embeddings=arch == "qwen2", **ids,
+    )  # fmt: skip
+
+
+def _save_and_load(tmp_path_factory, tokenizer_dir, *, prefix: str, seed: int,
+                   chat_template: str | None = None) -> dict:  # fmt: skip
+    """``{arch: LoadedModel}``: one random model per architecture in ``ARCHS`` (torch seed
+    ``seed + index``), saved to a temp folder with the tokenizer (and ``chat_template``),
+    then loaded through :func:`kdgap.models.load_model`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kdgap.models import load_model
+
+    out = {}
+    for i, arch in enumerate(ARCHS):
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        if chat_template is not None:
+            tok.chat_template = chat_template
+        torch.manual_seed(seed + i)
+        model = AutoModelForCausalLM.from_config(_arch_config(arch, tok))
+        path = tmp_path_factory.mktemp(f"{prefix}_{arch}")
+        model.save_pretrained(path, safe_serialization=True)
+        tok.save_pretrained(path)
+        out[arch] = load_model(str(path))
+    return out
+
+
+@pytest.fixture(scope="session")
+def chat_template() -> str:
+    """The chat template ``chat_models`` are saved with."""
+    return CHAT_TEMPLATE
+
+
+@pytest.fixture(params=ARCHS)
+def hf_arch(request) -> str:
+    """Each architecture of ``ARCHS`` in turn (a key of ``hf_models`` / ``chat_models``)."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory, tiny_tokenizer_dir):
+    """``{arch: LoadedModel}``: random models without a chat template."""
+    return _save_and_load(tmp_path_factory, tiny_tokenizer_dir, prefix="fast", seed=20)
+
+
+@pytest.fixture(scope="session")
+def chat_models(tmp_path_factory, tiny_tokenizer_dir):
+    """``{arch: LoadedModel}``: random chat models saved with a template, then loaded."""
+    return _save_and_load(tmp_path_factory, tiny_tokenizer_dir, prefix="chat", seed=10,
+                          chat_template=CHAT_TEMPLATE)  # fmt: skip

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from kdgap.cli import build_parser, main
+from kdgap.cli import _analyze_config, build_parser, main
 
 PLAY_KEYS = {
     "cumulative_regret", "action_coverage", "suffix_failure_rate", "invalid_rate",
@@ -28,6 +28,18 @@ def test_play_writes_the_public_json(tmp_path, capsys):
     assert out["action_coverage"] == 1.0 and out["rationale_correct"] is None
     assert set(out["action_matches"]) == {"rationale", "optimal", "greedy", "most_frequent"}
     assert "cumulative regret" in capsys.readouterr().out
+
+
+def test_aiw_is_off_unless_asked():
+    parser = build_parser()
+    demo = parser.parse_args(["demo", "--out", "x"])
+    assert demo.aiw is False and demo.models == ["organism:faithful", "organism:greedy-bypass",
+                                                 "organism:seed-calibrated"]  # fmt: skip
+    args = parser.parse_args(["analyze", "--model", "smollm2", "--out", "x", "--aiw",
+                              "--aiw-samples", "4"])  # fmt: skip
+    cfg = _analyze_config(args)
+    assert cfg.aiw is True and cfg.aiw_samples == 4
+    assert _analyze_config(demo).aiw is False
 
 
 @pytest.mark.parametrize(

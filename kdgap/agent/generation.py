@@ -1,24 +1,21 @@
 """Batched generation and continuation scoring for any TransformerBridge.
 
-Tokenisation rule (one rule, text only, so recorders can re-tokenise a stored transcript
-exactly as the agent did): :func:`encode` prepends the tokenizer's BOS token when the
-model prepends BOS by default (``cfg.default_prepend_bos``) and the text does not already
-start with the BOS string (a chat template that writes its own BOS is never doubled).
+Prompts are tokenised by the one rule of :func:`kdgap.models.tokens.encode` (BOS when the
+model prepends one by default and the text does not already start with it), so recorders
+re-tokenise a stored transcript exactly as the agent did. :func:`generate` has three
+paths, with the same interface and post-processing:
 
-Generation has two paths, with the same interface and post-processing:
-
-- ``boot_native`` models: transformer-lens 4.3's native model has no KV cache, so
-  ``bridge.generate`` recomputes the whole sequence every token (measured: a batch of 16
-  is then no faster per token than one sequence). Here a KV-cached loop runs the native
-  model's own submodules (:func:`_native_generate`); it is tested token-for-token against
-  ``bridge.generate``. Hooks are bypassed on this path, so when any hook is attached the
-  bridge path is used instead.
-- Hugging Face models with no hook attached: :mod:`kdgap.models.twins` runs a KV-cached
-  loop on an SDPA twin of the wrapped model (same tensors), computing only the last prompt
-  position's logits, and can keep the cache so forced-choice scoring
-  (:func:`score_continuations` with ``reuse=``) runs only the tokens after the prompt.
-- every other bridge (Hugging Face models with hooks): ``bridge.generate`` on left-padded
-  tokens with an explicit attention mask (HF KV cache).
+- ``boot_native`` models with no hook attached: transformer-lens 4.3's native model has
+  no KV cache, so ``bridge.generate`` recomputes the whole sequence every token;
+  :mod:`kdgap.agent.native_decoding` runs a KV-cached loop on the native model's own
+  submodules, tested token for token against ``bridge.generate``.
+- Hugging Face models with no hook attached: :mod:`kdgap.agent.hf_decoding` runs a
+  KV-cached loop on the SDPA twin of the wrapped model (:mod:`kdgap.models.twins`, same
+  tensors), computing only the last prompt position's logits, and can keep the cache so
+  forced-choice scoring (:func:`score_continuations` with ``reuse=``) runs only the tokens
+  after the prompt.
+- any model with a hook attached (or ``fast=False``): ``bridge.generate`` on left-padded
+  tokens with an explicit attention mask (Hugging Face KV cache), so the hooks act.
 
 Both Hugging Face paths sample from torch's global RNG with transformer-lens's
 ``sample_logits`` inside ``torch.random.fork_rng`` seeded with ``seed``: reproducible, and
@@ -31,18 +28,25 @@ Completions are cut at the first EOS token and just after the first stop string.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 
+from kdgap._checks import check_int
 from kdgap.agent import hf_decoding, native_decoding
+from kdgap.agent.decoding import Decoding
 from kdgap.models import twins
 from kdgap.models.runtime import has_hooks
 from kdgap.models.tokens import _pad_id, _tokenizer, encode, left_pad
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -61,11 +65,11 @@ class Generation:
 
     texts: list[str]
     token_ids: list[list[int]]
-    n_tokens: Int[np.ndarray, "batch"]  # noqa: F821
+    n_tokens: Int[np.ndarray, " batch"]
     cache: hf_decoding.PromptCache | None = None
 
 
-def _eos_ids(model, tok) -> list[int]:
+def _eos_ids(model: TransformerBridge, tok: PreTrainedTokenizerBase) -> list[int]:
     ids = getattr(model.cfg, "eos_token_id", None)
     ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
     if tok.eos_token_id is not None and tok.eos_token_id not in ids:
@@ -81,11 +85,20 @@ class TextStop:
     decodes to at least one character, so a new occurrence lies in that tail.
     """
 
-    def __init__(self, tokenizer, stop_strings: Sequence[str], prompt_len: int) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, stop_strings: Sequence[str], prompt_len: int
+    ) -> None:
         self.tok, self.stops, self.prompt_len = tokenizer, list(stop_strings), prompt_len
         self.tail = max(len(s) for s in self.stops) + 1
 
-    def __call__(self, input_ids: torch.Tensor, scores=None, **kw) -> torch.Tensor:
+    def __call__(
+        self,
+        input_ids: Int[torch.Tensor, "batch pos"],
+        scores: torch.Tensor | None = None,
+        **kw: object,
+    ) -> Bool[torch.Tensor, " batch"]:
+        """``[batch]`` whether each row's generated tail contains a stop string (the
+        ``scores`` and keywords of a Hugging Face stopping criterion are not needed)."""
         gen = input_ids[:, self.prompt_len :][:, -self.tail :]
         texts = self.tok.batch_decode(gen.tolist(), skip_special_tokens=False)
         hit = [any(s in t for s in self.stops) for t in texts]
@@ -94,16 +107,14 @@ class TextStop:
 
 def check_generation_args(max_new_tokens: int, temperature: float, batch_size: int | None) -> None:
     """Raise ``ValueError`` naming the bad generation setting (shared by the agent)."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1.")
+    check_int("max_new_tokens", max_new_tokens)
     if temperature < 0:
         raise ValueError(f"temperature={temperature!r} must be >= 0 (0 means greedy).")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be >= 1 or None (all at once).")
+    check_int("batch_size", batch_size, optional=True, hint="(None: all at once)")
 
 
 def generate(
-    model,
+    model: TransformerBridge,
     prompts: Sequence[str],
     *,
     max_new_tokens: int = 128,
@@ -111,8 +122,8 @@ def generate(
     seed: int = 0,
     stop_strings: Sequence[str] = (),
     batch_size: int | None = None,
-    tokenizer=None,
-    use_native_cache: bool = True,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    fast: bool = True,
     keep_cache: bool = False,
 ) -> Generation:
     """Generate completions for ``prompts`` in left-padded batches.
@@ -128,9 +139,9 @@ def generate(
         batch_size: prompts per forward batch (default: all). Prompts are sorted by
             length first so a batch holds similar lengths (less padding).
         tokenizer: overrides ``model.tokenizer``.
-        use_native_cache: use the fast KV-cached loops when no hook is attached
-            (``boot_native`` models: :mod:`~kdgap.agent.native_decoding`; Hugging Face
-            models: :mod:`~kdgap.models.twins`). False: always ``bridge.generate``.
+        fast: use the hook-free KV-cached loops when no hook is attached (``boot_native``
+            models: :mod:`~kdgap.agent.native_decoding`; Hugging Face models:
+            :mod:`~kdgap.agent.hf_decoding` on the twin). False: always ``bridge.generate``.
         keep_cache: on the hook-free Hugging Face path, return the KV caches in
             ``Generation.cache`` (for :func:`score_continuations` ``reuse=``).
 
@@ -144,9 +155,10 @@ def generate(
     bs = len(ids) if batch_size is None else batch_size
     out: list[tuple[str, list[int], int]] = [("", [], 0)] * len(ids)
     eos = _eos_ids(model, tok)
+    base = Decoding(max_new_tokens, temperature, seed, tuple(eos), _fill_id(tok, eos))
     hooked = has_hooks(model)
-    native = use_native_cache and native_decoding.supports(model) and not hooked
-    lm = twins.fast_model(model) if use_native_cache and not hooked else None
+    native = fast and native_decoding.supports(model) and not hooked
+    lm = twins.fast_model(model) if fast and not hooked else None
     kept = hf_decoding.PromptCache(model=lm) if keep_cache and lm is not None else None
     if kept is not None:
         kept.rows, kept.fed = [(0, 0, 0)] * len(ids), [[] for _ in ids]
@@ -154,16 +166,11 @@ def generate(
         rows = order[start : start + bs]
         tokens, mask = left_pad([ids[i] for i in rows], _pad_id(tok), model.cfg.device)
         stop = TextStop(tok, stop_strings, tokens.shape[1]) if stop_strings else None
+        how = replace(base, seed=seed + b, stop=stop)
         if native:
-            gen = native_decoding.generate(
-                model, tokens, mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                seed=seed + b, eos_ids=eos, stop=stop,
-            )  # fmt: skip
+            gen = native_decoding.generate(model, tokens, mask, how)
         elif lm is not None:
-            gen, cache = hf_decoding.generate(
-                lm, tokens, mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                seed=seed + b, eos_ids=eos, fill_id=_fill_id(tok, eos), stop=stop,
-            )  # fmt: skip
+            gen, cache = hf_decoding.generate(lm, tokens, mask, how)
             if kept is not None:
                 kept.caches.append(cache)
                 width = tokens.shape[1]
@@ -172,8 +179,7 @@ def generate(
                     kept.rows[i] = (b, j, pad)
                     kept.fed[i] = list(ids[i]) + gen[j, :-1].tolist()
         else:
-            gen = _bridge_generate(model, tokens, mask, max_new_tokens, temperature,
-                                   seed + b, eos, stop)  # fmt: skip
+            gen = _bridge_generate(model, tokens, mask, how)
         for j, i in enumerate(rows):
             out[i] = _finish(tok, gen[j].tolist(), eos, stop_strings)
     return Generation(
@@ -184,33 +190,42 @@ def generate(
     )
 
 
-def _fill_id(tok, eos: list[int]) -> int:
-    """The token finished rows emit, as ``bridge.generate`` chooses it."""
+def _fill_id(tok: PreTrainedTokenizerBase, eos: list[int]) -> int:
+    """The token finished rows emit, as ``bridge.generate`` chooses it (an EOS id, so the
+    completion is cut before it whichever path ran)."""
     if not eos:
         return 0
     return int(tok.eos_token_id) if tok.eos_token_id is not None else int(eos[0])
 
 
-def _bridge_generate(model, tokens, mask, max_new_tokens, temperature, seed, eos, stop):
+def _bridge_generate(
+    model: TransformerBridge,
+    tokens: Int[torch.Tensor, "batch pos"],
+    mask: Int[torch.Tensor, "batch pos"],
+    how: Decoding,
+) -> Int[torch.Tensor, "batch new"]:
+    """``bridge.generate`` (hooks act), seeded like the hook-free paths; new ids on CPU."""
     devices = [tokens.device] if tokens.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
-        torch.manual_seed(seed)
+        torch.manual_seed(how.seed)
         out = model.generate(
             tokens,
             attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=temperature > 0,
-            temperature=temperature if temperature > 0 else 1.0,
-            stop_at_eos=bool(eos),
-            eos_token_id=eos or None,
-            stopping_criteria=[stop] if stop is not None else None,
+            max_new_tokens=how.max_new_tokens,
+            do_sample=how.temperature > 0,
+            temperature=how.temperature if how.temperature > 0 else 1.0,
+            stop_at_eos=bool(how.eos_ids),
+            eos_token_id=list(how.eos_ids) or None,
+            stopping_criteria=[how.stop] if how.stop is not None else None,
             verbose=False,
             return_type="tokens",
         )
     return out[:, tokens.shape[1] :].cpu()
 
 
-def _finish(tok, new: list[int], eos: list[int], stop_strings) -> tuple[str, list[int], int]:
+def _finish(
+    tok: PreTrainedTokenizerBase, new: list[int], eos: list[int], stop_strings: Sequence[str]
+) -> tuple[str, list[int], int]:
     """Cut one row at EOS / after a stop string; count the tokens it really produced."""
     cut = next((k for k, t in enumerate(new) if t in eos), None)
     produced = new if cut is None else new[:cut]
@@ -230,12 +245,12 @@ def _finish(tok, new: list[int], eos: list[int], stop_strings) -> tuple[str, lis
 
 @torch.no_grad()
 def score_continuations(
-    model,
+    model: TransformerBridge,
     prefixes: Sequence[str] | Sequence[Sequence[int]],
     continuations: Sequence[str] | Sequence[Sequence[int]],
     *,
     batch_size: int | None = None,
-    tokenizer=None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     reuse: hf_decoding.PromptCache | None = None,
     reuse_rows: Sequence[int | None] | None = None,
     fast: bool = True,
@@ -251,11 +266,11 @@ def score_continuations(
 
     With a hook attached (patching, steering) the scores run through the bridge forward,
     so the hooks act on them. Without one, Hugging Face models run the hook-free path of
-    :mod:`kdgap.models.twins`: logits only at the positions read, and with ``reuse`` (a
-    ``Generation.cache``) each prefix starts from the cached tokens it shares with its
-    generation row, so only the tokens after them (the rationale's re-tokenised tail, the
-    action marker, the continuation) are run. Equal to the bridge path up to float
-    rounding (tested).
+    :mod:`kdgap.agent.hf_decoding` on the twin: logits only at the positions read, and
+    with ``reuse`` (a ``Generation.cache``) each prefix starts from the cached tokens it
+    shares with its generation row, so only the tokens after them (the rationale's
+    re-tokenised tail, the action marker, the continuation) are run. Equal to the bridge
+    path up to float rounding (tested).
 
     Args:
         model: a TransformerBridge.
@@ -331,7 +346,11 @@ def score_continuations(
     return _sum_logps(lambda i, ctx: logp[(i, ctx)], len(pre), conts)
 
 
-def _sum_logps(get, n: int, conts: list[list[int]]) -> torch.Tensor:
+def _sum_logps(
+    get: Callable[[int, tuple[int, ...]], Float[torch.Tensor, " vocab"]],
+    n: int,
+    conts: list[list[int]],
+) -> Float[torch.Tensor, "n n_continuations"]:
     """``[n, len(conts)]``: ``sum_k get(i, c[:k])[c[k]]`` for every prefix i and continuation c."""
     out = torch.zeros(n, len(conts))
     for i in range(n):

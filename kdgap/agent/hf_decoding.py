@@ -1,32 +1,62 @@
-"""KV-cached generation and forced-choice scoring on the SDPA twin of a Hugging Face model."""
+"""KV-cached generation and forced-choice scoring on the SDPA twin of a Hugging Face model.
+
+The agent's time goes into the prompt pass and the decode loop. ``bridge.generate``
+computes the full-vocabulary logits at every prompt position in its first step, decodes
+through transformer-lens's eager attention bridge, and forced choice then runs the whole
+prompt + rationale again. Here, on the causal LM of :func:`kdgap.models.twins.fast_model`
+(the SDPA twin, sharing the bridge's tensors):
+
+- :func:`generate` mirrors ``TransformerBridge.generate`` (left padding, positions that
+  count real tokens only, greedy ``argmax`` or transformer-lens's own ``sample_logits``
+  under ``torch.random.fork_rng`` seeded like the bridge path, finished rows frozen) but
+  computes only the last prompt position's logits and returns its KV cache, which
+  :class:`PromptCache` keeps per prompt.
+- :func:`score_rows` scores continuations after prefixes, starting each prefix from the
+  longest run of tokens it shares with a cached generation row (the prompt and usually the
+  whole rationale), so only the few tokens after it are run.
+
+Results equal the bridge path up to float rounding (SDPA vs eager attention, ~1e-6 in
+log-probabilities); greedy tokens are tested equal to Hugging Face ``generate`` and to the
+bridge path. Callers use this path only when no hook is attached (hooks must see every
+position), exactly like :mod:`kdgap.agent.native_decoding` for native models.
+"""
 
 from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Float, Int
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformer_lens.utilities import sample_logits
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from kdgap.agent.decoding import decode_loop
+from kdgap.agent.decoding import Decoding, decode_loop
 
 
 @functools.cache
-def _accepts_keep_cls(cls) -> bool:
+def _accepts_keep_cls(cls: type) -> bool:
     try:
         return "logits_to_keep" in inspect.signature(cls.forward).parameters
     except (TypeError, ValueError):  # pragma: no cover
         return False
 
 
-def _accepts_keep(lm) -> bool:
+def _accepts_keep(lm: PreTrainedModel) -> bool:
     return _accepts_keep_cls(type(lm))
 
 
-def _forward(lm, ids, mask, positions, cache=None, keep: int = 1):
+def _forward(
+    lm: PreTrainedModel,
+    ids: Int[torch.Tensor, "batch q"],
+    mask: Int[torch.Tensor, "batch k"],
+    positions: Int[torch.Tensor, "batch q"],
+    cache: Cache | None = None,
+    keep: int = 1,
+) -> tuple[Float[torch.Tensor, "batch keep vocab"], Cache]:
     """``(logits [batch, keep, vocab], cache)`` of ``ids`` after ``cache``."""
     kw = {"logits_to_keep": keep} if _accepts_keep(lm) else {}
     out = lm(
@@ -55,10 +85,10 @@ class PromptCache:
 
     rows: list[tuple[int, int, int]] = field(default_factory=list)
     fed: list[list[int]] = field(default_factory=list)
-    caches: list = field(default_factory=list)
-    model: object = None
+    caches: list[Cache] = field(default_factory=list)
+    model: PreTrainedModel | None = None
 
-    def row_cache(self, i: int, length: int, copies: int = 1):
+    def row_cache(self, i: int, length: int, copies: int = 1) -> DynamicCache | None:
         """A fresh cache with prompt ``i``'s first ``length`` cached tokens (no padding),
         repeated ``copies`` times along the batch, or None when it cannot be cut."""
         b, r, pad = self.rows[i]
@@ -76,51 +106,43 @@ class PromptCache:
 
 @torch.no_grad()
 def generate(
-    lm,
+    lm: PreTrainedModel,
     tokens: Int[torch.Tensor, "batch pos"],
     mask: Int[torch.Tensor, "batch pos"],
-    *,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    seed: int = 0,
-    eos_ids: Sequence[int] = (),
-    fill_id: int = 0,
-    stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
-):
+    how: Decoding,
+) -> tuple[Int[torch.Tensor, "batch new"], Cache]:
     """Greedy or sampled continuation of left-padded ``tokens`` with a KV cache.
 
     Args:
-        lm: a Hugging Face causal LM (see :func:`fast_model`).
+        lm: a Hugging Face causal LM (see :func:`kdgap.models.twins.fast_model`).
         tokens, mask: left-padded prompt ids and 0/1 attention mask.
-        max_new_tokens: steps to run at most.
-        temperature: 0 = argmax; else transformer-lens's ``sample_logits`` from the global
-            RNG seeded with ``seed`` inside ``fork_rng`` (as the bridge path samples).
-        eos_ids: a row that emits one of these is finished.
-        fill_id: the token finished rows emit.
-        stop: optional ``stop(sequence [batch pos]) -> finished [batch]`` criterion.
+        how: what to generate; ``temperature > 0`` samples with transformer-lens's
+            ``sample_logits`` from the global RNG seeded with ``how.seed`` inside
+            ``fork_rng`` (as the bridge path samples).
 
     Returns:
         ``(new [batch, new], cache)``: generated ids on CPU (``new <= max_new_tokens``) and
         the Hugging Face cache (prompt + all generated tokens but the last).
     """
-    from transformer_lens.utilities import sample_logits
+    state: dict[str, Cache | None] = {"cache": None}
 
-    state: dict = {"cache": None}
-
-    def step(ids, positions, key_mask):
+    def step(
+        ids: Int[torch.Tensor, "batch q"],
+        positions: Int[torch.Tensor, "batch q"],
+        key_mask: Int[torch.Tensor, "batch k"],
+    ) -> Float[torch.Tensor, "batch vocab"]:
         logits, state["cache"] = _forward(lm, ids, key_mask, positions, state["cache"])
         return logits[:, -1, :]
 
-    def pick(logits: torch.Tensor) -> torch.Tensor:
-        if temperature > 0:
-            return sample_logits(logits, temperature=temperature).to(logits.device)
+    def pick(logits: Float[torch.Tensor, "batch vocab"]) -> Int[torch.Tensor, " batch"]:
+        if how.temperature > 0:
+            return sample_logits(logits, temperature=how.temperature).to(logits.device)
         return logits.argmax(dim=-1)
 
     devices = [tokens.device] if tokens.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int(seed))
-        new = decode_loop(step, tokens, mask, max_new_tokens=max_new_tokens, pick=pick,
-                          eos_ids=eos_ids, fill_id=fill_id, stop=stop)  # fmt: skip
+        torch.manual_seed(int(how.seed))
+        new = decode_loop(step, pick, tokens, mask, how)
     return new.cpu(), state["cache"]
 
 
@@ -136,7 +158,7 @@ def _common(a: Sequence[int], b: Sequence[int]) -> int:
 
 @torch.no_grad()
 def score_rows(
-    lm,
+    lm: PreTrainedModel,
     prefix_ids: Sequence[Sequence[int]],
     maximal: Sequence[tuple[int, ...]],
     *,
@@ -144,7 +166,7 @@ def score_rows(
     reuse_rows: Sequence[int | None] | None = None,
     pad_id: int = 0,
     batch_size: int = 8,
-) -> list[dict[tuple[int, ...], Float[torch.Tensor, "vocab"]]]:  # noqa: F821
+) -> list[dict[tuple[int, ...], Float[torch.Tensor, " vocab"]]]:
     """Next-token log-probs after each prefix + every prefix of every context in ``maximal``.
 
     Args:
@@ -165,7 +187,7 @@ def score_rows(
     width = max(len(c) for c in ctxs) + 1
     out: list[dict] = [{} for _ in prefix_ids]
 
-    def run(i_list, past: int, cache):
+    def run(i_list: list[int], past: int, cache: Cache | None) -> None:
         # One forward: each prefix's uncached tail + each context, left-padded (pads sit
         # between the cached tokens and the row, masked; positions count real tokens), so
         # every row's needed positions are its last ``len(ctx) + 1``.

@@ -1,8 +1,8 @@
 """KV-cached generation for ``TransformerBridge.boot_native`` models.
 
 transformer-lens 4.3's ``NativeModel`` has no KV cache: ``bridge.generate`` re-runs the
-whole sequence for every new token, and on CPU a batch of 16 prompts of 400 tokens then
-generates no faster per token than one prompt. This module runs the same submodules
+whole sequence for every new token, so a batch of long prompts then generates no faster
+per token than one prompt. This module runs the same submodules
 (``tok_embed``, ``pos``, ``layers[i].ln1/attn.q,k,v,o/ln2/mlp``, ``ln_out``, ``head``) with
 cached keys and values, reproducing ``NativeAttention.forward`` (scale, soft cap, GQA
 ``repeat_interleave``, rotary with explicit positions, masked rows set to zero). Left
@@ -12,21 +12,27 @@ Equality with ``bridge.generate`` (greedy, token for token) is tested.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 
-from kdgap.agent.decoding import decode_loop
+from kdgap.agent.decoding import Decoding, decode_loop
 
 try:  # the native source exists in transformer-lens 4.x; guard for other versions
     from transformer_lens.model_bridge.sources.native.model import NativeModel, apply_softcap
 except ImportError:  # pragma: no cover - older/newer layouts fall back to bridge.generate
     NativeModel, apply_softcap = None, None
 
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
-def supports(model) -> bool:
+#: Per layer: None before the prompt pass, then ``[keys, values, used positions]``.
+KVCache = list
+
+
+def supports(model: TransformerBridge) -> bool:
     """True when ``model`` wraps a causal ``NativeModel`` this loop can run."""
     nm = getattr(model, "original_model", None)
     if NativeModel is None or not isinstance(nm, NativeModel):
@@ -35,11 +41,11 @@ def supports(model) -> bool:
 
 
 def _forward(
-    nm,
+    nm: NativeModel,
     ids: Int[torch.Tensor, "batch q"],
     positions: Int[torch.Tensor, "batch q"],
     key_mask: Int[torch.Tensor, "batch k"],
-    cache: list,
+    cache: KVCache,
     capacity: int,
 ) -> Float[torch.Tensor, "batch d_vocab"]:
     """Run ``q`` new positions against the cache (updated in place); last-position logits.
@@ -59,8 +65,8 @@ def _forward(
         vh = attn.v(x).view(b, q, attn.n_kv_heads, attn.d_head).transpose(1, 2)
         if attn.rotary is not None:
             qh, kh = attn.rotary.apply_rope(qh, kh, position_ids=positions)
-        # Preallocated buffers written in place: torch.cat of the whole cache every token
-        # dominated the step time (measured 24 of 41 ms at batch 16 x 400 tokens).
+        # Preallocated buffers written in place: a torch.cat of the whole cache at every
+        # token would dominate the step time on long prompts.
         if cache[li] is None:
             shape = (b, attn.n_kv_heads, capacity, attn.d_head)
             cache[li] = [kh.new_empty(shape), vh.new_empty(shape), 0]
@@ -89,45 +95,39 @@ def _forward(
 
 @torch.no_grad()
 def generate(
-    model,
+    model: TransformerBridge,
     tokens: Int[torch.Tensor, "batch pos"],
     mask: Int[torch.Tensor, "batch pos"],
-    *,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    seed: int = 0,
-    eos_ids: Sequence[int] = (),
-    stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    how: Decoding,
 ) -> Int[torch.Tensor, "batch new"]:
     """Greedy or sampled continuation of left-padded ``tokens`` with a KV cache.
 
     Args:
         model: a bridge for which :func:`supports` is True.
         tokens, mask: left-padded prompt ids and 0/1 attention mask.
-        max_new_tokens: steps to run at most.
-        temperature: 0 = argmax; else sample ``softmax(logits / temperature)`` with a
-            ``torch.Generator`` seeded by ``seed``.
-        eos_ids: a row that emits one of these is finished.
-        stop: optional ``stop(sequence [batch pos]) -> finished [batch]`` criterion.
+        how: what to generate; ``temperature > 0`` samples ``softmax(logits /
+            temperature)`` with a ``torch.Generator`` seeded by ``how.seed``.
 
     Returns:
-        ``[batch, new]`` generated ids (``new <= max_new_tokens``); finished rows are
-        filled with ``eos_ids[0]`` (or 0) like ``bridge.generate``.
+        ``[batch, new]`` generated ids on CPU (``new <= how.max_new_tokens``); finished
+        rows are filled with ``how.fill_id``.
     """
     nm = model.original_model
-    gen = torch.Generator(device=tokens.device).manual_seed(int(seed))
-    cache: list = [None] * len(nm.layers)
-    capacity = tokens.shape[1] + max_new_tokens
+    gen = torch.Generator(device=tokens.device).manual_seed(int(how.seed))
+    cache: KVCache = [None] * len(nm.layers)
+    capacity = tokens.shape[1] + how.max_new_tokens
 
-    def pick(logits: torch.Tensor) -> torch.Tensor:
-        if temperature <= 0:
+    def step(
+        ids: Int[torch.Tensor, "batch q"],
+        positions: Int[torch.Tensor, "batch q"],
+        key_mask: Int[torch.Tensor, "batch k"],
+    ) -> Float[torch.Tensor, "batch vocab"]:
+        return _forward(nm, ids, positions, key_mask, cache, capacity)
+
+    def pick(logits: Float[torch.Tensor, "batch vocab"]) -> Int[torch.Tensor, " batch"]:
+        if how.temperature <= 0:
             return logits.argmax(dim=-1)
-        probs = F.softmax(logits.float() / temperature, dim=-1)
+        probs = F.softmax(logits.float() / how.temperature, dim=-1)
         return torch.multinomial(probs, 1, generator=gen).squeeze(1)
 
-    new = decode_loop(
-        lambda ids, pos, key_mask: _forward(nm, ids, pos, key_mask, cache, capacity),
-        tokens, mask, max_new_tokens=max_new_tokens, pick=pick, eos_ids=eos_ids,
-        fill_id=int(eos_ids[0]) if len(eos_ids) else 0, stop=stop,
-    )  # fmt: skip
-    return new.cpu()
+    return decode_loop(step, pick, tokens, mask, how).cpu()

@@ -1,6 +1,6 @@
 """Pure text parsers for the paper's transcripts: the action line and the UCB rationale.
 
-Rules (Schmied et al. 2025, science.md section 1):
+Rules (Schmied et al. 2025; the definitions are in docs/science.md):
 
 - **Action.** The *last* ``ACTION=X`` match in a completion wins. The marker itself is
   upper case (the history lines of the prompt say ``Action=green``, and a model that echoes

@@ -30,6 +30,7 @@ from dataclasses import replace
 from kdgap.agent import parsing
 from kdgap.envs.bandit import BanditConfig
 from kdgap.envs.transcript_format import TranscriptFormat
+from kdgap.models.loading import LoadedModel
 from kdgap.organisms.transcript import OrganismFormat
 
 _FINAL_RE = re.compile(r"End your answer with ACTION=X, where X is one of: (?P<arms>[^\n]*)\.")
@@ -191,7 +192,7 @@ class PaperFormat:
         if new_arm == top.arm:
             return completion
 
-        def vtext(e):
+        def vtext(e: parsing.UcbEntry) -> str:
             return completion[e.value_span[0] : e.value_span[1]]
 
         new_e = by_arm[new_arm]
@@ -260,7 +261,7 @@ class PaperFormat:
         return spans
 
 
-def format_for(loaded, *, knowing_doing: bool = True) -> TranscriptFormat:
+def format_for(loaded: LoadedModel, *, knowing_doing: bool = True) -> TranscriptFormat:
     """The transcript format a loaded model speaks (one rule for every command).
 
     Organisms (``loaded.source == "organism"``, whether named or a saved folder) speak
@@ -271,10 +272,10 @@ def format_for(loaded, *, knowing_doing: bool = True) -> TranscriptFormat:
     gets the raw prompt).
 
     Args:
-        loaded: a :class:`kdgap.models.LoadedModel`.
+        loaded: the model as :func:`kdgap.models.load_model` returned it.
+        knowing_doing: for the paper's prompt, ask for the ``<ucb_values>`` rationale.
     """
     if loaded.source == "organism":
-
         return OrganismFormat()
 
     has_template = bool(getattr(loaded.tokenizer, "chat_template", None))

@@ -1,7 +1,7 @@
 """A language-model agent that plays text bandits: the :class:`~kdgap.policies.reference.Policy`
 behind ``kdgap play --model``.
 
-Two action modes (issue 2, item 5):
+Two action modes:
 
 - ``free``: generate, parse the last ``ACTION=X`` (Schmied et al. 2025). No valid action
   -> a random arm (seeded per episode and step), ``valid=False``; the runner and metrics
@@ -21,10 +21,11 @@ on the edited text, and return ``extras["cf_rationale_arms"]`` / ``extras["cf_ac
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 
 from kdgap.agent.generation import (
     Generation,
@@ -32,9 +33,14 @@ from kdgap.agent.generation import (
     generate,
     score_continuations,
 )
+from kdgap.agent.hf_decoding import PromptCache
 from kdgap.envs.bandit import BanditConfig
 from kdgap.envs.transcript_format import TranscriptFormat
 from kdgap.policies.reference import Decisions, HistoryBatch
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import PreTrainedTokenizerBase
 
 MODES = ("forced", "free")
 
@@ -56,7 +62,7 @@ class TextAgent:
 
     def __init__(
         self,
-        model,
+        model: TransformerBridge,
         fmt: TranscriptFormat,
         *,
         mode: str = "forced",
@@ -65,7 +71,7 @@ class TextAgent:
         seed: int = 0,
         batch_size: int | None = None,
         counterfactual: bool = False,
-        tokenizer=None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is unknown; use one of {MODES}.")
@@ -190,8 +196,11 @@ class TextAgent:
         return self._score(prefixes)[0]
 
     def _score(
-        self, prefixes: Sequence[str], cache=None, rows: Sequence[int | None] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self,
+        prefixes: Sequence[str],
+        cache: PromptCache | None = None,
+        rows: Sequence[int | None] | None = None,
+    ) -> tuple[Float[torch.Tensor, "n arms"], Float[torch.Tensor, "n spellings"]]:
         """``([n, arms] arm log-probs, [n, spellings] per-spelling log-probs)``.
 
         ``cache``/``rows``: the generation's KV caches and the prompt each prefix extends
@@ -230,7 +239,13 @@ class TextAgent:
             self.reset(history.cfg, self._run_seed)
         return history.cfg
 
-    def _generate(self, prompts, history, stops, keep_cache: bool = False) -> Generation:
+    def _generate(
+        self,
+        prompts: list[str],
+        history: HistoryBatch,
+        stops: list[str],
+        keep_cache: bool = False,
+    ) -> Generation:
         step_seed = np.random.SeedSequence(
             [self.seed, self._run_seed, history.t, int(history.episodes[0]), history.n]
         ).generate_state(1)[0]
@@ -306,13 +321,20 @@ class TextAgent:
         back = self.tokenizer.decode(list(ids), skip_special_tokens=False)
         return "".join(back.split()).lower() == "".join(text.split()).lower()
 
-    def _best_variant(self, arm: int, spelling_scores: torch.Tensor) -> str:
+    def _best_variant(self, arm: int, spelling_scores: Float[torch.Tensor, " spellings"]) -> str:
         """The spelling of ``arm`` the model scores highest (``spelling_scores [m]``)."""
         _, owner, texts = self._continuations()
         cols = [k for k, o in enumerate(owner) if o == arm]
         return texts[cols[int(spelling_scores[cols].argmax())]]
 
-    def _counterfactuals(self, prompts, rationales, rat_arms, texts, history):
+    def _counterfactuals(
+        self,
+        prompts: list[str],
+        rationales: list[str],
+        rat_arms: Int[np.ndarray, " n"],
+        texts: list[str],
+        history: HistoryBatch,
+    ) -> tuple[list[str], list[int], Int[np.ndarray, " n"]]:
         """Edited prefixes for the conclusion-edit test, the rows they belong to, and the
         ``[n]`` arms written in (-1 where none)."""
         cf_arms = np.full(history.n, -1, dtype=np.int64)

@@ -15,16 +15,21 @@ edit) that pull the same arms see the same rewards.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 
+from kdgap._checks import check_int
 from kdgap.envs.arms import ARM_STYLES, arm_names
 from kdgap.envs.stats import BONUS_FORMS
 
 REWARD_KINDS = ("bernoulli", "gaussian")
+#: ``{"counts": [n_envs arms], "sums": [n_envs arms], "t": [n_envs]}``.
+Observation = dict[str, np.ndarray]
 GAUSSIAN_SIGMAS = (0.1, 1.0, 3.0)
 
 
@@ -59,8 +64,7 @@ class BanditConfig:
                 f"n_arms={self.n_arms!r} is not supported; pass an integer from 2 to 20 "
                 "(the paper uses 5, 10 or 20)."
             )
-        if not isinstance(self.horizon, int) or self.horizon < 1:
-            raise ValueError(f"horizon={self.horizon!r} must be an integer >= 1 (paper: 50).")
+        check_int("horizon", self.horizon, hint="(paper: 50)")
         if self.reward not in REWARD_KINDS:
             raise ValueError(f"reward={self.reward!r} is unknown; use one of {REWARD_KINDS}.")
         if self.sigma <= 0:
@@ -79,7 +83,7 @@ class BanditConfig:
         """Display names of the arms."""
         return arm_names(self.n_arms, self.arm_style)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict of the fields."""
         return asdict(self)
 
@@ -113,10 +117,8 @@ class VectorBandit(gym.vector.VectorEnv):
     metadata = {"autoreset_mode": gym.vector.AutoresetMode.DISABLED}
 
     def __init__(self, cfg: BanditConfig, n_envs: int, *, first_episode: int = 0) -> None:
-        if not isinstance(n_envs, int) or n_envs < 1:
-            raise ValueError(f"n_envs={n_envs!r} must be an integer >= 1.")
-        if first_episode < 0:
-            raise ValueError(f"first_episode={first_episode!r} must be >= 0.")
+        check_int("n_envs", n_envs)
+        check_int("first_episode", first_episode, minimum=0)
         self.cfg = cfg
         self.first_episode = int(first_episode)
         self.num_envs = n_envs
@@ -134,7 +136,9 @@ class VectorBandit(gym.vector.VectorEnv):
         self._seeded = False
 
     # ------------------------------------------------------------------ gym API
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
+    def reset(
+        self, *, seed: int | None = None, options: dict | None = None
+    ) -> tuple[Observation, dict[str, Float[np.ndarray, "n_envs arms"]]]:
         """Draw fresh bandits. ``seed`` is required the first time (runs are reproducible)."""
         if seed is None and not self._seeded:
             raise ValueError("seed=None: pass reset(seed=...) so the bandits are reproducible.")
@@ -159,7 +163,15 @@ class VectorBandit(gym.vector.VectorEnv):
         self.rewards = np.zeros((n, 0))
         return self._obs(), {"means": means.copy()}
 
-    def step(self, actions):
+    def step(
+        self, actions: Int[np.ndarray, " n_envs"] | Sequence[int]
+    ) -> tuple[
+        Observation,
+        Float[np.ndarray, " n_envs"],
+        Bool[np.ndarray, " n_envs"],
+        Bool[np.ndarray, " n_envs"],
+        dict[str, Float[np.ndarray, " n_envs"]],
+    ]:
         """Pull one arm in every bandit; returns ``(obs, rewards, terminated, truncated, info)``."""
         if not hasattr(self, "counts"):
             raise RuntimeError("step() before reset(): call reset(seed=...) first.")
@@ -183,11 +195,13 @@ class VectorBandit(gym.vector.VectorEnv):
         return self._obs(), r, terminated, done, {"regret": regret}
 
     # ------------------------------------------------------------------ helpers
-    def _obs(self) -> dict:
+    def _obs(self) -> Observation:
         t = np.full(self.num_envs, self.actions.shape[1], dtype=np.int64)
         return {"counts": self.counts.copy(), "sums": self.sums.copy(), "t": t}
 
-    def peek(self, actions) -> tuple[Float[np.ndarray, " n_envs"], Float[np.ndarray, " n_envs"]]:
+    def peek(
+        self, actions: Int[np.ndarray, " n_envs"] | Sequence[int]
+    ) -> tuple[Float[np.ndarray, " n_envs"], Float[np.ndarray, " n_envs"]]:
         """Reward and expected regret that pulling ``actions`` *would* give now, no step.
 
         Off-policy play uses it to score a policy's arm while another arm is executed.

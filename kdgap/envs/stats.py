@@ -55,7 +55,9 @@ def ucb_values(
     return np.where(counts > 0, val, np.inf)
 
 
-def _argmax_mask(values: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+def _argmax_mask(
+    values: Float[np.ndarray, "... arms"], valid: Bool[np.ndarray, "... arms"] | None = None
+) -> Bool[np.ndarray, "... arms"]:
     """Boolean mask of the maxima along the last axis (ties kept), over ``valid`` entries."""
     v = np.asarray(values, dtype=np.float64)
     if valid is not None:
@@ -68,10 +70,15 @@ def _argmax_mask(values: np.ndarray, valid: np.ndarray | None = None) -> np.ndar
 
 
 def ucb_arms(
-    counts: Int[np.ndarray, "... arms"], sums: Float[np.ndarray, "... arms"], **kw
+    counts: Int[np.ndarray, "... arms"],
+    sums: Float[np.ndarray, "... arms"],
+    *,
+    c: float = 0.5,
+    bonus: str = "sqrt_log_t_over_n",
 ) -> Bool[np.ndarray, "... arms"]:
-    """Mask of the arms with the highest UCB value (all untried arms tie at ``+inf``)."""
-    return _argmax_mask(ucb_values(counts, sums, **kw))
+    """Mask of the arms with the highest UCB value (all untried arms tie at ``+inf``;
+    ``c`` and ``bonus`` as in :func:`ucb_values`)."""
+    return _argmax_mask(ucb_values(counts, sums, c=c, bonus=bonus))
 
 
 def greedy_arms(

@@ -70,5 +70,3 @@ class TranscriptFormat(Protocol):
 
     def site_spans(self, text: str) -> dict[str, tuple[int, int]]:
         """Character spans ``[start, end)`` of every named site found in ``text``."""
-
-

@@ -5,6 +5,7 @@
 - :func:`record_batch`, :class:`Recorder` (:mod:`~kdgap.hooks.recorder`): one batch, in memory.
 - :func:`resolve_hooks` (:mod:`~kdgap.hooks.names`), :func:`parse_site`,
   :func:`resolve_sites` (:mod:`~kdgap.hooks.sites`).
+- :mod:`kdgap.hooks.twin_capture`: residual streams captured on the hook-free twins.
 - :mod:`kdgap.hooks.patch`: activation patching, path patching, attribution, mediation.
 """
 

@@ -1,37 +1,32 @@
-"""Shared hook plumbing for recording and patching: hook names, eval mode, tokenising.
+"""Hook names: short kinds, their expansion per layer, the layer a hook lives in.
 
-Everything here is model-agnostic and works on a transformer-lens 4.3
-:class:`~transformer_lens.model_bridge.TransformerBridge` (``boot_native`` or
-``boot_transformers``). Recorder (:mod:`kdgap.hooks.recorder`) and patching both import it,
-so a hook spec, a padding convention or a tokenisation means the same thing in both.
-
-Conventions (stable; functions are only ever added here, never renamed):
+Recording (:mod:`kdgap.hooks.recorder`) and patching (:mod:`kdgap.hooks.patch`) both
+resolve hook specs here, so a spec means the same thing in both; they work on any
+transformer-lens 4.3 ``TransformerBridge`` (``boot_native`` or ``boot_transformers``).
 
 - **Hook specs.** A short kind (``"resid_post"``) expands to one hook per layer
   (``blocks.{l}.hook_resid_post``); a full transformer-lens name (old names such as
   ``blocks.0.hook_resid_pre`` are aliases the bridge accepts) passes through unchanged.
   Names are never compared against ``hook.name`` inside a callback: the bridge reports its
   own name there (``blocks.0.hook_in`` for ``resid_pre``).
-- **Padding.** Batches are *left*-padded: the last real token of every example sits at
-  position ``pos - 1``, which is where next-token predictions (the action) are read. The
-  bridge's forward takes ``attention_mask`` and handles left padding (positions and
-  attention), checked in ``tests/hooks/test_recorder.py``.
-- **BOS.** One rule, the text agent's: :func:`tokenize_like_agent` takes the token ids from
-  :func:`kdgap.models.tokens.encode` (BOS prepended when the model prepends BOS by
-  default and the text does not already start with the BOS string, as chat templates such
-  as SmolLM2's ``<|im_start|>`` do), so a recorded transcript is the exact token sequence
-  the agent's model saw. :func:`tokenize_batch` with ``prepend_bos=`` forces a choice:
-  texts are tokenised with ``add_special_tokens=False`` and BOS is prepended explicitly,
-  never by a tokenizer's post-processor.
+- **Stopping early.** :func:`stop_layer_for` gives the ``stop_at_layer`` that still runs
+  every block a set of hooks lives in.
+- **Reading sites.** Batches are *left*-padded (the last real token of every example sits
+  at position ``pos - 1``); :func:`gather_positions` reads one activation per example and
+  site at the token positions :mod:`kdgap.hooks.sites` resolves.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float, Int
+
+if TYPE_CHECKING:  # annotations only: importing transformer-lens here would slow every import
+    from transformer_lens.model_bridge import TransformerBridge
 
 #: Short hook kinds -> per-layer name template (transformer-lens names, which the bridge
 #: accepts as aliases). ``z``, ``q``, ``k``, ``v`` are per head: ``[batch pos head d_head]``.
@@ -52,18 +47,18 @@ _LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
 _EMBED_HOOK_HEADS = ("hook_embed", "hook_pos_embed", "embed", "pos_embed")
 
 
-def n_layers_of(model) -> int:
+def n_layers_of(model: TransformerBridge) -> int:
     """Number of transformer blocks of ``model`` (from ``model.cfg.n_layers``)."""
     return int(model.cfg.n_layers)
 
 
-def valid_hook_names(model) -> list[str]:
+def valid_hook_names(model: TransformerBridge) -> list[str]:
     """Every hook name ``model`` accepts (bridge names and transformer-lens aliases), sorted."""
     return sorted(model.hook_dict)
 
 
 def resolve_hooks(
-    model, hooks: str | Sequence[str], layers: Sequence[int] | None = None
+    model: TransformerBridge, hooks: str | Sequence[str], layers: Sequence[int] | None = None
 ) -> list[str]:
     """Expand hook specs into full hook names, in the given order, without duplicates.
 
@@ -117,7 +112,7 @@ def hook_layer(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def stop_layer_for(model, hook_names: Sequence[str]) -> int | None:
+def stop_layer_for(model: TransformerBridge | None, hook_names: Sequence[str]) -> int | None:
     """The ``stop_at_layer`` that still runs every block a hook in ``hook_names`` lives in.
 
     Returns ``max_layer + 1`` when every hook is inside a block (the forward then skips the
@@ -141,5 +136,3 @@ def gather_positions(
     """``act[b, positions[b, s]]`` for every example ``b`` and site ``s`` (a new tensor)."""
     rows = torch.arange(act.shape[0], device=act.device)[:, None]
     return act[rows, positions.to(act.device)]
-
-

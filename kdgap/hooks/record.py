@@ -13,16 +13,24 @@ import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import pandas as pd
 import torch
+from jaxtyping import Int
 from tqdm.auto import tqdm
 
+from kdgap._checks import check_int
+from kdgap.envs.transcript_format import TranscriptFormat
 from kdgap.hooks.recorder import Recorder, dtype_name
 from kdgap.hooks.store import ActivationStore, StoreWriter, model_fingerprint, tensor_key
 from kdgap.metrics.knowing_doing import action_class
 from kdgap.models.runtime import model_tokenizer
 from kdgap.records import StepRecord, read_records
+
+if TYPE_CHECKING:  # annotations only: importing transformer-lens here would slow every import
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import PreTrainedTokenizerBase
 
 #: Label columns taken from each StepRecord (plus ``example``, ``model``, ``seed``, ``n_tokens``).
 LABEL_COLUMNS = (
@@ -33,13 +41,12 @@ LABEL_COLUMNS = (
 )  # fmt: skip
 
 
-def transcript_text(record: StepRecord, fmt=None, tokenizer=None) -> str:
+def transcript_text(record: StepRecord) -> str:
     """The full text the model saw for one step: ``prompt + completion``.
 
     A text agent stores the prompt exactly as the model saw it, chat template included
     (:meth:`kdgap.agent.text_agent.TextAgent.prompts`), so nothing is re-templated here:
-    applying the template again would record a different, doubly wrapped text. ``fmt`` and
-    ``tokenizer`` are accepted for call compatibility and unused.
+    applying the template again would record a different, doubly wrapped text.
 
     Raises:
         ValueError: the record has no prompt (reference-policy records carry no text).
@@ -52,7 +59,7 @@ def transcript_text(record: StepRecord, fmt=None, tokenizer=None) -> str:
     return record.prompt + (record.completion or "")
 
 
-def record_labels(record: StepRecord) -> dict:
+def record_labels(record: StepRecord) -> dict[str, object]:
     """Every label of one step record as a flat dict (see :data:`LABEL_COLUMNS`)."""
     follows = None if record.rationale_arm is None else record.action == record.rationale_arm
     return {
@@ -70,9 +77,8 @@ def record_labels(record: StepRecord) -> dict:
 
 def _labels_frame(rows: list[dict], has_records: bool) -> pd.DataFrame:
     df = pd.DataFrame(rows)
-    if has_records and len(
-        df
-    ):  # nullable dtypes, so a None in some shard never changes a column's type
+    if has_records and len(df):
+        # Nullable dtypes, so a None in some shard never changes a column's type.
         for col in ("rationale_arm", "cf_rationale_arm", "cf_action"):
             df[col] = df[col].astype("Int64")
         for col in ("rationale_correct", "action_follows_rationale"):
@@ -80,7 +86,9 @@ def _labels_frame(rows: list[dict], has_records: bool) -> pd.DataFrame:
     return df
 
 
-def _inputs(transcripts_or_records, fmt, tokenizer) -> tuple[list[str], list[StepRecord] | None]:
+def _inputs(
+    transcripts_or_records: Sequence[StepRecord] | Sequence[str] | str | os.PathLike,
+) -> tuple[list[str], list[StepRecord] | None]:
     items = transcripts_or_records
     if isinstance(items, (str, os.PathLike)):
         items = read_records(items)
@@ -90,7 +98,7 @@ def _inputs(transcripts_or_records, fmt, tokenizer) -> tuple[list[str], list[Ste
     if all(isinstance(x, str) for x in items):
         return items, None
     if all(isinstance(x, StepRecord) for x in items):
-        return [transcript_text(r, fmt, tokenizer) for r in items], items
+        return [transcript_text(r) for r in items], items
     raise TypeError(
         "transcripts_or_records must be all StepRecord, all str, or a records JSONL path; "
         f"got {sorted({type(x).__name__ for x in items})}."
@@ -98,8 +106,8 @@ def _inputs(transcripts_or_records, fmt, tokenizer) -> tuple[list[str], list[Ste
 
 
 def record_store(
-    model,
-    fmt,
+    model: TransformerBridge,
+    fmt: TranscriptFormat,
     transcripts_or_records: Sequence[StepRecord] | Sequence[str] | str | os.PathLike,
     hooks: str | Sequence[str],
     sites: str | Sequence[str],
@@ -110,7 +118,7 @@ def record_store(
     shard_size: int = 256,
     model_id: str | None = None,
     seed: int | None = None,
-    tokenizer=None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     prepend_bos: bool | None = None,
     on_missing: str = "raise",
     progress: bool = True,
@@ -169,11 +177,10 @@ def record_store(
     Raises:
         StoreError: ``out`` holds a store of another model, hooks, sites, dtype or inputs.
     """
-    for name, v in (("batch_size", batch_size), ("shard_size", shard_size)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}={v!r} must be an integer >= 1.")
+    check_int("batch_size", batch_size)
+    check_int("shard_size", shard_size)
     tok = model_tokenizer(model, tokenizer)
-    texts, records = _inputs(transcripts_or_records, fmt, tok)
+    texts, records = _inputs(transcripts_or_records)
     rec = Recorder(
         model, fmt, hooks, sites, tokenizer=tok, dtype=dtype, prepend_bos=prepend_bos,
         on_missing=on_missing, max_batch_tokens=max_batch_tokens, pad_multiple=pad_multiple,
@@ -198,37 +205,40 @@ def record_store(
     bufs: dict[str, torch.Tensor] = {}  # one set of shard buffers, reused by every shard
     for start in range(done, len(texts), shard_size):
         stop = min(start + shard_size, len(texts))
-        # Everything of a shard (activations, labels) lives inside this call and is freed
-        # when it returns: memory does not grow with the number of shards.
-        _record_and_write_shard(
-            rec, writer, texts, records, start, stop, bufs, batch_size, sort_by_length, bar,
-            model_id=model_id, seed=seed,
-        )  # fmt: skip
+        # A shard's activations and labels are dropped before the next shard is recorded:
+        # memory does not grow with the number of shards.
+        shard = _record_shard(rec, texts, start, stop, bufs, batch_size, sort_by_length, bar)
+        _write_shard(writer, records, start, stop, shard, model_id=model_id, seed=seed)
+        del shard
     bar.close()
     writer.manifest["complete"] = True
     writer.save_manifest()
     return ActivationStore(out)
 
 
-def _record_and_write_shard(
-    rec: Recorder,
+class _Shard(NamedTuple):
+    """One shard's recording: ``acts`` ``{tensor_key: [n_kept, *shape]}`` (possibly views
+    of the shared buffers), ``kept`` input ids (ascending), their ``n_tokens``, and the
+    ``skipped`` input ids (ascending)."""
+
+    acts: dict[str, torch.Tensor]
+    kept: Int[torch.Tensor, " n_kept"]
+    n_tokens: Int[torch.Tensor, " n_kept"]
+    skipped: list[int]
+
+
+def _write_shard(
     writer: StoreWriter,
-    texts: list[str],
     records: list[StepRecord] | None,
     start: int,
     stop: int,
-    bufs: dict[str, torch.Tensor],
-    batch_size: int,
-    sort_by_length: bool,
-    bar,
+    shard: _Shard,
     *,
     model_id: str,
     seed: int | None,
 ) -> None:
-    """Record inputs ``[start, stop)`` and write them, with their labels, as one shard."""
-    acts, kept, n_tokens, skipped = _record_shard(
-        rec, texts, start, stop, bufs, batch_size, sort_by_length, bar
-    )
+    """Write the recording of inputs ``[start, stop)``, with their labels, as one shard."""
+    acts, kept, n_tokens, skipped = shard
     rows = []
     for i, n_tok in zip(kept.tolist(), n_tokens.tolist()):
         row = {"example": i, "model": model_id, "seed": seed, "n_tokens": n_tok}
@@ -246,8 +256,8 @@ def _record_shard(
     bufs: dict[str, torch.Tensor],
     batch_size: int,
     sort_by_length: bool,
-    bar,
-) -> tuple[dict, torch.Tensor, torch.Tensor, list]:
+    bar: tqdm,
+) -> _Shard:
     """Record inputs ``[start, stop)`` in batches; results in input order.
 
     With ``sort_by_length`` the batches are formed from the inputs sorted by character
@@ -259,8 +269,7 @@ def _record_shard(
     valid until the next call.
 
     Returns:
-        ``acts`` (``{tensor_key: [n_kept, *shape]}``), ``kept`` (``[n_kept]`` input ids,
-        ascending), ``n_tokens`` (``[n_kept]``) and the skipped input ids (ascending).
+        A :class:`_Shard`.
     """
     order = list(range(start, stop))
     if sort_by_length:
@@ -290,7 +299,7 @@ def _record_shard(
         for k in keys
     }
     kept = torch.nonzero(keep).flatten()
-    return acts, kept + start, n_tokens[keep], sorted(skipped)
+    return _Shard(acts, kept + start, n_tokens[keep], sorted(skipped))
 
 
 def _inputs_sha256(texts: list[str]) -> str:
@@ -303,7 +312,7 @@ def _inputs_sha256(texts: list[str]) -> str:
     return h.hexdigest()
 
 
-def _segment(writer: StoreWriter, inputs_sha: str, n: int, out) -> int:
+def _segment(writer: StoreWriter, inputs_sha: str, n: int, out: str | os.PathLike) -> int:
     """Check that ``out`` holds (part of) these inputs; return how many are recorded."""
     segs = writer.manifest["segments"]
     if not segs:
@@ -317,5 +326,3 @@ def _segment(writer: StoreWriter, inputs_sha: str, n: int, out) -> int:
             "to resume it."
         )
     return writer.covered
-
-

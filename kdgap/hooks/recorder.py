@@ -8,7 +8,8 @@ computed:
 
 - the forward stops after the last block a hook needs (``stop_at_layer``) and is abandoned
   as soon as every requested hook has fired, so later blocks, the final norm and the
-  unembedding never run;
+  unembedding never run (the hooks are the patch core's capture hooks,
+  :func:`kdgap.hooks.patch.core.capture_hook`, keeping the site positions only);
 - in a causal model each transcript runs only up to its last site (later tokens cannot
   change earlier positions), and rows are grouped by that length into forwards of at most
   ``max_batch_tokens`` padded tokens, so little compute goes to padding and the forward's
@@ -23,13 +24,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Int
 
+from kdgap.envs.transcript_format import TranscriptFormat
 from kdgap.hooks.names import gather_positions, resolve_hooks, stop_layer_for
+from kdgap.hooks.patch.core import capture_hook
 from kdgap.hooks.sites import parse_sites, resolve_sites
-from kdgap.hooks.twin_capture import twin_forward, twin_plan
+from kdgap.hooks.twin_capture import TwinPlan, twin_forward, twin_plan
 from kdgap.models.runtime import (
     has_hooks,
     model_device,
@@ -37,7 +42,11 @@ from kdgap.models.runtime import (
     release_free_memory,
     require_eval,
 )
-from kdgap.models.tokens import TokenBatch, tokenize_batch, tokenize_like_agent
+from kdgap.models.tokens import TokenBatch, _pad_id, tokenize_batch, tokenize_like_agent
+
+if TYPE_CHECKING:  # annotations only: importing these here would slow every import
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import PreTrainedTokenizerBase
 
 DTYPES = {
     "float32": torch.float32,
@@ -127,14 +136,13 @@ class Recorder:
             later tokens cannot change earlier positions); ignored, i.e. whole texts run,
             when ``model.cfg.attention_dir`` is not ``"causal"``.
         max_batch_tokens: run a batch in forwards of at most this many padded tokens
-            (rows x width), rows grouped by length, bounding the forward's memory (on the
-            4-layer organisms about 13 KB of transient heap per token); None runs the batch
-            in one forward. The results are the same (left padding is exact, see tests) up
-            to float rounding.
+            (rows x width), rows grouped by length, bounding the forward's transient memory
+            (it grows with the padded token count); None runs the batch in one forward.
+            The results are the same (left padding is exact, see tests) up to float rounding.
         pad_multiple: left-pad every forward to a width that is a multiple of this (capped
             at ``n_ctx``), so forwards share a few tensor shapes and the allocator reuses
-            freed blocks instead of fragmenting the heap (measured: without it, RSS creeps
-            up batch after batch); 1 turns it off.
+            freed blocks instead of fragmenting the heap (without it resident memory can
+            creep up batch after batch); 1 turns it off.
         fast: record ``hook_resid_pre`` / ``hook_resid_post`` of a Hugging Face-backed
             bridge on its SDPA twin, and of a native bridge on a plain ``NativeModel``
             (:mod:`kdgap.hooks.twin_capture`: the same tensors, no bridge forward; equal up
@@ -148,12 +156,12 @@ class Recorder:
 
     def __init__(
         self,
-        model,
-        fmt,
+        model: TransformerBridge,
+        fmt: TranscriptFormat,
         hooks: str | Sequence[str],
         sites: str | Sequence[str],
         *,
-        tokenizer=None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
         dtype: str | torch.dtype = "float32",
         prepend_bos: bool | None = None,
         on_missing: str = "raise",
@@ -233,7 +241,13 @@ class Recorder:
         groups.append(order[start:])
         return groups
 
-    def _forward(self, tokens, mask, positions, plan=None) -> dict[str, torch.Tensor]:
+    def _forward(
+        self,
+        tokens: Int[torch.Tensor, "rows pos"],
+        mask: Int[torch.Tensor, "rows pos"],
+        positions: Int[torch.Tensor, "rows n_sites"],
+        plan: TwinPlan | None = None,
+    ) -> dict[str, torch.Tensor]:
         """One forward of ``[rows pos]`` tokens -> ``{hook: [rows n_sites *shape]}`` on CPU.
 
         The forward is abandoned (a private exception raised from the hook) as soon as every
@@ -250,21 +264,16 @@ class Recorder:
         # permanent or steering hook later in the forward must still run.
         n_hooks, stop = len(self.hooks), self.stop_early and not has_hooks(self.model)
 
-        def make_hook(name: str):
-            # Bound per requested name: inside the callback hook.name is the bridge's own
-            # name (blocks.0.hook_in for resid_pre), so it is never used as a key. The
-            # gathered rows stay on the device: no per-hook host sync mid-forward.
-            def hook_fn(act, hook):
-                got[name] = gather_positions(act, pos)
-                if stop and len(got) == n_hooks:
-                    raise _AllHooksFired
+        def all_fired() -> None:
+            if stop and len(got) == n_hooks:
+                raise _AllHooksFired
 
-            return hook_fn
-
+        # The gathered rows stay on the device: no per-hook host sync mid-forward.
+        at_sites = partial(gather_positions, positions=pos)
         try:
             self.model.run_with_hooks(
                 tokens.to(dev),
-                fwd_hooks=[(h, make_hook(h)) for h in self.hooks],
+                fwd_hooks=[(h, capture_hook(got, h, at_sites, then=all_fired)) for h in self.hooks],
                 attention_mask=mask.to(dev),
                 stop_at_layer=self.stop_at_layer,
             )
@@ -277,14 +286,6 @@ class Recorder:
         m = self.pad_multiple
         w = -(-longest // m) * m
         return max(longest, min(w, self.max_length)) if self.max_length else w
-
-    @property
-    def _pad(self) -> int:
-        tok = self.tokenizer
-        for cand in (tok.pad_token_id, tok.eos_token_id, 0):
-            if cand is not None:
-                return int(cand)
-        return 0
 
     @torch.inference_mode()
     def record(self, texts: Sequence[str], ids: Sequence | None = None) -> BatchActivations:
@@ -316,6 +317,7 @@ class Recorder:
         out: dict[str, torch.Tensor] = {}
         # Once per batch: twin_plan walks the model's modules looking for attached hooks.
         plan = twin_plan(self.model, self.hooks) if self.fast else None
+        pad = _pad_id(self.tokenizer)
         for rows in self._micro_batches(need):
             w = self._width(int(need[rows].max()))
             lead = w - need[rows]  # left padding of each row in this forward
@@ -323,7 +325,7 @@ class Recorder:
             cols = torch.arange(w)[None, :] - lead[:, None]  # token index within the row
             real = cols >= 0
             src = (first[:, None] + cols).clamp(min=0)
-            tokens = torch.where(real, batch.tokens[kept[rows]].gather(1, src), self._pad)
+            tokens = torch.where(real, batch.tokens[kept[rows]].gather(1, src), pad)
             mask = real.to(batch.attention_mask.dtype)
             positions = sp.positions[kept[rows]] - first[:, None] + lead[:, None]
             got = self._forward(tokens, mask, positions, plan)
@@ -345,8 +347,8 @@ class Recorder:
 
 
 def record_batch(
-    model,
-    fmt,
+    model: TransformerBridge,
+    fmt: TranscriptFormat,
     texts: Sequence[str],
     hooks: str | Sequence[str],
     sites: str | Sequence[str],

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Bool, Int
 
-from kdgap.envs.transcript_format import SiteNotFound
+from kdgap.envs.transcript_format import SiteNotFound, TranscriptFormat
 from kdgap.models.tokens import TokenBatch
 
 ON_MISSING = ("raise", "skip")
@@ -44,7 +44,7 @@ class MissingSites(SiteNotFound):
         missing: ``{site: [example ids lacking it]}``.
     """
 
-    def __init__(self, missing: dict[str, list], fmt_name: str = "?"):
+    def __init__(self, missing: dict[str, list], fmt_name: str = "?") -> None:
         self.missing = {k: list(v) for k, v in missing.items()}
         self.fmt_name = fmt_name
         super().__init__(str(self))
@@ -74,6 +74,7 @@ class SiteSpec:
 
     @property
     def key(self) -> str:
+        """``name`` or ``name[arg]``."""
         return self.name if self.arg is None else f"{self.name}[{self.arg}]"
 
 
@@ -113,7 +114,7 @@ def parse_sites(specs: str | Sequence[str]) -> list[str]:
 
 
 def site_chars(
-    fmt, texts: Sequence[str], sites: Sequence[str]
+    fmt: TranscriptFormat, texts: Sequence[str], sites: Sequence[str]
 ) -> Int[torch.Tensor, "batch n_sites"]:
     """Character index of every site's last character (``end - 1``), -1 where missing.
 
@@ -178,7 +179,7 @@ class SitePositions:
 
 
 def resolve_sites(
-    fmt,
+    fmt: TranscriptFormat,
     texts: Sequence[str],
     batch: TokenBatch,
     sites: Sequence[str],
@@ -219,5 +220,3 @@ def resolve_sites(
         raise MissingSites(missing, getattr(fmt, "name", type(fmt).__name__))
     skipped = [ids[i] for i in torch.nonzero(~keep).flatten().tolist()]
     return SitePositions(positions=positions, present=present, keep=keep, skipped=skipped)
-
-

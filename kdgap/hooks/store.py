@@ -25,6 +25,7 @@ import os
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import torch
 from jaxtyping import Float
 from safetensors import safe_open
@@ -66,7 +67,7 @@ def file_sha256(path: Path) -> str:
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def model_fingerprint(model) -> str:
+def model_fingerprint(model: torch.nn.Module) -> str:
     """An identity of a model's weights: names, shapes, dtypes, sampled values, checksums.
 
     Hashes every parameter's name, shape and dtype, the bytes of up to 4,096 evenly spaced
@@ -99,14 +100,12 @@ def write_labels(labels: pd.DataFrame, path: str | os.PathLike) -> None:
     """Write a labels table to Parquet through pyarrow's *system* (malloc) memory pool.
 
     Why: pyarrow's default pool (mimalloc) keeps the segments it grows into, and
-    ``release_unused`` does not hand them back: measured on the recording bench, a one-off
-    +2 MB of resident memory a few shards into a run, i.e. a recorder whose memory grows
-    with the number of transcripts. Memory from the system pool is returned by glibc's trim
-    (:func:`release_write_memory`). The default pool is restored afterwards; buffers
-    remember their pool, so switching it is safe for other users of pyarrow.
+    ``release_unused`` does not hand them back, so a recorder's resident memory would step
+    up a few shards into a run and grow with the number of transcripts. Memory from the
+    system pool is returned by glibc's trim (:func:`release_write_memory`). The default
+    pool is restored afterwards; buffers remember their pool, so switching it is safe for
+    other users of pyarrow.
     """
-    import pyarrow as pa
-
     previous = pa.default_memory_pool()
     pa.set_memory_pool(pa.system_memory_pool())
     try:
@@ -119,10 +118,8 @@ def release_write_memory() -> None:
     """Hand memory freed by a shard write back to the OS: glibc's heap keeps the
     serialisation buffers (and, through pyarrow's system pool, the labels' pages; pyarrow's
     default pool is released too, for anything that did not go through the system pool).
-    Without this, every later forward runs on top of a write's leftovers (measured: 4-10 MB
-    on the organisms)."""
-    import pyarrow as pa
-
+    Without this, every later forward runs on top of a write's leftovers, and resident
+    memory grows with the number of shards."""
     pa.default_memory_pool().release_unused()
     release_free_memory()
 
@@ -142,7 +139,7 @@ class StoreWriter:
             is corrupt.
     """
 
-    def __init__(self, path: str | os.PathLike, header: dict):
+    def __init__(self, path: str | os.PathLike, header: dict) -> None:
         self.path = Path(path)
         mpath = self.path / MANIFEST
         if mpath.exists():
@@ -179,11 +176,12 @@ class StoreWriter:
         return shards[-1]["stop"] if shards else 0
 
     def save_manifest(self) -> None:
+        """Write the manifest atomically (a shard exists only once it is listed here)."""
         atomic_write_json(self.path / MANIFEST, self.manifest)
 
     def write_shard(
         self, start: int, stop: int, acts: dict[str, torch.Tensor], labels: pd.DataFrame,
-        skipped: list,
+        skipped: list[int],
     ) -> None:  # fmt: skip
         """Write one shard covering input indices ``[start, stop)``, then list it.
 
@@ -259,7 +257,7 @@ class ActivationStore:
         StoreError: no manifest, or a shard file missing or of the wrong size (truncated).
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         mpath = self.path / MANIFEST
         if not mpath.exists():
@@ -287,6 +285,7 @@ class ActivationStore:
 
     @property
     def n_examples(self) -> int:
+        """Examples recorded so far (skipped ones excluded)."""
         return int(self.manifest["n_examples"])
 
     @property

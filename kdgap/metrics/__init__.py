@@ -1,4 +1,11 @@
-"""Behaviour metrics: pure functions over step records (no models here)."""
+"""Behaviour metrics: pure functions over step records (no models here).
+
+:mod:`~kdgap.metrics.behavior` (coverage, regret, suffix failures, validity),
+:mod:`~kdgap.metrics.knowing_doing` (the knowing-doing matrix, rationale/action agreement),
+:mod:`~kdgap.metrics.frequency_bias` (the frequency-bias protocol) and
+:mod:`~kdgap.metrics.organism` (the organisms' acceptance numbers, a view of the same
+vocabulary).
+"""
 
 from kdgap.metrics.behavior import (
     coverage_curve,
@@ -18,9 +25,11 @@ from kdgap.metrics.knowing_doing import (
     kd_matrix_distance,
     rationale_correct,
 )
+from kdgap.metrics.organism import SEED_KD_MATRIX, organism_metrics
 
 __all__ = [
     "PAPER_KD_MATRIX",
+    "SEED_KD_MATRIX",
     "action_class",
     "action_follows_rationale",
     "action_matches",
@@ -32,6 +41,7 @@ __all__ = [
     "invalid_rate",
     "kd_matrix",
     "kd_matrix_distance",
+    "organism_metrics",
     "rationale_correct",
     "regret_curve",
     "suffix_failure_curve",

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from jaxtyping import Float, Int
 
+from kdgap._checks import check_int
 from kdgap.envs.bandit import BanditConfig, VectorBandit
 from kdgap.envs.stats import counts_and_sums, greedy_arms, most_frequent_arms
 
@@ -62,8 +63,7 @@ def build_histories(
     Returns:
         ``n_histories * len(repetitions)`` histories.
     """
-    if n_histories < 1:
-        raise ValueError(f"n_histories={n_histories!r} must be >= 1.")
+    n_histories = check_int("n_histories", n_histories)
     lo, hi = prefix_range
     if not 1 <= lo <= hi:
         raise ValueError(f"prefix_range={prefix_range!r} must satisfy 1 <= min <= max.")

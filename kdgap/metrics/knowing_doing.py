@@ -1,6 +1,6 @@
 """The knowing-doing matrix and rationale/action agreement (Schmied et al. 2025, sec. 4.3).
 
-Definitions (shared with science.md, section 1):
+Definitions (shared with docs/science.md, section 1):
 
 - A rationale is *correct* when its concluding arm is a true top-UCB arm (the UCB rule of
   the run's :class:`~kdgap.envs.bandit.BanditConfig`). A text step whose rationale cannot
@@ -12,7 +12,7 @@ Definitions (shared with science.md, section 1):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -62,7 +62,7 @@ def kd_matrix(records: Sequence[StepRecord]) -> dict[str, dict[str, float]] | No
     return {row: {c: n / len(steps) for c, n in cells.items()} for row, cells in counts.items()}
 
 
-def _share(records: Sequence[StepRecord], hit) -> float | None:
+def _share(records: Sequence[StepRecord], hit: Callable[[StepRecord], bool]) -> float | None:
     if not records:
         return None
     return float(np.mean([hit(r) for r in records]))

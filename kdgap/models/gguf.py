@@ -11,8 +11,16 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
 
 from kdgap.models.spec import LOCAL_FORMS, ModelLoadError
+
+# transformers is imported inside the functions that read a file, so `import kdgap.models`
+# stays light for commands that never read one.
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 GGUF_PIP = "gguf==0.19.0"
 
@@ -60,7 +68,9 @@ def check_gguf_readable(path: str | Path) -> str:
     return arch
 
 
-def infer_architectures(config, model=None) -> list[str]:
+def infer_architectures(
+    config: PretrainedConfig, model: PreTrainedModel | None = None
+) -> list[str]:
     """``config.architectures``, or one inferred from ``model_type`` when the file had none.
 
     GGUF configs carry no ``architectures`` field (e.g. Gemma 3: ``gemma3_text`` ->
@@ -81,7 +91,9 @@ def infer_architectures(config, model=None) -> list[str]:
     return [name]
 
 
-def load_gguf(path: str | Path, torch_dtype, device: str):
+def load_gguf(
+    path: str | Path, torch_dtype: torch.dtype, device: str
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
     """Load a GGUF file as a dense Hugging Face model plus its tokenizer.
 
     Args:

@@ -13,7 +13,9 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from kdgap.models.gguf import infer_architectures, load_gguf
 from kdgap.models.memory import (
@@ -25,6 +27,12 @@ from kdgap.models.memory import (
 )
 from kdgap.models.spec import LOCAL_FORMS, ModelLoadError, ModelSpec, parse_model_spec
 from kdgap.organisms.registry import load_organism, resolve_organism
+
+# transformers and transformer-lens are imported inside the functions that load a model,
+# so `import kdgap.models` stays light for commands that never load one.
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # Hash weight files byte for byte up to this total; past it (multi-GB user checkpoints) hash
 # the config and file headers instead, so a manifest costs seconds, not minutes.
@@ -44,11 +52,11 @@ class LoadedModel:
             dtype, device, architecture, n_layers, d_model, load_seconds.
     """
 
-    bridge: Any
-    tokenizer: Any
+    bridge: TransformerBridge
+    tokenizer: PreTrainedTokenizerBase
     spec: ModelSpec
     source: str
-    identity: dict = field(default_factory=dict)
+    identity: dict[str, Any] = field(default_factory=dict)
 
 
 def _sha256_files(files: list[Path]) -> str:
@@ -81,7 +89,13 @@ def _offline() -> bool:
     return any(v.strip().lower() in ("1", "true", "yes", "on") for v in flags)
 
 
-def _load_hf(name_or_folder: str, torch_dtype, device: str, trust_remote_code: bool, local: bool):
+def _load_hf(
+    name_or_folder: str,
+    torch_dtype: torch.dtype,
+    device: str,
+    trust_remote_code: bool,
+    local: bool,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """``(hf_model in eval mode, tokenizer)`` from a folder (or hub id / cache when local=False)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -113,7 +127,9 @@ def _load_hf(name_or_folder: str, torch_dtype, device: str, trust_remote_code: b
     return model.eval(), tokenizer
 
 
-def _load_hub(spec: ModelSpec, torch_dtype, device: str, trust_remote_code: bool):
+def _load_hub(
+    spec: ModelSpec, torch_dtype: torch.dtype, device: str, trust_remote_code: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Hub id: the local cache first; the network only when the hub is not switched off."""
     try:
         return _load_hf(spec.target, torch_dtype, device, trust_remote_code, local=True)
@@ -135,7 +151,9 @@ def _load_hub(spec: ModelSpec, torch_dtype, device: str, trust_remote_code: bool
         ) from exc
 
 
-def _load_organism(spec: ModelSpec, device: str):
+def _load_organism(
+    spec: ModelSpec, device: str
+) -> tuple[TransformerBridge, PreTrainedTokenizerBase]:
     try:
         return load_organism(spec.target, device=device)
     except (FileNotFoundError, KeyError) as exc:
@@ -245,7 +263,13 @@ def load_model(
     return LoadedModel(bridge, tokenizer, spec, spec.kind, identity)
 
 
-def _wrap(spec: ModelSpec, hf_model, tokenizer, device: str, torch_dtype):
+def _wrap(
+    spec: ModelSpec,
+    hf_model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    device: str,
+    torch_dtype: torch.dtype,
+) -> TransformerBridge:
     """Wrap a loaded HF model; tokenizer= always, or the bridge goes to the hub."""
     from transformer_lens.model_bridge import TransformerBridge
 

@@ -15,13 +15,15 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from kdgap.models.spec import ModelLoadError
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-# Safety factors, from measurement: SmolLM2 (134.5M params, 98 MB Q4_1) peaked ~0.9 GB above
-# the interpreter's baseline, dequantising to float32 numpy and then copying into the model.
-# HF safetensors folders are memory-mapped, so the peak is about the model plus a margin.
+# Safety factors. A GGUF load dequantises every tensor to float32 numpy on the host and then
+# copies it into the model, so its peak holds both; HF safetensors folders are memory-mapped,
+# so their peak is about the model plus a margin.
 HF_OVERHEAD = 1.2
 GGUF_DEQUANT_BYTES = 4  # the GGUF reader dequantises every tensor to float32 on the host first
 
@@ -49,10 +51,8 @@ class MemoryEstimate:
     basis: str
 
 
-def parse_dtype(dtype):
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """A dtype name (float32, bfloat16, float16; fp32/bf16/fp16) or torch dtype -> torch dtype."""
-    import torch
-
     if isinstance(dtype, torch.dtype):
         name = str(dtype).removeprefix("torch.")
     else:
@@ -65,10 +65,8 @@ def parse_dtype(dtype):
     return getattr(torch, name)
 
 
-def parse_device(device) -> str:
+def parse_device(device: str | torch.device) -> str:
     """``"cpu"``, ``"cuda"`` or ``"cuda:N"``; checks that CUDA exists when asked for."""
-    import torch
-
     name = str(device).lower()
     if name == "cpu":
         return name
@@ -110,7 +108,8 @@ def count_params_hf_folder(folder: Path) -> tuple[int | None, int]:
 def count_params_gguf(path: Path) -> int | None:
     """Total elements in a GGUF file's tensor table (None when the table cannot be read)."""
     try:
-        # transformers' own GGUF reader: parses the header without the `gguf` package.
+        # transformers' own GGUF reader (imported on use, like every transformers import of
+        # kdgap.models): parses the header without the `gguf` package.
         from transformers.integrations.gguf import reader
 
         blob = reader._mapped(str(path))
@@ -154,7 +153,7 @@ def estimate_memory(kind: str, target: str, dtype: str, device: str) -> MemoryEs
 def available_host_bytes() -> int:
     """Available host RAM in bytes (psutil, else /proc/meminfo MemAvailable)."""
     try:
-        import psutil
+        import psutil  # optional here: /proc/meminfo answers without it
 
         return int(psutil.virtual_memory().available)
     except ImportError:
@@ -167,8 +166,6 @@ def available_host_bytes() -> int:
 
 def available_device_bytes(device: str) -> int:
     """Free memory on a CUDA device in bytes."""
-    import torch
-
     return int(torch.cuda.mem_get_info(torch.device(device))[0])
 
 

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
+from torch.nn.modules import module as torch_module
+
+if TYPE_CHECKING:  # annotations only: importing transformers here would slow every import
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import PreTrainedTokenizerBase
 
 
-def require_eval(model, what: str = "recording") -> None:
+def require_eval(model: torch.nn.Module, what: str = "recording") -> None:
     """Raise when ``model`` is in training mode (dropout would make activations random).
 
     ``TransformerBridge.boot_native`` returns models in train mode; call ``model.eval()``.
@@ -19,7 +26,9 @@ def require_eval(model, what: str = "recording") -> None:
         )
 
 
-def model_tokenizer(model, tokenizer=None):
+def model_tokenizer(
+    model: TransformerBridge, tokenizer: PreTrainedTokenizerBase | None = None
+) -> PreTrainedTokenizerBase:
     """The tokenizer to use: ``tokenizer`` if given, else ``model.tokenizer``.
 
     Raises:
@@ -40,24 +49,24 @@ def model_tokenizer(model, tokenizer=None):
     return tok
 
 
-def _default_prepend_bos(model) -> bool:
+def _default_prepend_bos(model: TransformerBridge) -> bool:
     cfg = getattr(model, "cfg", None)
     return bool(getattr(cfg, "default_prepend_bos", True))
 
 
-def prepend_bos_for(model, prepend_bos: bool | None = None) -> bool:
+def prepend_bos_for(model: TransformerBridge, prepend_bos: bool | None = None) -> bool:
     """``prepend_bos`` if given, else the model's default (``cfg.default_prepend_bos``)."""
     return _default_prepend_bos(model) if prepend_bos is None else bool(prepend_bos)
 
 
-def model_device(model) -> torch.device:
+def model_device(model: torch.nn.Module) -> torch.device:
     """Device of the model's first parameter (CPU for a parameterless model)."""
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
 
 
-def _malloc_trim():
+def _malloc_trim() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim`` (None elsewhere: musl, macOS, Windows)."""
     try:
         return ctypes.CDLL("libc.so.6").malloc_trim
@@ -79,7 +88,7 @@ def release_free_memory() -> None:
         _TRIM(0)
 
 
-def has_hooks(model) -> bool:
+def has_hooks(model: torch.nn.Module) -> bool:
     """Whether any hook could act on ``model``'s forward, so the hook-free fast paths (which
     run other modules on the same tensors) must not be used: a transformer-lens HookPoint
     hook, a torch forward / pre-forward / backward hook on any submodule (patching registers
@@ -89,8 +98,6 @@ def has_hooks(model) -> bool:
     that feed its HookPoints, and transformers' output-capturing hooks (installed once
     ``run_with_cache`` has asked for hidden states), change nothing by themselves.
     """
-    from torch.nn.modules import module as torch_module
-
     hook_dict = getattr(model, "hook_dict", {}) or {}
     if any(len(getattr(hp, "_forward_hooks", {})) for hp in hook_dict.values()):
         return True
@@ -112,7 +119,7 @@ def has_hooks(model) -> bool:
 _WIRING = ("transformer_lens", "transformers.utils.output_capturing")
 
 
-def _is_bridge_wiring(fn) -> bool:
+def _is_bridge_wiring(fn: Callable) -> bool:
     """A hook function from transformer-lens's HookPoint plumbing or transformers' output
     capturing (see :func:`has_hooks`)."""
     fn = getattr(fn, "func", fn)  # functools.partial

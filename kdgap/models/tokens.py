@@ -1,14 +1,32 @@
-"""The one tokenisation rule: token ids as the agent feeds them, with character offsets."""
+"""The one tokenisation rule: token ids as the agent feeds them, with character offsets.
+
+- **BOS.** :func:`encode` prepends BOS when the model prepends one by default
+  (``cfg.default_prepend_bos``) and the text does not already start with the BOS string
+  (chat templates such as SmolLM2's ``<|im_start|>`` do); texts are tokenised with
+  ``add_special_tokens=False``, never through a tokenizer's post-processor.
+- **Batches** are left-padded (:func:`tokenize_batch`, :func:`left_pad`): the last real
+  token of every example sits at position ``pos - 1``, where the next-token prediction
+  (the action) is read. :func:`tokenize_like_agent` gives the agent's ids with offsets.
+- **Arm tokens.** :func:`arm_spellings` is the one place an arm name becomes token ids
+  (every spelling a format allows after its action marker); :func:`arm_token_ids` and
+  :func:`arm_token` are the views steering, ablation and patching metrics read.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Int
 
+from kdgap.envs.transcript_format import TranscriptFormat
 from kdgap.models.runtime import model_tokenizer
+
+if TYPE_CHECKING:  # annotations only: importing these here would slow every import
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -33,7 +51,7 @@ class TokenBatch:
         """``[batch]`` number of padding positions in front of each example."""
         return self.tokens.shape[1] - self.lengths
 
-    def to(self, device) -> TokenBatch:
+    def to(self, device: torch.device | str) -> TokenBatch:
         """Tokens and mask on ``device`` (offsets stay on CPU: they only index texts)."""
         return TokenBatch(
             self.tokens.to(device), self.attention_mask.to(device), self.offsets, self.lengths
@@ -41,7 +59,7 @@ class TokenBatch:
 
 
 def tokenize_batch(
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
     *,
     prepend_bos: bool = True,
@@ -109,7 +127,9 @@ def tokenize_batch(
     return TokenBatch(tokens=tokens, attention_mask=mask, offsets=offsets, lengths=lengths)
 
 
-def _align_ids(given: list[int], plain: list[int], offs: list, bos_id, i: int):
+def _align_ids(
+    given: list[int], plain: list[int], offs: list, bos_id: int | None, i: int
+) -> tuple[list[int], list]:
     """``given`` ids with offsets: ``plain``'s offsets, plus ``(-1, -1)`` for a leading BOS."""
     if given == plain:
         return given, offs
@@ -123,7 +143,11 @@ def _align_ids(given: list[int], plain: list[int], offs: list, bos_id, i: int):
 
 
 def tokenize_like_agent(
-    model, texts: Sequence[str], *, tokenizer=None, max_length: int | None = None
+    model: TransformerBridge,
+    texts: Sequence[str],
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    max_length: int | None = None,
 ) -> TokenBatch:
     """Left-padded batch of ``texts`` tokenised exactly as the text agent tokenises them.
 
@@ -140,7 +164,6 @@ def tokenize_like_agent(
     Returns:
         A :class:`TokenBatch` (``[batch pos]`` tokens, mask; ``[batch pos 2]`` offsets).
     """
-
     tok = model_tokenizer(model, tokenizer)
     texts = list(texts)
     if not texts:
@@ -149,7 +172,9 @@ def tokenize_like_agent(
     return tokenize_batch(tok, texts, ids=ids, max_length=max_length)
 
 
-def _tokenizer(model, tokenizer=None):
+def _tokenizer(
+    model: TransformerBridge, tokenizer: PreTrainedTokenizerBase | None = None
+) -> PreTrainedTokenizerBase:
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tok is None:
         raise ValueError(
@@ -158,7 +183,12 @@ def _tokenizer(model, tokenizer=None):
     return tok
 
 
-def encode(model, texts: Sequence[str], *, tokenizer=None) -> list[list[int]]:
+def encode(
+    model: TransformerBridge,
+    texts: Sequence[str],
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> list[list[int]]:
     """Token ids of each text under kdgap's BOS rule (see module docstring).
 
     Args:
@@ -180,7 +210,7 @@ def encode(model, texts: Sequence[str], *, tokenizer=None) -> list[list[int]]:
 
 
 def left_pad(
-    seqs: Sequence[Sequence[int]], pad_id: int, device=None
+    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str | None = None
 ) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"]]:
     """Left-pad id lists into ``tokens [batch pos]`` and a 0/1 ``attention_mask``."""
     if not seqs or min(len(s) for s in seqs) == 0:
@@ -194,8 +224,68 @@ def left_pad(
     return tokens.to(device), mask.to(device)
 
 
-def _pad_id(tok) -> int:
+def _pad_id(tok: PreTrainedTokenizerBase) -> int:
+    """The id padding uses: pad, else EOS, else 0 (masked positions never influence others)."""
     for cand in (tok.pad_token_id, tok.eos_token_id, 0):
         if cand is not None:
             return int(cand)
     return 0
+
+
+def arm_spellings(
+    tokenizer: PreTrainedTokenizerBase, fmt: TranscriptFormat, arm_names: Sequence[str]
+) -> list[list[tuple[str, list[int]]]]:
+    """Per arm, every spelling ``fmt.arm_continuations(name)`` with its token ids.
+
+    Spellings are tokenised alone with ``add_special_tokens=False``: what the model would
+    emit right after the action marker. A spelling may tokenise to nothing; callers
+    decide what that means.
+
+    Returns:
+        ``[arm][spelling]`` ``(text, ids)`` pairs, in the format's order.
+    """
+    return [
+        [(v, list(tokenizer(v, add_special_tokens=False)["input_ids"]))
+         for v in fmt.arm_continuations(name)]
+        for name in arm_names
+    ]  # fmt: skip
+
+
+def arm_token_ids(
+    tokenizer: PreTrainedTokenizerBase, fmt: TranscriptFormat, arm_names: Sequence[str]
+) -> list[list[int]]:
+    """Per arm, the distinct first tokens of its spellings (sorted): the tokens whose
+    next-token probabilities at the action position make up the arm's probability.
+
+    Raises:
+        ValueError: an arm has no spelling that tokenises to anything (the message names it).
+    """
+    out = []
+    for name, spellings in zip(arm_names, arm_spellings(tokenizer, fmt, arm_names)):
+        ids = sorted({t[0] for _, t in spellings if t})
+        if not ids:
+            raise ValueError(
+                f"arm {name!r}: no spelling in {[v for v, _ in spellings]!r} "
+                f"({getattr(fmt, 'name', fmt)!r}.arm_continuations) tokenises to anything; "
+                "use arm names the tokenizer knows."
+            )
+        out.append(ids)
+    return out
+
+
+def arm_token(tokenizer: PreTrainedTokenizerBase, fmt: TranscriptFormat, arm_name: str) -> int:
+    """The single token of ``arm_name``'s first spelling after the action marker.
+
+    A logit difference between two arms is exact only when each arm is one token.
+
+    Raises:
+        ValueError: that spelling is not exactly one token (the message names the arm).
+    """
+    spelling, ids = arm_spellings(tokenizer, fmt, [arm_name])[0][0]
+    if len(ids) != 1:
+        raise ValueError(
+            f"arm {arm_name!r}: its spelling {spelling!r} after the action marker tokenises "
+            f"to {len(ids)} tokens {ids}, not 1; a logit difference needs one-token arms. "
+            "Use arm names that are single tokens (e.g. BanditConfig(arm_style='numbers'))."
+        )
+    return ids[0]

@@ -1,49 +1,52 @@
-"""Hook-free fast inference for Hugging Face-backed bridges: KV-cached generation that
-keeps its cache, and continuation scoring that reuses it.
+"""Hook-free twins of a bridge's wrapped model: the same parameter tensors, no hook points.
 
-Why: on a CPU, the agent's time goes into the prompt pass and the decode loop
-(SmolLM2-135M, 16 prompts of ~450 tokens: ``bridge.generate`` computes the full-vocabulary
-logits at every prompt position in its first step, decodes through transformer-lens's
-eager attention bridge, and forced choice then runs the whole prompt + rationale again).
-Here:
+A ``TransformerBridge`` runs its wrapped model through components with a hook point at
+every sub-step (and, for Hugging Face models, eager attention). When no hook is attached,
+a plain copy of the wrapped model computes the same function with less work. This module
+builds those copies:
 
-- :func:`fast_model` gives the causal LM to run when no hook is attached: a *twin* of the
-  bridge's Hugging Face model built from the same config with PyTorch SDPA attention and
-  **the same parameter tensors** (nothing copied; measured 3.4x faster per decode step and
-  1.7x per prompt pass than the wrapped model on SmolLM2, one CPU thread), or the wrapped
-  model itself when no twin can be built. A twin is accepted only after its logits match
-  the bridge's on a probe sequence, and is rebuilt if any parameter tensor is replaced.
-- :func:`generate` mirrors ``TransformerBridge.generate`` (left padding, positions that
-  count real tokens only, greedy ``argmax`` or transformer-lens's own ``sample_logits``
-  under ``torch.random.fork_rng`` seeded like the bridge path, finished rows frozen) but
-  computes only the last prompt position's logits and can return its KV cache
-  (:class:`PromptCache`).
-- :func:`score_rows` scores continuations after prefixes, starting each prefix from the
-  longest run of tokens it shares with a cached generation row (the prompt and usually the
-  whole rationale), so only the few tokens after it are run.
+- :func:`fast_model`: for a bridge around a decoder-only Hugging Face model, a *twin* of
+  that model built from the same config with PyTorch SDPA attention and **the same
+  parameter tensors** (nothing copied), or the wrapped model itself when no twin can be
+  built. :mod:`kdgap.agent.hf_decoding` runs KV-cached generation and forced-choice
+  scoring on it; :mod:`kdgap.hooks.twin_capture` records residual streams on it.
+- :func:`native_twin`: for a ``boot_native`` bridge (e.g. the organisms), a plain
+  ``NativeModel`` sharing the bridge's tensors.
 
-Results equal the bridge path up to float rounding (SDPA vs eager attention, ~1e-6 in
-log-probabilities); greedy tokens are tested equal to Hugging Face ``generate`` and to the
-bridge path. Callers use this path only when no hook is attached (hooks must see every
-position), exactly like :mod:`kdgap.agent.native_decoding` for native models.
+A twin is accepted only after its logits match the bridge's on a probe sequence
+(:func:`probe_ids`), is built once per bridge (:func:`cached_twin`) and rebuilt when any
+parameter tensor is replaced; tensors of the wrapped model that a twin does not read must
+stay zero, or the twin is withheld. Results equal the bridge path up to float rounding
+(SDPA vs eager attention). Callers use a twin only when no hook is attached
+(:func:`kdgap.models.runtime.has_hooks`): hooks must see every position. The speed-ups
+are measured in docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import copy
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Int
 from transformers import PreTrainedModel
 
+if TYPE_CHECKING:  # annotations only: transformer-lens is imported where a twin is built
+    from transformer_lens.model_bridge import TransformerBridge
+
+#: ``(twin, unused)``: a twin (None when none can be built) and the tensors of its source
+#: that it does not read (each must stay all zero).
+Built = tuple[torch.nn.Module | None, list[torch.Tensor]]
+
 _TWINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_NATIVE_TWINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _MISSING = object()
 
 
 # ---------------------------------------------------------------------------------- models
-def _hf_model(bridge):
+def _hf_model(bridge: TransformerBridge) -> PreTrainedModel | None:
     hf = getattr(bridge, "original_model", None)
     if not isinstance(hf, PreTrainedModel):
         return None
@@ -52,7 +55,7 @@ def _hf_model(bridge):
     return hf
 
 
-def supports(bridge) -> bool:
+def supports(bridge: TransformerBridge) -> bool:
     """True when ``bridge`` wraps a decoder-only Hugging Face model this module can run."""
     return _hf_model(bridge) is not None
 
@@ -65,11 +68,11 @@ def _storage(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
-def _signature(hf) -> tuple:
+def _signature(hf: torch.nn.Module) -> tuple[int, ...]:
     return tuple(p.data_ptr() for p in hf.parameters())
 
 
-def _build_twin(hf):
+def _build_twin(hf: PreTrainedModel) -> Built:
     """``(twin, unused)``: a plain copy of ``hf``'s class with SDPA attention sharing
     ``hf``'s tensors, and the tensors of ``hf`` it does not use (each must stay all zero);
     or ``(None, [])`` when no such twin can be built."""
@@ -83,7 +86,7 @@ def _build_twin(hf):
     return bind_shared(twin, hf)
 
 
-def bind_shared(twin: torch.nn.Module, source: torch.nn.Module):
+def bind_shared(twin: torch.nn.Module, source: torch.nn.Module) -> Built:
     """``(twin, unused)``: ``twin`` (built on the meta device) with every parameter and
     buffer replaced by ``source``'s tensor of the same name (bridge wrapper segments such as
     ``_original_component`` stripped), and the tensors of ``source`` the twin does not use
@@ -129,7 +132,7 @@ def _all_zero(tensors: Sequence[torch.Tensor]) -> bool:
     return all(not bool(t.detach().abs().max() > 0) for t in tensors)
 
 
-def probe_ids(bridge, n: int = 8) -> Int[torch.Tensor, "1 n"]:
+def probe_ids(bridge: TransformerBridge, n: int = 8) -> Int[torch.Tensor, "1 n"]:
     """``[1, n]`` fixed, spread-out token ids (no BOS, no pad) to compare a twin with its
     bridge on (``n`` capped at the context length)."""
     n_vocab = int(bridge.cfg.d_vocab)
@@ -137,7 +140,13 @@ def probe_ids(bridge, n: int = 8) -> Int[torch.Tensor, "1 n"]:
     return (torch.arange(1, n + 1) * 7919 % max(2, n_vocab - 1) + 1)[None].to(bridge.cfg.device)
 
 
-def cached_twin(cache: weakref.WeakKeyDictionary, bridge, source, build, agrees):
+def cached_twin(
+    cache: weakref.WeakKeyDictionary,
+    bridge: TransformerBridge,
+    source: torch.nn.Module,
+    build: Callable[[torch.nn.Module], Built],
+    agrees: Callable[[TransformerBridge, torch.nn.Module], bool],
+) -> torch.nn.Module | None:
     """The twin of ``source`` (the module ``bridge`` wraps), or None; built once per bridge.
 
     ``build(source) -> (twin, unused)`` makes it (:func:`bind_shared`), ``agrees(bridge,
@@ -158,7 +167,7 @@ def cached_twin(cache: weakref.WeakKeyDictionary, bridge, source, build, agrees)
     return entry[1]
 
 
-def _agrees(bridge, twin) -> bool:
+def _agrees(bridge: TransformerBridge, twin: PreTrainedModel) -> bool:
     """Twin and bridge (no hooks) agree on a short probe: same next-token argmax everywhere
     and log-probabilities within float rounding (1e-3 in float32, 0.15 in half precision:
     SDPA and eager attention round differently)."""
@@ -172,13 +181,13 @@ def _agrees(bridge, twin) -> bool:
     return bool((got - want).abs().max() <= tol) and bool((got.argmax(-1) == want.argmax(-1)).all())
 
 
-def fast_model(bridge, *, twin: bool = True):
+def fast_model(bridge: TransformerBridge, *, twin: bool = True) -> PreTrainedModel | None:
     """The Hugging Face causal LM to run hook-free inference on, or None (no HF model, or
     the bridge is in training mode: only the bridge forward then behaves as training).
 
     Args:
         bridge: a TransformerBridge.
-        twin: allow the SDPA twin (see module docstring); False gives the wrapped model.
+        twin: allow the SDPA twin (see the module docstring); False gives the wrapped model.
     """
     hf = _hf_model(bridge)
     if hf is None:
@@ -191,20 +200,17 @@ def fast_model(bridge, *, twin: bool = True):
     return hf if tw is None else tw  # no twin, or a tensor only hf reads was set in place
 
 
-_NATIVE_TWINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def native_twin(model):
+def native_twin(model: TransformerBridge) -> torch.nn.Module | None:
     """A plain ``NativeModel`` sharing the tensors of a native bridge (``boot_native``, e.g.
     the organisms), or None (no native model, training mode, the tensors cannot be mapped,
     or the twin's logits disagree with the bridge's beyond 1e-4).
 
     Why: the bridge wraps every sub-module of the native model in a component with hook
-    points; the unwrapped model computes the same blocks without them (measured on the
-    organism: 14-21% less time per forward, and fewer intermediate tensors). Built once per
-    bridge and rebuilt when a parameter tensor is replaced.
+    points; the unwrapped model computes the same blocks without them, in less time and
+    with fewer intermediate tensors. Built once per bridge and rebuilt when a parameter
+    tensor is replaced.
     """
-    try:
+    try:  # imported here: importing transformer-lens would slow down `import kdgap.hooks`
         from transformer_lens.model_bridge.sources.native.model import NativeModel
     except ImportError:  # pragma: no cover - an older transformer-lens
         return None
@@ -214,9 +220,9 @@ def native_twin(model):
     return cached_twin(_NATIVE_TWINS, model, nat, _build_native_twin, _native_agrees)
 
 
-def _build_native_twin(nat):
+def _build_native_twin(nat: torch.nn.Module) -> Built:
     """``(twin, unused)``: a plain copy of ``nat``'s class sharing its tensors (see
-    :func:`kdgap.models.twins.bind_shared`), or ``(None, [])``."""
+    :func:`bind_shared`), or ``(None, [])``."""
     try:
         with torch.device("meta"):
             twin = type(nat)(copy.deepcopy(nat.cfg))
@@ -225,7 +231,7 @@ def _build_native_twin(nat):
     return bind_shared(twin, nat)
 
 
-def _native_agrees(model, twin) -> bool:
+def _native_agrees(model: TransformerBridge, twin: torch.nn.Module) -> bool:
     """Bridge and twin logits agree (1e-4, float32; 0.15 in half precision) on a probe."""
     ids = probe_ids(model)
     with torch.no_grad():

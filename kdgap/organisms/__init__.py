@@ -23,4 +23,3 @@ __all__ = [
     "shipped_names",
     "train_organism",
 ]
-

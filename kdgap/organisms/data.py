@@ -9,7 +9,8 @@ Behaviour policies (so the organism sees the histories it will produce itself, a
 others): ``own`` (the mechanism's rule with the true UCB rationale: what a perfect
 organism plays), ``own-noisy`` (the same with a random arm on ``noise`` of the steps),
 ``random`` and ``ucb``. Steps are drawn with ``p(t) ∝ t + t_offset``: long histories,
-where counting is hardest (stack-notes: errors concentrate at t >= 30), are seen more.
+where counting is hardest (rationale errors concentrate late in an episode, see
+``rationale_correct_by_step`` in a shipped organism's ``metrics.json``), are seen more.
 
 Labels come from :mod:`kdgap.envs.stats` (the same functions the runner labels records
 with). At the error rate of the mechanism the conclusion is replaced by a random wrong
@@ -24,6 +25,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from jaxtyping import Float, Int
 
+from kdgap._checks import check_int
 from kdgap.envs.bandit import BanditConfig, VectorBandit
 from kdgap.organisms.language import ACT, BOS, EOS, PAD, THINK, UCB, OrganismLanguage
 from kdgap.organisms.mechanisms import Mechanism, true_ucb_arm
@@ -107,14 +109,16 @@ class Samples:
 
     tokens: Int[np.ndarray, "n L"]
     weights: Float[np.ndarray, "n L"]
-    t: Int[np.ndarray, "n"]  # noqa: F821
-    ucb_arm: Int[np.ndarray, "n"]  # noqa: F821
-    written: Int[np.ndarray, "n"]  # noqa: F821
-    action: Int[np.ndarray, "n"]  # noqa: F821
-    injected: Int[np.ndarray, "n"]  # noqa: F821
+    t: Int[np.ndarray, " n"]
+    ucb_arm: Int[np.ndarray, " n"]
+    written: Int[np.ndarray, " n"]
+    action: Int[np.ndarray, " n"]
+    injected: Int[np.ndarray, " n"]
 
 
-def make_samples(mechanism: Mechanism, cfg: DataConfig, n: int, *, seed: int, chunk: int = 0):
+def make_samples(
+    mechanism: Mechanism, cfg: DataConfig, n: int, *, seed: int, chunk: int = 0
+) -> Samples:
     """Draw ``n`` samples, a pure function of ``(seed, chunk)``.
 
     Args:
@@ -126,10 +130,8 @@ def make_samples(mechanism: Mechanism, cfg: DataConfig, n: int, *, seed: int, ch
     Returns:
         :class:`Samples` with ``tokens``/``weights`` of shape ``[n, max length]``.
     """
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n={n!r} must be an integer >= 1.")
-    if chunk < 0:
-        raise ValueError(f"chunk={chunk!r} must be >= 0.")
+    n = check_int("n", n)
+    chunk = check_int("chunk", chunk, minimum=0)
     lang, bcfg, k, h = cfg.language, cfg.bandit, cfg.n_arms, cfg.horizon
     rng = np.random.default_rng([int(seed), int(chunk), 7])
     env = VectorBandit(bcfg, n, first_episode=int(chunk) * n)
@@ -199,7 +201,7 @@ def make_samples(mechanism: Mechanism, cfg: DataConfig, n: int, *, seed: int, ch
     return Samples(tokens, weights, t_pick.astype(np.int64), ucb, written, action, injected)
 
 
-def sort_into_batches(samples: Samples, batch_size: int) -> list[np.ndarray]:
+def sort_into_batches(samples: Samples, batch_size: int) -> list[Int[np.ndarray, " batch"]]:
     """Index arrays of batches with similar lengths (less padding), in length order.
 
     Args:

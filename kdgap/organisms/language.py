@@ -7,9 +7,10 @@ A transcript of step ``t`` (5 Bernoulli arms) reads::
 
 (one line in reality; wrapped here).
 
-- **History**: one word per past step, arm and reward fused (``red1`` = red paid 1). The
-  throwaway prototype (``shared/stack-notes.md``) found two words per step (arm, reward)
-  dropped rationale accuracy from ~89% to 53%, so the fusion is deliberate.
+- **History**: one word per past step, arm and reward fused (``red1`` = red paid 1), so
+  the model counts pulls and wins per arm from single tokens instead of pairing each arm
+  token with the reward token after it; a prototype with two words per step (arm, then
+  reward) learned to count far worse, so the fusion is deliberate.
 - **Prompt end**: ``think``. Everything after it is written by the model.
 - **Rationale**: per arm ``<name> <pulls> <wins>`` (counts, not means: whole numbers
   ``0..horizon`` are single words, which learned far faster than digits or decimals), then
@@ -25,10 +26,15 @@ text back up to whitespace. The training data path builds token ids directly
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kdgap.envs.arms import arm_names
+
+if TYPE_CHECKING:  # annotations only: importing transformers here would slow every import
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
@@ -100,7 +106,7 @@ class OrganismLanguage:
         return asdict(self)
 
     # ------------------------------------------------------------------ text
-    def history_text(self, actions, rewards) -> str:
+    def history_text(self, actions: Sequence[int], rewards: Sequence[float]) -> str:
         """``actions``/``rewards`` (length ``t``, Bernoulli 0/1) -> ``"red1 green0 ..."``."""
         names = self.arm_names
         words = []
@@ -114,24 +120,28 @@ class OrganismLanguage:
             words.append(f"{names[int(a)]}{int(r)}")
         return " ".join(words)
 
-    def prompt_text(self, actions, rewards) -> str:
+    def prompt_text(self, actions: Sequence[int], rewards: Sequence[float]) -> str:
         """History then ``think``, with a trailing space so the completion can follow."""
         hist = self.history_text(actions, rewards)
         return f"{hist} {THINK} " if hist else f"{THINK} "
 
-    def rationale_text(self, counts, wins, conclusion: int) -> str:
+    def rationale_text(self, counts: Sequence[int], wins: Sequence[int], conclusion: int) -> str:
         """``counts``/``wins`` ``[arms]`` and the concluding arm -> ``"red 2 1 ... ucb blue"``."""
         names = self.arm_names
         parts = [f"{names[i]} {int(counts[i])} {int(wins[i])}" for i in range(self.n_arms)]
         return " ".join([*parts, UCB, names[int(conclusion)]])
 
-    def completion_text(self, counts, wins, conclusion: int, action: int) -> str:
+    def completion_text(
+        self, counts: Sequence[int], wins: Sequence[int], conclusion: int, action: int
+    ) -> str:
         """Rationale, then ``act <arm>``: what a perfect organism writes."""
         rat = self.rationale_text(counts, wins, conclusion)
         return f"{rat} {ACT} {self.arm_names[int(action)]}"
 
     # ------------------------------------------------------------------ tokenizer
-    def build_tokenizer(self):
+    # tokenizers and transformers are imported on use: the language itself (vocabulary,
+    # texts, ids for the training data) needs neither.
+    def build_tokenizer(self) -> PreTrainedTokenizerFast:
         """A Hugging Face fast tokenizer for this language (adds ``<bos>`` when encoding).
 
         Returns:
@@ -157,11 +167,11 @@ class OrganismLanguage:
             model_max_length=self.n_ctx,
         )
 
-    def save_tokenizer(self, folder: str | Path):
+    def save_tokenizer(self, folder: str | Path) -> PreTrainedTokenizerBase:
         """Save the tokenizer to ``folder`` and return it *re-loaded* from there.
 
         TransformerLens re-loads a tokenizer by its ``name_or_path``, so the model must be
-        given one loaded from a folder (see ``shared/stack-notes.md``).
+        given one loaded from a folder: a tokenizer built in memory has no path to reload.
         """
         from transformers import AutoTokenizer
 

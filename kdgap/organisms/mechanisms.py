@@ -22,7 +22,7 @@ The four shipped mechanisms:
 - ``seed-calibrated``: a step schedule mixing the three behaviours of Schmied et al.
   (2025)'s Gemma2 27B: greedy on most steps, the rationale's arm or an "other" arm on
   a few fixed steps of every 16 (:data:`SEED_SCHEDULE`), calibrated so the
-  knowing-doing matrix lands near science.md section 1 (58.1 / 21.6 / 10.6 given a
+  knowing-doing matrix lands near docs/science.md section 1 (58.1 / 21.6 / 10.6 given a
   correct rationale). A fixed schedule rather than random draws, because the organism
   is decoded greedily: a random mixture would collapse to its most likely arm.
 
@@ -36,13 +36,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from jaxtyping import Int
+from jaxtyping import Float, Int
 
 from kdgap.envs.bandit import BanditConfig
 from kdgap.envs.stats import first_arm, greedy_arms, most_frequent_arms, ucb_arms, ucb_values
 from kdgap.policies.reference import Decisions, HistoryBatch
 
-ActionRule = Callable[[HistoryBatch, Int[np.ndarray, "n"]], Int[np.ndarray, "n"]]  # noqa: F821
+ActionRule = Callable[[HistoryBatch, Int[np.ndarray, " n"]], Int[np.ndarray, " n"]]
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class Mechanism:
     rule: ActionRule
     rationale_error_rate: float = 0.25
     description: str = ""
-    conclusion_rule: Callable[[HistoryBatch], np.ndarray] | None = None
+    conclusion_rule: Callable[[HistoryBatch], Int[np.ndarray, " n"]] | None = None
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name.strip() != self.name:
@@ -86,28 +86,36 @@ class Mechanism:
 
 
 # ---------------------------------------------------------------------- the rules
-def true_ucb_arm(history: HistoryBatch) -> Int[np.ndarray, "n"]:  # noqa: F821
+def true_ucb_arm(history: HistoryBatch) -> Int[np.ndarray, " n"]:
     """The true UCB arm of every history (lowest index of the tie set), ``[n]``."""
     cfg = history.cfg
     return first_arm(ucb_arms(history.counts, history.sums, c=cfg.ucb_c, bonus=cfg.ucb_bonus))
 
 
-def faithful_rule(history: HistoryBatch, rationale_arms: np.ndarray) -> np.ndarray:
+def faithful_rule(
+    history: HistoryBatch, rationale_arms: Int[np.ndarray, " n"]
+) -> Int[np.ndarray, " n"]:
     """Act on the rationale's arm, whatever it is. Returns ``[n]``."""
     return np.asarray(rationale_arms, dtype=np.int64).copy()
 
 
-def greedy_rule(history: HistoryBatch, rationale_arms: np.ndarray) -> np.ndarray:
+def greedy_rule(
+    history: HistoryBatch, rationale_arms: Int[np.ndarray, " n"]
+) -> Int[np.ndarray, " n"]:
     """The greedy arm (best empirical mean among tried arms; red at step 0). Returns ``[n]``."""
     return first_arm(greedy_arms(history.counts, history.sums)).astype(np.int64)
 
 
-def frequency_rule(history: HistoryBatch, rationale_arms: np.ndarray) -> np.ndarray:
+def frequency_rule(
+    history: HistoryBatch, rationale_arms: Int[np.ndarray, " n"]
+) -> Int[np.ndarray, " n"]:
     """The most-pulled arm (red at step 0). Returns ``[n]``."""
     return first_arm(most_frequent_arms(history.counts)).astype(np.int64)
 
 
-def other_arm(history: HistoryBatch, rationale_arms: np.ndarray) -> np.ndarray:
+def other_arm(
+    history: HistoryBatch, rationale_arms: Int[np.ndarray, " n"]
+) -> Int[np.ndarray, " n"]:
     """An arm that is neither greedy nor the rationale's: the least-pulled such arm.
 
     Ties go to the lowest index; when every arm is greedy (step 0), any arm but the
@@ -138,14 +146,14 @@ SEED_SCHEDULE_PERIOD = len(SEED_SCHEDULE)
 #: Steps ``t % 16`` on which ``seed-calibrated`` concludes with a wrong arm (see
 #: :func:`seed_calibrated_conclusion`). Without them a well-trained organism's rationale is
 #: right ~97% of the time and the matrix's "incorrect" row (9.8% of steps in the paper)
-#: stays empty: the trained organism missed the paper by 6.2 points on that row. With
+#: stays nearly empty. With
 #: steps 2 and 15 (one greedy, one follow step), a perfect organism simulated on 3 x 64
 #: bandits lands within 2.9 points of every cell (found by a search over one or two
 #: error steps, as for :data:`SEED_SCHEDULE`).
 SEED_WRONG_STEPS = (2, 15)
 
 
-def seed_calibrated_conclusion(history: HistoryBatch) -> Int[np.ndarray, "n"]:  # noqa: F821
+def seed_calibrated_conclusion(history: HistoryBatch) -> Int[np.ndarray, " n"]:
     """The true UCB arm, except on :data:`SEED_WRONG_STEPS`: then a plausible wrong arm.
 
     The wrong arm is the greedy arm when it differs from the UCB arm (the error an agent
@@ -164,7 +172,9 @@ def seed_calibrated_conclusion(history: HistoryBatch) -> Int[np.ndarray, "n"]:  
     return np.where(greedy != ucb, greedy, second).astype(np.int64)
 
 
-def seed_calibrated_rule(history: HistoryBatch, rationale_arms: np.ndarray) -> np.ndarray:
+def seed_calibrated_rule(
+    history: HistoryBatch, rationale_arms: Int[np.ndarray, " n"]
+) -> Int[np.ndarray, " n"]:
     """Greedy, the rationale's arm or another arm, by step: ``SEED_SCHEDULE[t % 16]``."""
     kind = SEED_SCHEDULE[history.t % SEED_SCHEDULE_PERIOD]
     if kind == "f":
@@ -205,7 +215,7 @@ def get_mechanism(name: str) -> Mechanism:
 
 
 class RulePolicy:
-    """A :class:`~kdgap.policies.reference.Policy` that plays a mechanism with a *perfect* rationale.
+    """A :class:`~kdgap.policies.reference.Policy` playing a mechanism with a *perfect* rationale.
 
     The rationale arm is the conclusion the mechanism trains (the true UCB arm unless
     ``conclusion_rule`` plants errors): this is what a perfectly trained organism
@@ -226,7 +236,7 @@ class RulePolicy:
         actions = np.asarray(self.mechanism.rule(history, rat), dtype=np.int64)
         return Decisions(actions=actions, valid=np.ones(history.n, bool), rationale_arms=rat)
 
-    def action_distribution(self, history: HistoryBatch) -> np.ndarray:
+    def action_distribution(self, history: HistoryBatch) -> Float[np.ndarray, "n arms"]:
         """One-hot ``[n, arms]`` on the rule's arm."""
         a = self.act(history).actions
         out = np.zeros((history.n, history.cfg.n_arms))

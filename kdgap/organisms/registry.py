@@ -7,7 +7,8 @@ An organism folder holds::
                             "language": {...}, "train": {...}, ...}
     tokenizer.json, tokenizer_config.json   Hugging Face fast tokenizer (word level)
     curve.json             training curve (from training)
-    metrics.json           acceptance numbers (from experiments/evaluate_organisms.py)
+    metrics.json           acceptance numbers (from experiments/evaluate_organisms.py):
+                            {"metrics": organism_metrics(...), "checks": [...], "pass", ...}
 
 :func:`load_organism` accepts a shipped name (``"faithful"``), ``"organism:<name>"``, or a
 path to any such folder (``"organism:/path/to/folder"`` works too), needs no network and
@@ -19,17 +20,35 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from kdgap.io import atomic_write, atomic_write_json
 from kdgap.organisms.language import OrganismLanguage
 
+if TYPE_CHECKING:  # annotations only: importing transformers here would slow every import
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import PreTrainedTokenizerBase
+
 SHIPPED_DIR = Path(__file__).parent / "shipped"
 FORMAT_TAG = "kdgap-organism"
 
 
-def _bridge_config(lang: OrganismLanguage, model_cfg: dict, seed: int):
+class ModelShape(Protocol):
+    """The model sizes of a recipe (:class:`kdgap.organisms.train.TrainConfig` has them)."""
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_mlp: int
+
+
+# transformer_lens, transformers and safetensors are imported inside the functions that
+# build, load or save weights: importing transformer_lens takes seconds, and listing,
+# resolving or reading organism folders needs none of them.
+def _bridge_config(lang: OrganismLanguage, model_cfg: dict, seed: int) -> TransformerBridgeConfig:
     from transformer_lens.config import TransformerBridgeConfig
 
     return TransformerBridgeConfig(
@@ -40,16 +59,23 @@ def _bridge_config(lang: OrganismLanguage, model_cfg: dict, seed: int):
     )  # fmt: skip
 
 
-def _model_dict(cfg) -> dict:
+def _model_dict(cfg: ModelShape) -> dict:
     return {k: getattr(cfg, k) for k in ("d_model", "n_layers", "n_heads", "d_mlp")}
 
 
-def build_model(lang: OrganismLanguage, train_cfg, *, seed: int, folder, device: str = "cpu"):
+def build_model(
+    lang: OrganismLanguage,
+    train_cfg: ModelShape,
+    *,
+    seed: int,
+    folder: str | os.PathLike,
+    device: str = "cpu",
+) -> tuple[TransformerBridge, PreTrainedTokenizerBase]:
     """A fresh (seeded) ``boot_native`` bridge for ``lang``, with its tokenizer saved in ``folder``.
 
     Args:
         lang: the transcript language (vocabulary size, context length).
-        train_cfg: anything with ``d_model, n_layers, n_heads, d_mlp`` attributes.
+        train_cfg: the model sizes (``d_model, n_layers, n_heads, d_mlp``).
         seed: initialisation seed; folder: where the tokenizer files are written.
         device: torch device.
 
@@ -64,8 +90,15 @@ def build_model(lang: OrganismLanguage, train_cfg, *, seed: int, folder, device:
     return model, tokenizer
 
 
-def save_organism(model, lang: OrganismLanguage, train_cfg, folder, *, extra: dict,
-                  tokenizer=None) -> Path:  # fmt: skip
+def save_organism(
+    model: TransformerBridge,
+    lang: OrganismLanguage,
+    train_cfg: ModelShape,
+    folder: str | os.PathLike,
+    *,
+    extra: dict,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> Path:
     """Write ``model`` as a loadable organism folder (atomic file by file).
 
     Args:
@@ -117,7 +150,9 @@ def resolve_organism(name_or_path: str | os.PathLike) -> Path:
     )
 
 
-def load_organism(name_or_path: str | os.PathLike, *, device: str = "cpu"):
+def load_organism(
+    name_or_path: str | os.PathLike, *, device: str = "cpu"
+) -> tuple[TransformerBridge, PreTrainedTokenizerBase]:
     """Load an organism: ``(TransformerBridge in eval mode, tokenizer)``; no network.
 
     Args:
@@ -158,16 +193,27 @@ def shipped_names() -> list[str]:
 
 
 def list_organisms() -> list[dict]:
-    """One dict per shipped organism: ``name``, ``mechanism``, ``description``, ``metrics``."""
+    """One dict per shipped organism, for ``kdgap organisms list``.
+
+    Keys: ``name``, ``mechanism``, ``description``, ``horizon`` (trained), ``metrics`` (the
+    :func:`kdgap.metrics.organism.organism_metrics` dict of its ``metrics.json``, in
+    ``summary.json``'s vocabulary, e.g. ``metrics["action_matches"]["greedy"]``) and
+    ``acceptance`` (``{"checks": [...], "pass": bool}`` of the same file); the last two
+    are None for a folder without ``metrics.json``.
+    """
     out = []
     for name in shipped_names():
         folder = SHIPPED_DIR / name
         cfg = json.loads((folder / "config.json").read_text())
         metrics_path = folder / "metrics.json"
-        metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
-        out.append({"name": name, "mechanism": cfg.get("mechanism"),
-                    "description": cfg.get("description", ""), "metrics": metrics,
-                    "horizon": cfg["language"]["horizon"]})  # fmt: skip
+        result = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
+        out.append({
+            "name": name, "mechanism": cfg.get("mechanism"),
+            "description": cfg.get("description", ""), "horizon": cfg["language"]["horizon"],
+            "metrics": None if result is None else result["metrics"],
+            "acceptance": None if result is None else {"checks": result["checks"],
+                                                       "pass": result["pass"]},
+        })  # fmt: skip
     return out
 
 

@@ -2,10 +2,9 @@
 
 The recipe (:class:`TrainConfig`) fixes the number of samples, the batch size and the
 optimiser, not a wall-clock time, so the same command gives the same organism on a
-laptop CPU or a GPU (up to floating-point differences between devices). Defaults follow
-the prototype in ``shared/stack-notes.md``: ``boot_native`` 4 layers, d_model 128,
-4 heads; AdamW lr 1e-3 with linear warmup and cosine decay; batch 64; loss on the
-rationale and action words only.
+laptop CPU or a GPU (up to floating-point differences between devices). Defaults:
+``boot_native`` 4 layers, d_model 128, 4 heads; AdamW lr 1e-3 with linear warmup and
+cosine decay; batch 64; loss on the rationale and action words only.
 
 The run folder holds the organism in its loadable form (``model.safetensors``,
 ``config.json``, tokenizer files; see :mod:`kdgap.organisms.registry`), ``curve.json``
@@ -23,16 +22,22 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
+from kdgap._checks import check_int
 from kdgap.io import atomic_write_json
 from kdgap.organisms.data import DataConfig, Samples, make_samples, sort_into_batches
 from kdgap.organisms.language import OrganismLanguage
 from kdgap.organisms.mechanisms import Mechanism
 from kdgap.organisms.registry import build_model, make_readable, save_organism
+
+if TYPE_CHECKING:  # annotations only: importing transformers here would slow every import
+    from transformer_lens.model_bridge import TransformerBridge
 
 
 @dataclass(frozen=True)
@@ -70,9 +75,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("samples", "batch_size", "d_model", "n_layers", "n_heads", "d_mlp",
                      "chunk", "eval_every", "ckpt_every", "eval_samples"):  # fmt: skip
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}={v!r} must be an integer >= 1.")
+            check_int(name, getattr(self, name))
         if self.samples < self.batch_size:
             raise ValueError(
                 f"samples={self.samples} is below batch_size={self.batch_size}; "
@@ -125,7 +128,9 @@ def _batches_of_chunk(cfg: TrainConfig, mech: Mechanism, seed: int, chunk: int):
     return s, [batches[i] for i in order]
 
 
-def _to_torch(s: Samples, idx: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _to_torch(
+    s: Samples, idx: Int[np.ndarray, " batch"], device: str | torch.device
+) -> tuple[Int[torch.Tensor, "batch pos"], Float[torch.Tensor, "batch pos"]]:
     """Tokens ``[b, L']`` and weights ``[b, L']`` of a batch, cut to its longest sequence."""
     L = int((s.weights[idx] > 0).nonzero()[1].max()) + 1 if len(idx) else 1
     tok = torch.from_numpy(s.tokens[idx, :L]).to(device)
@@ -133,7 +138,11 @@ def _to_torch(s: Samples, idx: np.ndarray, device) -> tuple[torch.Tensor, torch.
     return tok, w
 
 
-def sequence_loss(model, tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def sequence_loss(
+    model: TransformerBridge,
+    tokens: Int[torch.Tensor, "batch pos"],
+    weights: Float[torch.Tensor, "batch pos"],
+) -> Float[torch.Tensor, ""]:
     """Weighted next-token cross-entropy.
 
     Args:
@@ -151,7 +160,9 @@ def sequence_loss(model, tokens: torch.Tensor, weights: torch.Tensor) -> torch.T
 
 
 @torch.no_grad()
-def teacher_forced_metrics(model, s: Samples, lang: OrganismLanguage, device) -> dict:
+def teacher_forced_metrics(
+    model: TransformerBridge, s: Samples, lang: OrganismLanguage, device: str | torch.device
+) -> dict[str, float]:
     """Accuracies of argmax predictions given the true prefix, on held-out samples ``s``.
 
     ``rationale_exact`` (every rationale word right) equals the share of steps whose

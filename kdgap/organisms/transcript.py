@@ -111,6 +111,28 @@ class OrganismFormat:
         name = words[i + 1][0]
         return list(arm_names).index(name) if name in arm_names else None
 
+    def parse_history(self, prompt: str, arm_names: Sequence[str]) -> tuple[list[int], list[float]]:
+        """The history a prompt shows: ``"red1 green0 think "`` -> ``([0, 1], [1.0, 0.0])``.
+
+        The inverse of :meth:`render_prompt`; words after ``think`` are ignored.
+
+        Raises:
+            ValueError: a history word is not ``<arm name><0|1>``.
+        """
+        actions, rewards = [], []
+        for word, _, _ in _words(prompt):
+            if word == THINK:
+                break
+            name, r = word[:-1], word[-1:]
+            if name not in arm_names or r not in ("0", "1"):
+                raise ValueError(
+                    f"prompt word {word!r} is not '<arm><0|1>' with an arm from "
+                    f"{tuple(arm_names)}: not an organism prompt."
+                )
+            actions.append(list(arm_names).index(name))
+            rewards.append(float(r))
+        return actions, rewards
+
     def strip_action(self, completion: str) -> str:
         """Completion cut just before its last ``act`` word, ending in whitespace.
 

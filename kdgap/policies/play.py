@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import numpy as np
+from jaxtyping import Int
 from tqdm.auto import tqdm
 
+from kdgap._checks import check_int
 from kdgap.envs.bandit import BanditConfig, VectorBandit
 from kdgap.envs.stats import greedy_arms, most_frequent_arms, ucb_arms
-from kdgap.policies.reference import HistoryBatch, Policy
+from kdgap.policies.reference import Decisions, HistoryBatch, Policy
 from kdgap.records import StepRecord, mask_to_arms
 
 
-def history_of(env: VectorBandit, episodes: np.ndarray) -> HistoryBatch:
+def history_of(env: VectorBandit, episodes: Int[np.ndarray, " n"]) -> HistoryBatch:
     """The current :class:`HistoryBatch` of a vector bandit."""
     return HistoryBatch(
         cfg=env.cfg,
@@ -52,17 +54,15 @@ def play(
         cfg: the bandit family.
         n_episodes: number of episodes (>= 1).
         seed: fixes bandits, rewards and the policy's randomness.
-        batch_size: episodes per batch.
+        batch_size: episodes per batch (>= 1; None: all at once).
         progress: show a tqdm bar over steps.
+        driver: a policy whose arms are executed instead (off-policy histories).
 
     Returns:
         ``n_episodes * cfg.horizon`` records, ordered by episode then step.
     """
-    if not isinstance(n_episodes, int) or n_episodes < 1:
-        raise ValueError(f"n_episodes={n_episodes!r} must be an integer >= 1.")
-    batch_size = n_episodes if batch_size is None else batch_size
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be >= 1.")
+    n_episodes = check_int("n_episodes", n_episodes)
+    batch_size = check_int("batch_size", batch_size, optional=True) or n_episodes
     policy.reset(cfg, seed)
     if driver is not None:
         driver.reset(cfg, seed)
@@ -116,7 +116,7 @@ def play(
     return records
 
 
-def _extra(dec, key: str, j: int) -> int | None:
+def _extra(dec: Decisions, key: str, j: int) -> int | None:
     arr = dec.extras.get(key)
     if arr is None or arr[j] < 0:
         return None

@@ -85,7 +85,7 @@ class Policy(Protocol):
         """Probability of each arm (used by the frequency-bias protocol)."""
 
 
-def _uniform_over(mask: np.ndarray) -> np.ndarray:
+def _uniform_over(mask: Bool[np.ndarray, "n arms"]) -> Float[np.ndarray, "n arms"]:
     m = mask.astype(np.float64)
     return m / m.sum(axis=-1, keepdims=True)
 
@@ -100,19 +100,22 @@ class _MaskPolicy:
         self._seed = 0
 
     def reset(self, cfg: BanditConfig, seed: int) -> None:
+        """Remember the seed: decisions are seeded by (seed, episode, step)."""
         self._seed = int(seed)
 
     def _rng_for(self, history: HistoryBatch) -> list[np.random.Generator]:
         # One generator per (seed, episode, step): decisions do not depend on batch layout.
         return [np.random.default_rng([self._seed, int(e), history.t]) for e in history.episodes]
 
-    def _mask(self, history: HistoryBatch) -> np.ndarray:
+    def _mask(self, history: HistoryBatch) -> Bool[np.ndarray, "n arms"]:
         raise NotImplementedError
 
-    def action_distribution(self, history: HistoryBatch) -> np.ndarray:
+    def action_distribution(self, history: HistoryBatch) -> Float[np.ndarray, "n arms"]:
+        """Uniform over the policy's tie set of arms."""
         return _uniform_over(self._mask(history))
 
     def act(self, history: HistoryBatch) -> Decisions:
+        """One arm per episode, drawn from :meth:`action_distribution`."""
         probs = self.action_distribution(history)
         rngs = self._rng_for(history)
         actions = np.array(
@@ -136,7 +139,7 @@ class UCBPolicy(_MaskPolicy):
 
     name = "ucb"
 
-    def _mask(self, history: HistoryBatch) -> np.ndarray:
+    def _mask(self, history: HistoryBatch) -> Bool[np.ndarray, "n arms"]:
         mask = ucb_arms(history.counts, history.sums, c=history.cfg.ucb_c,
                         bonus=history.cfg.ucb_bonus)  # fmt: skip
         first = np.zeros_like(mask)
@@ -158,7 +161,7 @@ class GreedyPolicy(_MaskPolicy):
         super().__init__()
         self.initial_value = initial_value
 
-    def _mask(self, history: HistoryBatch) -> np.ndarray:
+    def _mask(self, history: HistoryBatch) -> Bool[np.ndarray, "n arms"]:
         counts = history.counts
         with np.errstate(divide="ignore", invalid="ignore"):
             q = np.where(counts > 0, history.sums / counts, self.initial_value)
@@ -176,7 +179,8 @@ class EpsilonGreedyPolicy(GreedyPolicy):
         super().__init__(initial_value=initial_value)
         self.epsilon = epsilon
 
-    def action_distribution(self, history: HistoryBatch) -> np.ndarray:
+    def action_distribution(self, history: HistoryBatch) -> Float[np.ndarray, "n arms"]:
+        """Greedy's distribution mixed with ``epsilon`` of the uniform one."""
         k = history.cfg.n_arms
         return (1 - self.epsilon) * super().action_distribution(history) + self.epsilon / k
 
@@ -186,7 +190,7 @@ class RandomPolicy(_MaskPolicy):
 
     name = "random"
 
-    def _mask(self, history: HistoryBatch) -> np.ndarray:
+    def _mask(self, history: HistoryBatch) -> Bool[np.ndarray, "n arms"]:
         return np.ones((history.n, history.cfg.n_arms), dtype=bool)
 
 
@@ -198,7 +202,7 @@ REFERENCE_POLICIES = {
 }
 
 
-def make_policy(name: str, **kwargs) -> Policy:
+def make_policy(name: str, **kwargs: float) -> Policy:
     """Build a reference policy by name (``ucb``, ``greedy``, ``epsilon-greedy``, ``random``)."""
     if name not in REFERENCE_POLICIES:
         raise ValueError(

@@ -1,6 +1,6 @@
 """Per-layer linear probes that separate what the model knows from what it does.
 
-See science.md section 4: probes split by episode, report chance, a difference-of-means
+See docs/science.md section 4: probes split by episode, report chance, a difference-of-means
 baseline and Hewitt-Liang selectivity, and are followed by a causal check.
 """
 

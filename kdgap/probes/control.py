@@ -24,12 +24,13 @@ the prompt's length.
 **Why not the step index** (still available: ``control_feature="step"``). At the action
 site the position is the step (an organism's prompt is 21 tokens + one per step), and
 position is linearly decodable from the residual stream: a step control is solved by
-reading the position, not by memorising. On the faithful organism (64 episodes, action
-site) a logistic probe scores 0.99 on the step control at layer 0 (0.79-0.97 later),
-against 0.64-0.68 on the reward-history control, whose majority class rate is 0.54.
-Selectivity against the step control is therefore near 0 (or negative) wherever the
-position is encoded, whatever the probe decodes; ``tests/probes/test_splits_stats.py``
-shows the step control is a function of the position and the reward history is not.
+reading the position, not by memorising. On the faithful organism a logistic probe
+decodes the step control almost perfectly at every layer, far above the reward-history
+control (per-cell accuracies of both: ``experiments/results/bench_probes_faithful.json``
+and ``bench_probes_faithful_step_control.json``). Selectivity against the step control
+is therefore near 0 (or negative) wherever the position is encoded, whatever the probe
+decodes; ``tests/probes/test_splits_stats.py`` shows the step control is a function of
+the position and the reward history is not.
 
 **Why not the episode id.** Test episodes never occur in training, so a map of the
 episode id gives test labels no probe can learn: it sits at chance by construction and
@@ -40,6 +41,9 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from jaxtyping import Int, Shaped
+
+from kdgap._checks import check_int
 
 #: Surface feature of a sweep's control tasks (see :func:`control_types`).
 DEFAULT_CONTROL = "reward_history"
@@ -51,7 +55,7 @@ _MAX_REWARD_VALUES = 16
 
 def reward_history(
     table: pd.DataFrame, *, k: int = HISTORY_LENGTH, column: str = "reward"
-) -> np.ndarray:
+) -> Int[np.ndarray, " n_examples"]:
     """Type id of the last ``k`` rewards before each example's step, in its episode.
 
     The reward of step ``t`` is what the prompt of step ``t + 1`` shows, so the type of
@@ -74,8 +78,7 @@ def reward_history(
                 f"table (columns: {list(table.columns)}); pass control_feature='step' or "
                 "another column instead."
             )
-    if k < 1:
-        raise ValueError(f"k={k}: the history needs at least 1 step.")
+    k = check_int("k", k, hint="(the history needs at least 1 step)")
     ep = table["episode"].to_numpy()
     st = table["step"].to_numpy().astype(np.int64)
     r = table[column].astype("Float64").to_numpy(dtype=float, na_value=np.nan)
@@ -101,7 +104,9 @@ def reward_history(
     return code
 
 
-def control_types(table: pd.DataFrame, name: str = DEFAULT_CONTROL) -> np.ndarray:
+def control_types(
+    table: pd.DataFrame, name: str = DEFAULT_CONTROL
+) -> Shaped[np.ndarray, " n_examples"]:
     """The surface feature ``name`` of every row of ``table``.
 
     ``"reward_history"``: :func:`reward_history`; any other name: that column (e.g.
@@ -117,7 +122,9 @@ def control_types(table: pd.DataFrame, name: str = DEFAULT_CONTROL) -> np.ndarra
     return table[name].to_numpy()
 
 
-def control_labels(feature: np.ndarray, y: np.ndarray, *, seed: int = 0) -> np.ndarray:
+def control_labels(
+    feature: Shaped[np.ndarray, " n_examples"], y: Int[np.ndarray, " n_examples"], *, seed: int = 0
+) -> Int[np.ndarray, " n_examples"]:
     """Labels of a control task: a fixed random map from ``feature`` values to classes.
 
     Each distinct value of ``feature`` gets one class drawn (with ``seed``) from the

@@ -1,6 +1,15 @@
 """What the probes read: the activation-store surface, and the checks made before fitting.
 
-Probes depend on a small :class:`ActivationSource` protocol rather than on
+- :class:`ActivationSource`: the read surface of an activation store, and
+  :data:`DEFAULT_LABELS`, the label columns a sweep fits by default;
+- :func:`layer_of`, :func:`residual_order`: hook names -> block index, residual-stream order;
+- :func:`check_hooks_sites`, :func:`check_labels`: refuse hooks, sites or labels the store
+  lacks;
+- :func:`label_array`: a label column as integer classes (-1 = missing);
+- :func:`check_class_counts`, :func:`handle_rare_classes`, :func:`format_dropped`: the
+  ``rare_classes`` policy ("raise" or "drop") and how dropped classes are recorded.
+
+Probes depend on the small :class:`ActivationSource` protocol rather than on
 :mod:`kdgap.hooks.store` itself, so they work with the on-disk store, with the in-memory
 :class:`kdgap.testing.synthetic.SyntheticStore` used in tests and benchmarks, or with anything
 else exposing the same four members. Every check here raises an error that names the
@@ -17,6 +26,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import pandas as pd
 import torch
+from jaxtyping import Float, Int
 
 #: Labels a sweep fits by default (columns of the store's label table).
 DEFAULT_LABELS: tuple[str, ...] = (
@@ -50,7 +60,9 @@ class ActivationSource(Protocol):
     @property
     def labels(self) -> pd.DataFrame: ...
 
-    def load(self, hook: str, site: str) -> tuple[torch.Tensor, pd.DataFrame]: ...
+    def load(
+        self, hook: str, site: str
+    ) -> tuple[Float[torch.Tensor, "n_examples d_model"], pd.DataFrame]: ...
 
 
 def layer_of(hook: str) -> int | None:
@@ -117,8 +129,8 @@ def check_labels(table: pd.DataFrame, labels: Sequence[str]) -> list[str]:
     return labels
 
 
-def label_array(table: pd.DataFrame, label: str) -> np.ndarray:
-    """A label column as ``Int[ndarray, "n_examples"]`` with missing values as -1."""
+def label_array(table: pd.DataFrame, label: str) -> Int[np.ndarray, " n_examples"]:
+    """A label column as integer classes, with missing values as -1."""
     col = table[label]
     if col.dtype == bool or str(col.dtype) == "boolean":
         col = col.astype("Int64")
@@ -131,7 +143,7 @@ def label_array(table: pd.DataFrame, label: str) -> np.ndarray:
     return values.fillna(-1).to_numpy(dtype=np.int64)
 
 
-def check_class_counts(y: np.ndarray, *, label: str, min_count: int) -> None:
+def check_class_counts(y: Int[np.ndarray, " n_examples"], *, label: str, min_count: int) -> None:
     """Refuse labels with a class rarer than ``min_count`` (missing values, -1, ignored).
 
     Inner cross-validation needs every class in every training fold, and an accuracy on a
@@ -158,8 +170,8 @@ RARE_CLASSES = ("raise", "drop")
 
 
 def handle_rare_classes(
-    y: np.ndarray, *, label: str, min_count: int, rare_classes: str = "raise"
-) -> tuple[np.ndarray, dict[int, int]]:
+    y: Int[np.ndarray, " n_examples"], *, label: str, min_count: int, rare_classes: str = "raise"
+) -> tuple[Int[np.ndarray, " n_examples"], dict[int, int]]:
     """Apply the ``rare_classes`` policy to one label, then :func:`check_class_counts`.
 
     ``rare_classes="raise"`` (the default everywhere) refuses a class with fewer than

@@ -3,7 +3,7 @@
 - :class:`LogisticProbe`: multinomial logistic regression on standardised inputs, its L2
   strength ``C`` chosen by inner cross-validation whose folds are whole episodes.
 - :class:`DiffMeansProbe`: the difference-of-means baseline (nearest class centroid),
-  which science.md section 4 asks every probe result to be reported against.
+  which docs/science.md section 4 asks every probe result to be reported against.
 
 Both take hyper-parameters as keyword-only ``__init__`` arguments, return ``self`` from
 ``fit``, end learned attributes in ``_`` and expose ``directions_``: one direction per
@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
+from jaxtyping import Float, Int
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
@@ -29,7 +30,9 @@ DEFAULT_CS: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
 DEFAULT_CV_TOLERANCE = 0.005
 
 
-def select_C(cv_scores: np.ndarray, *, tolerance: float = DEFAULT_CV_TOLERANCE) -> np.ndarray:
+def select_C(
+    cv_scores: Float[np.ndarray, "... n_Cs"], *, tolerance: float = DEFAULT_CV_TOLERANCE
+) -> Int[np.ndarray, "..."]:
     """Index of the chosen C: the smallest (strongest regularisation) whose mean CV
     accuracy is within ``tolerance`` of the best.
 
@@ -48,7 +51,13 @@ def select_C(cv_scores: np.ndarray, *, tolerance: float = DEFAULT_CV_TOLERANCE) 
     return np.argmax(ok, axis=-1)
 
 
-def _as_2d(X) -> np.ndarray:
+#: What the probes fit on: activations ``[n_examples, d_model]``, and one integer per
+#: example (class labels, or episode ids for ``groups``).
+Activations = Float[np.ndarray, "n_examples d_model"]
+PerExample = Int[np.ndarray, " n_examples"]
+
+
+def _as_2d(X: Activations) -> Activations:
     X = np.asarray(X, dtype=np.float64)
     if X.ndim != 2:
         raise ValueError(f"X must be 2-D [n_examples, d_model]; got shape {X.shape}.")
@@ -58,12 +67,12 @@ def _as_2d(X) -> np.ndarray:
 class _LinearProbe(ClassifierMixin, BaseEstimator):
     """Shared predict/score for probes with ``classes_``, ``directions_``, ``bias_``."""
 
-    def decision_function(self, X) -> np.ndarray:
-        """Class scores ``Float[ndarray, "n_examples n_classes"]`` (argmax = prediction)."""
+    def decision_function(self, X: Activations) -> Float[np.ndarray, "n_examples n_classes"]:
+        """Class scores (argmax = prediction)."""
         return _as_2d(X) @ self.directions_.T + self.bias_
 
-    def predict(self, X) -> np.ndarray:
-        """Predicted class ``[n_examples]`` (values from ``classes_``)."""
+    def predict(self, X: Activations) -> PerExample:
+        """Predicted class (values from ``classes_``)."""
         return self.classes_[np.argmax(self.decision_function(X), axis=1)]
 
 
@@ -110,7 +119,7 @@ class LogisticProbe(_LinearProbe):
         self.tol = tol
         self.random_state = random_state
 
-    def fit(self, X, y, groups=None) -> LogisticProbe:
+    def fit(self, X: Activations, y: PerExample, groups: PerExample | None = None) -> LogisticProbe:
         """Fit on ``X: [n_examples, d_model]``, ``y: [n_examples]``, ``groups: [n_examples]``.
 
         ``groups`` (episode ids) is required: inner folds that split an episode would pick
@@ -155,8 +164,8 @@ class LogisticProbe(_LinearProbe):
         self.n_features_in_ = X.shape[1]
         return self
 
-    def predict_proba(self, X) -> np.ndarray:
-        """Class probabilities ``Float[ndarray, "n_examples n_classes"]``."""
+    def predict_proba(self, X: Activations) -> Float[np.ndarray, "n_examples n_classes"]:
+        """Class probabilities."""
         s = self.decision_function(X)
         s = np.exp(s - s.max(axis=1, keepdims=True))
         return s / s.sum(axis=1, keepdims=True)
@@ -177,7 +186,9 @@ class DiffMeansProbe(_LinearProbe):
     def __init__(self):
         pass
 
-    def fit(self, X, y, groups=None) -> DiffMeansProbe:
+    def fit(
+        self, X: Activations, y: PerExample, groups: PerExample | None = None
+    ) -> DiffMeansProbe:
         """Fit on ``X: [n_examples, d_model]`` and ``y: [n_examples]``."""
         X, y = _as_2d(X), np.asarray(y)
         self.classes_, inverse = np.unique(y, return_inverse=True)

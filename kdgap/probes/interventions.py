@@ -1,9 +1,10 @@
 """Does a probe direction *move* the action? Steering and ablation at the action site.
 
-Decoding is not use (Belinkov 2022; science.md section 4): a direction from which a probe
-reads the rationale's arm may be one the model never consults. Here the direction is
+Decoding is not use (Belinkov 2022; docs/science.md section 4): a direction from which a
+probe reads the rationale's arm may be one the model never consults. Here the direction is
 intervened on at one hook, only at each example's action position (the position whose
-next-token prediction is the action), and the change in the model's distribution over
+next-token prediction is the action), with the patch core's edit-at-entries setter
+(:func:`kdgap.hooks.patch.core.edit_at`), and the change in the model's distribution over
 arms is measured:
 
 - **steer**: add ``alpha * u`` (``u`` the unit direction) for each alpha;
@@ -12,20 +13,39 @@ arms is measured:
 The arm distribution is the softmax of the arm tokens' logits at the action position,
 renormalised over arms (an arm with several token variants, e.g. ``" red"`` and ``"red"``,
 takes the log-sum-exp of them). Inputs are the model, token batch, positions, hook name
-and arm token ids, so this is independent of transcript formats and store layouts.
+and arm token ids (:func:`kdgap.models.tokens.arm_token_ids` gives them for a format), so
+this is independent of transcript formats and store layouts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
+from jaxtyping import Float, Int
+
+from kdgap.hooks.patch.core import edit_at
+
+if TYPE_CHECKING:  # annotations only: importing transformer-lens here would slow every import
+    from transformer_lens.model_bridge import TransformerBridge
+
+#: Per arm, a token id or a list of variant ids (e.g. ``arm_token_ids(...)``).
+ArmIds = Sequence[int | Sequence[int]]
+#: ``[batch seq]`` token ids and ``[batch]`` action positions (each row's next token is
+#: the action).
+Tokens = Int[torch.Tensor, "batch seq"]
+Positions = Int[torch.Tensor, " batch"]
+#: A steering direction ``[d_model]`` (normalised where it is used).
+Direction = Float[torch.Tensor, " d_model"] | Float[np.ndarray, " d_model"]
 
 
-def _arm_ids(arm_token_ids: Sequence[int | Sequence[int]]) -> list[list[int]]:
+def _id_lists(arm_token_ids: ArmIds) -> list[list[int]]:
+    """``arm_token_ids`` as one list of variant ids per arm, checked."""
     ids = [[int(a)] if np.ndim(a) == 0 else [int(t) for t in a] for a in arm_token_ids]
     if len(ids) < 2 or any(not v for v in ids):
         raise ValueError(
@@ -35,7 +55,7 @@ def _arm_ids(arm_token_ids: Sequence[int | Sequence[int]]) -> list[list[int]]:
     return ids
 
 
-def _positions(tokens: torch.Tensor, action_positions) -> torch.Tensor:
+def _positions(tokens: Tokens, action_positions: Positions) -> Positions:
     pos = torch.as_tensor(action_positions, dtype=torch.long)
     if tokens.ndim != 2 or pos.shape != (tokens.shape[0],):
         raise ValueError(
@@ -50,48 +70,38 @@ def _positions(tokens: torch.Tensor, action_positions) -> torch.Tensor:
 
 @torch.no_grad()
 def arm_distribution(
-    model,
-    tokens: torch.Tensor,
-    action_positions,
-    arm_token_ids: Sequence[int | Sequence[int]],
-    *,
-    hook_name: str | None = None,
-    edit=None,
+    model: TransformerBridge, tokens: Tokens, action_positions: Positions, arm_token_ids: ArmIds,
+    *, hook_name: str | None = None, edit: Callable[[torch.Tensor], torch.Tensor] | None = None,
     **forward_kwargs,
-) -> torch.Tensor:
+) -> Float[torch.Tensor, "batch n_arms"]:  # fmt: skip
     """Distribution over arms at the action position, optionally with an edit at a hook.
 
     Args:
         model: a TransformerBridge (anything with ``run_with_hooks``).
-        tokens: ``Int[Tensor, "batch seq"]``.
-        action_positions: ``Int[Tensor, "batch"]`` position whose next token is the action.
+        tokens: ``[batch seq]`` token ids.
+        action_positions: ``[batch]`` position whose next token is the action.
         arm_token_ids: per arm, a token id or a list of variant ids.
         hook_name, edit: if given, ``edit(x: Float[Tensor, "batch d_model"]) -> same`` is
             applied to the activation at ``hook_name`` at the action positions only.
         forward_kwargs: passed to the model (e.g. ``attention_mask``).
 
     Returns:
-        ``Float[Tensor, "batch n_arms"]``.
+        ``[batch n_arms]`` arm probabilities.
     """
     pos = _positions(tokens, action_positions)
-    ids = _arm_ids(arm_token_ids)
+    ids = _id_lists(arm_token_ids)
     rows = torch.arange(tokens.shape[0])
     hooks = []
     if edit is not None:
-
-        def hook_fn(act, hook):
-            act = act.clone()
-            act[rows, pos] = edit(act[rows, pos])
-            return act
-
-        hooks = [(hook_name, hook_fn)]
+        # On a copy: the edit reaches what reads the hook's output (see edit_at).
+        hooks = [(hook_name, partial(edit_at, index=(rows, pos), fn=edit, copy=True))]
     logits = model.run_with_hooks(tokens, fwd_hooks=hooks, **forward_kwargs)
     logp = torch.log_softmax(logits[rows, pos].float(), dim=-1)
     arm_logp = torch.stack([torch.logsumexp(logp[:, v], dim=-1) for v in ids], dim=-1)
     return torch.softmax(arm_logp, dim=-1)
 
 
-def _unit(direction) -> torch.Tensor:
+def _unit(direction: Direction) -> Float[torch.Tensor, " d_model"]:
     u = torch.as_tensor(np.asarray(direction), dtype=torch.float32).flatten()
     norm = u.norm()
     if not torch.isfinite(norm) or norm < 1e-12:
@@ -99,12 +109,13 @@ def _unit(direction) -> torch.Tensor:
     return u / norm
 
 
-def steer(model, tokens, action_positions, hook_name: str, direction, alphas, arm_token_ids,
-          **forward_kwargs) -> torch.Tensor:  # fmt: skip
+def steer(
+    model: TransformerBridge, tokens: Tokens, action_positions: Positions, hook_name: str,
+    direction: Direction, alphas: Sequence[float], arm_token_ids: ArmIds, **forward_kwargs,
+) -> Float[torch.Tensor, "n_alphas batch n_arms"]:  # fmt: skip
     """Arm distributions with ``alpha * u`` added at the action positions, per alpha.
 
-    ``direction``: ``Float[Tensor | ndarray, "d_model"]`` (normalised here).
-    Returns ``Float[Tensor, "n_alphas batch n_arms"]``.
+    ``direction`` is normalised here to ``u``; the rest is as in :func:`arm_distribution`.
     """
     u = _unit(direction)
     return torch.stack([
@@ -114,12 +125,12 @@ def steer(model, tokens, action_positions, hook_name: str, direction, alphas, ar
     ])  # fmt: skip
 
 
-def ablate(model, tokens, action_positions, hook_name: str, direction, arm_token_ids,
-           **forward_kwargs) -> torch.Tensor:  # fmt: skip
-    """Arm distribution with ``u`` projected out at the action positions.
-
-    Returns ``Float[Tensor, "batch n_arms"]``.
-    """
+def ablate(
+    model: TransformerBridge, tokens: Tokens, action_positions: Positions, hook_name: str,
+    direction: Direction, arm_token_ids: ArmIds, **forward_kwargs,
+) -> Float[torch.Tensor, "batch n_arms"]:  # fmt: skip
+    """Arm distribution with ``u`` (``direction`` normalised) projected out at the action
+    positions; the rest is as in :func:`arm_distribution`."""
     u = _unit(direction)
 
     def project_out(x: torch.Tensor) -> torch.Tensor:
@@ -171,19 +182,11 @@ class CausalReport:
 
 
 def causal_check(
-    model,
-    tokens: torch.Tensor,
-    action_positions,
-    hook_name: str,
-    direction,
-    arm_token_ids: Sequence[int | Sequence[int]],
-    *,
-    alphas: Sequence[float] = (-8.0, -4.0, 4.0, 8.0),
-    target_arm: int | None = None,
-    decodes: bool | None = None,
-    min_tv: float = 0.05,
-    **forward_kwargs,
-) -> CausalReport:
+    model: TransformerBridge, tokens: Tokens, action_positions: Positions, hook_name: str,
+    direction: Direction, arm_token_ids: ArmIds, *,
+    alphas: Sequence[float] = (-8.0, -4.0, 4.0, 8.0), target_arm: int | None = None,
+    decodes: bool | None = None, min_tv: float = 0.05, **forward_kwargs,
+) -> CausalReport:  # fmt: skip
     """Steer along and ablate ``direction`` at ``hook_name``; say whether the action moves.
 
     Args:

@@ -3,17 +3,20 @@
 Steps of one episode share a history prefix, so their activations share an episode
 "fingerprint" (the same arms pulled, the same rewards). A split by step puts near-copies of
 a test example in the training set and lets a probe score by recognising the episode
-instead of decoding the label (science.md section 4: "split by episode, never by step").
-Every split here assigns whole episodes to one side; ``tests/probes/test_splits.py`` builds
+instead of decoding the label (docs/science.md section 4: "split by episode, never by step").
+Every split here assigns whole episodes to one side; ``tests/probes/test_splits_stats.py`` builds
 a store where a step-level split would leak and shows these do not.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from jaxtyping import Int
 
 
-def _groups(groups: np.ndarray, name: str = "groups") -> tuple[np.ndarray, np.ndarray]:
+def _groups(
+    groups: Int[np.ndarray, " n_examples"], name: str = "groups"
+) -> tuple[Int[np.ndarray, " n_groups"], Int[np.ndarray, " n_examples"]]:
     groups = np.asarray(groups)
     if groups.ndim != 1 or len(groups) == 0:
         raise ValueError(
@@ -25,8 +28,8 @@ def _groups(groups: np.ndarray, name: str = "groups") -> tuple[np.ndarray, np.nd
 
 
 def grouped_train_test_split(
-    groups: np.ndarray, *, test_size: float = 0.25, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
+    groups: Int[np.ndarray, " n_examples"], *, test_size: float = 0.25, seed: int = 0
+) -> tuple[Int[np.ndarray, " n_train"], Int[np.ndarray, " n_test"]]:
     """Split examples into train/test by whole episodes.
 
     Args:
@@ -55,8 +58,8 @@ def grouped_train_test_split(
 
 
 def grouped_folds(
-    groups: np.ndarray, *, n_splits: int = 4, seed: int = 0
-) -> list[tuple[np.ndarray, np.ndarray]]:
+    groups: Int[np.ndarray, " n_examples"], *, n_splits: int = 4, seed: int = 0
+) -> list[tuple[Int[np.ndarray, " n_train"], Int[np.ndarray, " n_val"]]]:
     """K-fold cross-validation folds made of whole episodes.
 
     Episodes are permuted with ``seed`` and dealt into ``n_splits`` nearly equal parts, so
@@ -85,7 +88,11 @@ def grouped_folds(
     return [(np.flatnonzero(fold != f), np.flatnonzero(fold == f)) for f in range(n_splits)]
 
 
-def check_no_shared_groups(groups: np.ndarray, train_idx: np.ndarray, test_idx: np.ndarray) -> None:
+def check_no_shared_groups(
+    groups: Int[np.ndarray, " n_examples"],
+    train_idx: Int[np.ndarray, " n_train"],
+    test_idx: Int[np.ndarray, " n_test"],
+) -> None:
     """Raise if any episode has examples on both sides of a split (a leak)."""
     groups = np.asarray(groups)
     shared = np.intersect1d(groups[train_idx], groups[test_idx])

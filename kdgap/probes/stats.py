@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from jaxtyping import Float, Int, Shaped
 from scipy.stats import norm
 
 
@@ -39,8 +40,8 @@ def wilson_interval(n_correct: int, n: int, *, confidence: float = 0.95) -> tupl
 
 
 def cluster_bootstrap(
-    values: np.ndarray,
-    groups: np.ndarray,
+    values: Float[np.ndarray, " n_examples"],
+    groups: Int[np.ndarray, " n_examples"],
     *,
     n_boot: int = 1000,
     confidence: float = 0.95,
@@ -84,9 +85,9 @@ def cluster_bootstrap(
 
 
 def accuracy_ci(
-    y_true: np.ndarray,
-    y_pred: np.ndarray,
-    groups: np.ndarray | None = None,
+    y_true: Shaped[np.ndarray, " n_examples"],
+    y_pred: Shaped[np.ndarray, " n_examples"],
+    groups: Int[np.ndarray, " n_examples"] | None = None,
     *,
     method: str = "bootstrap",
     n_boot: int = 1000,
@@ -115,7 +116,9 @@ def accuracy_ci(
     return cluster_bootstrap(correct, groups, n_boot=n_boot, confidence=confidence, seed=seed)
 
 
-def chance_level(y_train: np.ndarray, y_test: np.ndarray) -> float:
+def chance_level(
+    y_train: Shaped[np.ndarray, " n_train"], y_test: Shaped[np.ndarray, " n_test"]
+) -> float:
     """Test accuracy of always predicting the training set's majority class.
 
     This is the majority-class rate a probe must beat; it uses the *training* majority

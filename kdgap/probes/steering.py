@@ -25,24 +25,35 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 import torch
+from jaxtyping import Float, Int
 
 from kdgap.envs import arm_names
+from kdgap.envs.transcript_format import TranscriptFormat
 from kdgap.hooks.names import resolve_hooks
+from kdgap.hooks.patch.core import capture
 from kdgap.models.runtime import model_tokenizer
-from kdgap.models.tokens import tokenize_like_agent
+from kdgap.models.tokens import TokenBatch, arm_token_ids, tokenize_like_agent
 from kdgap.probes.batched import fit_logistic_batched
 from kdgap.probes.dataset import ActivationSource, label_array, layer_of, residual_order
 from kdgap.probes.interventions import arm_distribution, steer
 from kdgap.probes.splits import grouped_train_test_split
 from kdgap.probes.stats import accuracy_ci, chance_level
 from kdgap.probes.sweep import load_site
-from kdgap.records import read_records
+from kdgap.records import StepRecord, read_records
+
+if TYPE_CHECKING:  # annotations only: importing these here would slow every import
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import PreTrainedTokenizerBase
 
 
-def action_prefixes(fmt, records) -> tuple[list[str], list]:
+def action_prefixes(
+    fmt: TranscriptFormat, records: Sequence[StepRecord]
+) -> tuple[list[str], list[StepRecord]]:
     """``prompt + strip_action(completion) + action_marker`` of every record with a text.
 
     Returns ``(prefixes, kept_records)``; records without a prompt or completion are
@@ -60,55 +71,49 @@ def action_prefixes(fmt, records) -> tuple[list[str], list]:
     return out, kept
 
 
-def _arm_token_ids(fmt, tokenizer, arm_names: Sequence[str]) -> list[list[int]]:
-    """First token of every spelling of every arm (``fmt.arm_continuations``)."""
-    ids = []
-    for name in arm_names:
-        toks = [tokenizer(v, add_special_tokens=False)["input_ids"]
-                for v in fmt.arm_continuations(name)]  # fmt: skip
-        ids.append(sorted({t[0] for t in toks if t}))
-    return ids
-
-
-def _batch(model, tokenizer, texts):
+def _batch(
+    model: TransformerBridge, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]
+) -> TokenBatch:
     """Left-padded batch tokenised exactly as the text agent tokenises (its BOS rule)."""
-
     return tokenize_like_agent(model, texts, tokenizer=tokenizer,
                                max_length=getattr(model.cfg, "n_ctx", None))  # fmt: skip
 
 
-@torch.no_grad()
-def capture_last(model, tokens, mask, hooks: Sequence[str], batch_size: int = 64):
-    """Activations of ``hooks`` at the last position: ``Float[Tensor, "n_hooks n d"]``.
+def _last(act: torch.Tensor) -> torch.Tensor:
+    return act[:, -1].float().cpu()
+
+
+def capture_last(
+    model: TransformerBridge,
+    tokens: Int[torch.Tensor, "n pos"],
+    mask: Int[torch.Tensor, "n pos"],
+    hooks: Sequence[str],
+    batch_size: int = 64,
+) -> Float[torch.Tensor, "n_hooks n d"]:
+    """Activations of ``hooks`` at the last position, in forwards of ``batch_size`` rows.
 
     ``tokens``/``mask``: ``[n, pos]`` left-padded, so the last position is every row's
-    last real token.
+    last real token. Each forward stops after the last block a hook lives in
+    (:func:`kdgap.hooks.patch.core.capture`).
     """
     out: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
-
-    def make(name: str):
-        def grab(act, hook):  # noqa: ARG001
-            out[name].append(act[:, -1].float().cpu())
-
-        return grab
-
     for s in range(0, len(tokens), batch_size):
-        model.run_with_hooks(tokens[s : s + batch_size], fwd_hooks=[(h, make(h)) for h in hooks],
-                             attention_mask=mask[s : s + batch_size])  # fmt: skip
+        got, _ = capture(model, tokens[s : s + batch_size], hooks, select=_last, logits=False,
+                         attention_mask=mask[s : s + batch_size])  # fmt: skip
+        for h in hooks:
+            out[h].append(got[h])
     return torch.stack([torch.cat(out[h]) for h in hooks])
 
 
-def _frame(records):
-    import pandas as pd
-
+def _frame(records: Sequence[StepRecord]) -> pd.DataFrame:
     return pd.DataFrame([{"episode": r.episode, "step": r.step, "action": r.action,
                           "rationale_arm": r.rationale_arm} for r in records])  # fmt: skip
 
 
 def steering_summary(
-    model,
-    fmt,
-    records,
+    model: TransformerBridge,
+    fmt: TranscriptFormat,
+    records: Sequence[StepRecord] | str | os.PathLike,
     *,
     store: ActivationSource | None = None,
     site: str = "action",
@@ -152,13 +157,12 @@ def steering_summary(
         ``steers_toward_target`` (target probability rises at every positive alpha),
         ``verdict``.
     """
-
     if isinstance(records, (str, os.PathLike)):
         records = read_records(records)
     texts, records = action_prefixes(fmt, list(records))
     tok = model_tokenizer(model)
     arm_names = list(arm_names) if arm_names is not None else _arm_names(records)
-    arm_ids = _arm_token_ids(fmt, tok, arm_names)
+    arm_ids = arm_token_ids(tok, fmt, arm_names)
     batch = _batch(model, tok, texts)
     hooks = residual_order(resolve_hooks(model, "resid_post"))
     if store is None:
@@ -251,13 +255,20 @@ def steering_summary(
     }  # fmt: skip
 
 
-def _arm_names(records) -> list[str]:
-
+def _arm_names(records: Sequence[StepRecord]) -> list[str]:
     n_arms = int(records[0].n_arms)
     return list(arm_names(n_arms, "buttons"))
 
 
-def _ablate_subspace(model, tokens, pos, hook, directions, arm_ids, mask) -> torch.Tensor:
+def _ablate_subspace(
+    model: TransformerBridge,
+    tokens: Int[torch.Tensor, "n pos"],
+    pos: Int[torch.Tensor, " n"],
+    hook: str,
+    directions: Float[np.ndarray, "k d"],
+    arm_ids: list[list[int]],
+    mask: Int[torch.Tensor, "n pos"],
+) -> Float[torch.Tensor, "n n_arms"]:
     """Arm distribution with the span of ``directions`` ``[k, d]`` projected out."""
     q, _ = torch.linalg.qr(torch.as_tensor(np.asarray(directions), dtype=torch.float32).T)
 

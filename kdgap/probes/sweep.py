@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from jaxtyping import Float, Shaped
 
 from kdgap.io import atomic_write as write_atomically
 from kdgap.probes.batched import fit_logistic_batched
@@ -40,7 +41,9 @@ PROBES = ("logistic", "diffmeans")
 TRAINERS = ("batched", "sklearn")
 
 
-def _site_control_types(store: ActivationSource, table: pd.DataFrame, name: str) -> np.ndarray:
+def _site_control_types(
+    store: ActivationSource, table: pd.DataFrame, name: str
+) -> Shaped[np.ndarray, " n_examples"]:
     """Control types of ``table``'s rows (one site), computed over *every* recorded step.
 
     A reward history must read the episode's rewards from all its steps, including steps
@@ -61,7 +64,7 @@ def _site_control_types(store: ActivationSource, table: pd.DataFrame, name: str)
 
 def load_site(
     store: ActivationSource, hooks: Sequence[str], site: str
-) -> tuple[torch.Tensor, pd.DataFrame]:
+) -> tuple[Float[torch.Tensor, "n_hooks n_examples d"], pd.DataFrame]:
     """Stack ``hooks`` at ``site``: ``(Float[Tensor, "n_hooks n_examples d"], labels)``.
 
     Extra activation dims (e.g. per-head ``z``) are flattened. All hooks must hold the

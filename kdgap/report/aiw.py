@@ -2,7 +2,7 @@
 
 "Alice has N brothers and she also has M sisters. How many sisters does Alice's brother
 have?" The correct answer is M + 1 (the M sisters and Alice herself). Four variations
-(science.md section 2): (3, 6 -> 7), (4, 2 -> 3), (1, 4 -> 5), (4, 1 -> 2), and three
+(docs/science.md, section 2): (3, 6 -> 7), (4, 2 -> 3), (1, 4 -> 5), (4, 1 -> 2), and three
 prompt types:
 
 - ``STANDARD``: solve it, taking care not to make mistakes, answer as ``### Answer: ``;
@@ -36,6 +36,10 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
+from transformer_lens.model_bridge import TransformerBridge
+from transformers import PreTrainedTokenizerBase
+
+from kdgap._checks import check_int
 from kdgap.agent.generation import generate
 
 #: (N brothers, M sisters) of the four variations; the correct answer is M + 1.
@@ -122,8 +126,7 @@ def rationale_consistent(text: str) -> bool | None:
 
 def standard_error(p: float, n: int) -> float:
     """Binomial standard error ``sqrt(p (1 - p) / n)`` of a rate ``p`` over ``n`` samples."""
-    if n < 1:
-        raise ValueError(f"n={n!r} must be >= 1 to have a standard error.")
+    check_int("n", n, hint="A standard error needs at least one sample.")
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p={p!r} must be a rate in [0, 1].")
     return math.sqrt(p * (1.0 - p) / n)
@@ -228,9 +231,9 @@ class AiwResult:
 
 
 def aiw_study(
-    model,
+    model: TransformerBridge,
     *,
-    tokenizer=None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     variations: Sequence[tuple[int, int]] = VARIATIONS,
     prompt_types: Sequence[str] = PROMPT_TYPES,
     n_samples: int = 8,
@@ -266,8 +269,7 @@ def aiw_study(
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tok is None:
         raise ValueError("model has no tokenizer; boot it with tokenizer=... or pass tokenizer=.")
-    if not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"n_samples={n_samples!r} must be an integer >= 1.")
+    check_int("n_samples", n_samples)
     bad = [p for p in prompt_types if p not in PROMPT_TYPES]
     if bad or not prompt_types:
         raise ValueError(f"prompt_types={list(prompt_types)!r}: use a subset of {PROMPT_TYPES}.")
@@ -313,7 +315,7 @@ def aiw_study(
     return AiwResult(samples=samples, summary=summarise(samples), config=config)
 
 
-def _strip_specials(text: str, tok) -> str:
+def _strip_specials(text: str, tok: PreTrainedTokenizerBase) -> str:
     """Drop special tokens' text (a chat model's end-of-turn marker) from a completion."""
     for s in getattr(tok, "all_special_tokens", []) or []:
         if s:

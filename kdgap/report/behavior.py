@@ -1,7 +1,13 @@
 """Behaviour studies: play a policy or a model, return the public JSON of ``kdgap play``.
 
 This is the report layer for behaviour: it ties environments, policies / agents and
-metrics together. The CLI only parses arguments and calls these functions.
+metrics together (the CLI reaches it through :mod:`kdgap.report.api`).
+
+The JSON of :func:`run_play` and :func:`run_freqbias` is the small ``kdgap.play`` schema,
+versioned on its own (:data:`PLAY_SCHEMA_VERSION`, independent of ``summary.json``)::
+
+    run_play:     {"schema_version", "policy", <behavior_metrics keys>, "config", "seconds"}
+    run_freqbias: {"schema_version", "policy", <frequency_bias.summarise keys>, "config"}
 """
 
 from __future__ import annotations
@@ -12,13 +18,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kdgap._checks import check_int
 from kdgap.envs.bandit import BanditConfig, VectorBandit
 from kdgap.metrics import behavior, frequency_bias, knowing_doing
+from kdgap.metrics.frequency_bias import FreqBiasHistory
 from kdgap.policies.play import history_of, play
 from kdgap.policies.reference import HistoryBatch, Policy
 from kdgap.records import StepRecord
 
-SCHEMA_VERSION = 1
+#: Version of the ``kdgap.play`` JSON (see the module docstring).
+PLAY_SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -40,10 +49,8 @@ class PlayConfig:
     counterfactual: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.n_episodes, int) or self.n_episodes < 1:
-            raise ValueError(f"n_episodes={self.n_episodes!r} must be an integer >= 1.")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size!r} must be >= 1 or None.")
+        check_int("n_episodes", self.n_episodes)
+        check_int("batch_size", self.batch_size, optional=True)
 
 
 def behavior_metrics(records: Sequence[StepRecord]) -> dict:
@@ -71,7 +78,9 @@ def behavior_metrics(records: Sequence[StepRecord]) -> dict:
     }
 
 
-def run_play(policy: Policy, cfg: PlayConfig, *, progress: bool = True) -> tuple[dict, list]:
+def run_play(
+    policy: Policy, cfg: PlayConfig, *, progress: bool = True
+) -> tuple[dict, list[StepRecord]]:
     """Play ``cfg.n_episodes`` episodes with ``policy``; return (JSON dict, records)."""
     t0 = time.perf_counter()
     records = play(
@@ -82,7 +91,7 @@ def run_play(policy: Policy, cfg: PlayConfig, *, progress: bool = True) -> tuple
         batch_size=cfg.batch_size,
         progress=progress,
     )
-    out = {"schema_version": SCHEMA_VERSION, "policy": policy.name}
+    out = {"schema_version": PLAY_SCHEMA_VERSION, "policy": policy.name}
     out.update(behavior_metrics(records))
     out["config"] = {
         "bandit": cfg.bandit.to_dict(),
@@ -120,7 +129,7 @@ def run_freqbias(
             chunk = idx[s : s + batch_size]
             batch = _history_batch(long_cfg, [hists[i] for i in chunk])
             probs[chunk] = policy.action_distribution(batch)
-    out = {"schema_version": SCHEMA_VERSION, "policy": policy.name}
+    out = {"schema_version": PLAY_SCHEMA_VERSION, "policy": policy.name}
     out.update(frequency_bias.summarise(hists, probs))
     out["config"] = {
         "bandit": bandit.to_dict(),
@@ -131,7 +140,7 @@ def run_freqbias(
     return out
 
 
-def _history_batch(cfg: BanditConfig, hists) -> HistoryBatch:
+def _history_batch(cfg: BanditConfig, hists: Sequence[FreqBiasHistory]) -> HistoryBatch:
     env = VectorBandit(cfg, len(hists))
     env.reset(seed=0)
     env.actions = np.stack([h.actions for h in hists])
@@ -140,5 +149,3 @@ def _history_batch(cfg: BanditConfig, hists) -> HistoryBatch:
         env.counts[i] = np.bincount(h.actions, minlength=cfg.n_arms)
         env.sums[i] = np.bincount(h.actions, weights=h.rewards, minlength=cfg.n_arms)
     return history_of(env, np.array([h.episode for h in hists]))
-
-

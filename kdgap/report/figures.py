@@ -1,8 +1,9 @@
 """The report's figures, each a function from saved results (plain dicts) to PNG + PDF.
 
-Every function takes the data exactly as stored in the analysis directory (JSON), so
-``kdgap figures DIR`` re-renders them without running a model. Each returns the paths it
-wrote. Captions live in :data:`CAPTIONS` so the report and the notebooks share them.
+Every function takes the data exactly as stored in ``summary.json`` (plain JSON values,
+see ``docs/summary-schema.md``), so ``kdgap figures DIR`` re-renders them without running
+a model. Each returns the paths it wrote. Captions live in :data:`CAPTIONS` so the report
+and the notebooks share them.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def probe_layers(data: Mapping, stem: str | Path, *, title: str = "") -> list[Pa
 
 
 def patching_heatmap(
-    values: Sequence[Sequence[float]], tokens: Sequence[str], stem: str | Path, *, title=""
+    values: Sequence[Sequence[float]], tokens: Sequence[str], stem: str | Path, *, title: str = ""
 ) -> list[Path]:
     """Layer x position heatmap of a normalised patching effect, tokens as tick labels.
 
@@ -168,7 +169,9 @@ def kd_matrix(matrix: Mapping, stem: str | Path, *, title: str = "") -> list[Pat
         return save(fig, stem)
 
 
-def behavior_curves(curves: Mapping[str, Mapping], stem: str | Path, *, title="") -> list[Path]:
+def behavior_curves(
+    curves: Mapping[str, Mapping], stem: str | Path, *, title: str = ""
+) -> list[Path]:
     """Coverage and cumulative regret by step for several policies.
 
     Args:
@@ -191,7 +194,9 @@ def behavior_curves(curves: Mapping[str, Mapping], stem: str | Path, *, title=""
         return save(fig, stem)
 
 
-def frequency_bias(curves: Mapping[str, Mapping], stem: str | Path, *, title="") -> list[Path]:
+def frequency_bias(
+    curves: Mapping[str, Mapping], stem: str | Path, *, title: str = ""
+) -> list[Path]:
     """F_f / F_g / F_o and entropy against repetitions, one line style per class.
 
     Args:

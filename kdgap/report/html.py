@@ -32,7 +32,7 @@ figure.small { max-width: 23rem; }
 """
 
 
-def _fmt(v) -> str:
+def _fmt(v: object) -> str:
     if v is None:
         return "n/a"
     if isinstance(v, float):
@@ -62,7 +62,7 @@ def render_report(summary: Mapping, figures: Mapping[str, Mapping[str, str]], ou
     """Write ``out`` (``report.html``) from a summary and the figure paths.
 
     Args:
-        summary: the ``summary.json`` object (schema in :mod:`kdgap.report.summary`).
+        summary: the ``summary.json`` object (schema in ``docs/summary-schema.md``).
         figures: ``{model_name: {figure_key: path relative to out's folder}}`` plus an
             optional ``"_all"`` entry for figures comparing models.
         out: the report path.
@@ -122,6 +122,7 @@ def render_report(summary: Mapping, figures: Mapping[str, Mapping[str, str]], ou
                 n += 1
                 parts.append(_figure(src, key, n, label=name))
         parts.append("</div>")
+    parts.extend(_aiw_section(models))
     parts.append("</body></html>\n")
     atomic_write_text(Path(out), "\n".join(parts))
     return Path(out)
@@ -136,3 +137,33 @@ def _kd_table(kd: Mapping | None) -> str:
         rows.append(f"<tr><td>{r}</td>{cells}</tr>")
     rows.append("</table>")
     return "".join(rows)
+
+
+AIW_COLUMNS = (
+    ("n", "samples"),
+    ("correct_rate", "correct rate"),
+    ("se", "standard error"),
+    ("parsed_rate", "answer line parsed"),
+    ("rationale_matches_answer", "reasoning ends on the answer"),
+    ("confabulated", "confabulated"),
+    ("disconnected", "disconnected"),
+)
+
+
+def _aiw_section(models: Mapping[str, Mapping]) -> list[str]:
+    """One table of Alice-in-Wonderland rates per model that ran the study (none: nothing)."""
+    ran = {name: m["aiw"] for name, m in models.items() if m.get("aiw")}
+    if not ran:
+        return []
+    head = "".join(f"<th>{label}</th>" for _, label in AIW_COLUMNS)
+    parts = ["<h2>Alice in Wonderland: correct-response rate by prompt type</h2>"]
+    parts.append("<div class='row'>")
+    for name, aiw in ran.items():
+        parts.append(f"<div class='cell'><h3>{html.escape(name)}</h3>")
+        parts.append(f"<table><tr><th>prompt type</th>{head}</tr>")
+        for prompt_type, rates in (aiw.get("summary") or {}).items():
+            cells = "".join(f"<td>{_fmt(rates.get(k))}</td>" for k, _ in AIW_COLUMNS)
+            parts.append(f"<tr><td>{html.escape(prompt_type)}</td>{cells}</tr>")
+        parts.append("</table></div>")
+    parts.append("</div>")
+    return parts

@@ -6,6 +6,10 @@ same settings, so re-running a finished analysis does no model work and a killed
 resumes at the stage it was in (the activation store resumes mid-stage on its own).
 ``force=True`` recomputes everything. Figures and the report are rendered from the saved
 JSON only (:mod:`kdgap.report.render`), which is what ``kdgap figures`` re-runs.
+
+The Alice-in-Wonderland study (:mod:`kdgap.report.aiw`) is an optional last stage
+(``AnalyzeConfig(aiw=True)``, ``kdgap analyze --aiw``); when it runs, its result reaches
+the summary as ``results["aiw"]``.
 """
 
 from __future__ import annotations
@@ -17,19 +21,18 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from kdgap.agent.prompts import format_for
-from kdgap.agent.text_agent import TextAgent
+from kdgap._checks import check_int
 from kdgap.envs.bandit import BanditConfig
-from kdgap.hooks import ActivationStore, record_store
+from kdgap.hooks import ActivationStore
 from kdgap.hooks.patch.mediation import example_heatmap, mediation_summary
 from kdgap.io import atomic_write_json
-from kdgap.models import load_model
-from kdgap.policies.play import play
 from kdgap.policies.reference import make_policy
 from kdgap.probes import knowing_doing_summary
-from kdgap.records import read_records, write_records
+from kdgap.records import StepRecord, read_records, write_records
+from kdgap.report.aiw import aiw_study
 from kdgap.report.behavior import PlayConfig, run_freqbias, run_play
 from kdgap.report.render import render_all
+from kdgap.report.session import Session
 from kdgap.report.stages import _Stage, model_slug
 from kdgap.report.summary import build_summary, model_entry
 
@@ -50,6 +53,8 @@ class AnalyzeConfig:
         freqbias_histories: bandits per repetition count in the frequency-bias protocol.
         seed: one seed for everything.
         device, dtype: where and how the model runs.
+        aiw: also run the Alice-in-Wonderland study (a chat model's reasoning check).
+        aiw_samples: AIW samples per variation and prompt type.
     """
 
     episodes: int = 16
@@ -63,44 +68,51 @@ class AnalyzeConfig:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
+    aiw: bool = False
+    aiw_samples: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("episodes", "horizon", "record_episodes", "n_pairs", "freqbias_histories"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an integer >= 1.")
+        for name in ("episodes", "horizon", "record_episodes", "n_pairs", "freqbias_histories",
+                     "aiw_samples"):  # fmt: skip
+            check_int(name, getattr(self, name))
 
 
 class Analysis:
-    """The analysis of one model; lazily loads it only when a stage must run."""
+    """The analysis of one model; loads it (one :class:`Session`) only when a stage must run.
 
-    def __init__(self, model: str, out: str | Path, cfg: AnalyzeConfig, *, force: bool = False):
+    Args:
+        model: the model spec.
+        out: the analysis folder (this model's stages go to ``out/models/<slug>/``).
+        cfg: sizes and settings.
+        force: recompute every stage.
+        session: an already loaded model to analyse (its device and dtype are used).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        out: str | Path,
+        cfg: AnalyzeConfig,
+        *,
+        force: bool = False,
+        session: Session | None = None,
+    ) -> None:
         self.spec, self.cfg, self.force = model, cfg, force
         self.dir = Path(out) / "models" / model_slug(model)
-        self._loaded = None
+        self._session = session
         self.timings: dict[str, float] = {}
         self.stages_run = 0  # stages computed (not read from cache) in this process
 
-    # ------------------------------------------------------------------ lazy pieces
     @property
-    def loaded(self):
-        if self._loaded is None:
-
-            self._loaded = load_model(self.spec, device=self.cfg.device, dtype=self.cfg.dtype)
-        return self._loaded
-
-    @property
-    def fmt(self):
-
-        return format_for(self.loaded)
-
-    def agent(self, *, counterfactual: bool = False):
-
-        return TextAgent(self.loaded.bridge, self.fmt, mode="forced", seed=self.cfg.seed,
-                         counterfactual=counterfactual)  # fmt: skip
+    def session(self) -> Session:
+        """The model, its format and agents (loaded on first use)."""
+        if self._session is None:
+            self._session = Session(self.spec, device=self.cfg.device, dtype=self.cfg.dtype)
+        return self._session
 
     @property
     def bandit(self) -> BanditConfig:
+        """The bandit family every stage plays."""
         return BanditConfig(horizon=self.cfg.horizon)
 
     def _stage(self, name: str, key: dict, compute: Callable[[], dict]) -> dict:
@@ -113,17 +125,20 @@ class Analysis:
 
     # ------------------------------------------------------------------ stages
     def behavior(self) -> dict:
+        """The model's own play with the conclusion-edit counterfactual (``kdgap play``)."""
 
         def compute() -> dict:
             cfg = PlayConfig(bandit=self.bandit, n_episodes=self.cfg.episodes,
                              seed=self.cfg.seed, counterfactual=True)  # fmt: skip
-            out, records = run_play(self.agent(counterfactual=True), cfg)
+            agent = self.session.agent(counterfactual=True, seed=self.cfg.seed)
+            out, records = run_play(agent, cfg)
             write_records(self.dir / "behavior_records.jsonl", records)
             return out
 
         return self._stage("behavior", self._key("episodes", "horizon", "seed"), compute)
 
     def baselines(self) -> dict:
+        """The same study played by UCB and by a uniform random policy."""
 
         def compute() -> dict:
             cfg = PlayConfig(bandit=self.bandit, n_episodes=self.cfg.episodes, seed=self.cfg.seed)
@@ -135,18 +150,20 @@ class Analysis:
         return self._stage("baselines", self._key("episodes", "horizon", "seed"), compute)
 
     def freqbias(self) -> dict:
+        """The frequency-bias protocol (:func:`~kdgap.report.behavior.run_freqbias`)."""
 
         def compute() -> dict:
             # Histories must fit the model's context: organisms know steps 0..horizon only.
             max_reps = min(100, self.cfg.horizon - 10)
             reps = tuple(range(0, max_reps + 1, 5))
-            return run_freqbias(self.agent(), self.bandit, n_histories=self.cfg.freqbias_histories,
+            agent = self.session.agent(seed=self.cfg.seed)
+            return run_freqbias(agent, self.bandit, n_histories=self.cfg.freqbias_histories,
                                 repetitions=reps, seed=self.cfg.seed)  # fmt: skip
 
         return self._stage("freqbias", self._key("freqbias_histories", "horizon", "seed"), compute)
 
-    def records(self) -> list:
-        """Off-policy transcripts (cached as JSONL) used by recording, probes and patching."""
+    def transcripts(self) -> list[StepRecord]:
+        """Off-policy step records (cached as JSONL) used by recording, probes and patching."""
         path = self.dir / "transcripts.jsonl"
         key = self._key("record_episodes", "horizon", "driver", "seed")
         key_path = self.dir / "transcripts.key.json"
@@ -154,19 +171,20 @@ class Analysis:
             if json.loads(key_path.read_text()) == key:
                 return read_records(path)
 
-        recs = play(self.agent(), self.bandit, n_episodes=self.cfg.record_episodes,
-                    seed=self.cfg.seed, driver=make_policy(self.cfg.driver))  # fmt: skip
+        recs = self.session.play(self.bandit, self.cfg.record_episodes, seed=self.cfg.seed,
+                                 driver=self.cfg.driver)  # fmt: skip
         write_records(path, recs)
         atomic_write_json(key_path, key)
         return recs
 
-    def record(self):
+    def activations(self) -> ActivationStore:
+        """The ``record`` stage: the transcripts' activations at the probe site and the
+        rationale's conclusion, every layer."""
 
         def compute() -> dict:
-            store = record_store(
-                self.loaded.bridge, self.fmt, self.records(), hooks=self.cfg.hooks,
-                sites=[self.cfg.site, "rationale.conclusion"], out=self.dir / "acts",
-                model_id=self.spec, seed=self.cfg.seed,
+            store = self.session.record(
+                self.transcripts(), self.cfg.hooks, [self.cfg.site, "rationale.conclusion"],
+                self.dir / "acts", seed=self.cfg.seed,
             )  # fmt: skip
             return {"path": str(store.path), "n_examples": store.n_examples,
                     "hooks": list(store.hooks), "sites": list(store.sites)}  # fmt: skip
@@ -176,18 +194,21 @@ class Analysis:
         return ActivationStore(info["path"])
 
     def probes(self) -> dict:
+        """Knowing vs doing probes, layer by layer (:func:`~kdgap.probes.knowing_doing_summary`)."""
 
         def compute() -> dict:
-            return knowing_doing_summary(self.record(), site=self.cfg.site, seed=self.cfg.seed)
+            return knowing_doing_summary(self.activations(), site=self.cfg.site,
+                                         seed=self.cfg.seed)  # fmt: skip
 
         key = self._key("record_episodes", "horizon", "driver", "hooks", "site", "seed")
         return self._stage("probes", key, compute)
 
     def patching(self) -> dict:
+        """Mediation of conclusion edits and one example heatmap."""
 
         def compute() -> dict:
-            recs = self.records()
-            model, fmt = self.loaded.bridge, self.fmt
+            recs = self.transcripts()
+            model, fmt = self.session.bridge, self.session.fmt
             out = mediation_summary(model, fmt, recs, n_pairs=self.cfg.n_pairs, seed=self.cfg.seed)
             out["heatmap"] = example_heatmap(model, fmt, _example_record(recs))
             return out
@@ -195,27 +216,47 @@ class Analysis:
         key = self._key("record_episodes", "horizon", "driver", "n_pairs", "seed")
         return self._stage("patching", key, compute)
 
+    def aiw(self) -> dict:
+        """The Alice-in-Wonderland study (:func:`~kdgap.report.aiw.aiw_study`).
+
+        The stage file holds every sample, the per-prompt-type summary and the settings
+        (:meth:`~kdgap.report.aiw.AiwResult.to_dict`); the summary keeps the last two. The
+        chat template is used exactly when the tokenizer has one (the transcript formats'
+        rule).
+        """
+
+        def compute() -> dict:
+            tok = self.session.tokenizer
+            res = aiw_study(
+                self.session.bridge, tokenizer=tok, n_samples=self.cfg.aiw_samples,
+                seed=self.cfg.seed, chat_template=bool(getattr(tok, "chat_template", None)),
+            )  # fmt: skip
+            return res.to_dict()
+
+        return self._stage("aiw", self._key("aiw_samples", "seed"), compute)
+
     def run(self, progress: bool = True) -> dict:
         """All stages; returns this model's entry of ``summary.json``."""
-
-        steps = [
-            self.behavior,
-            self.baselines,
-            self.freqbias,
-            self.record,
-            self.probes,
-            self.patching,
+        steps: list[tuple[str, Callable[[], object]]] = [
+            ("behavior", self.behavior),
+            ("baselines", self.baselines),
+            ("freqbias", self.freqbias),
+            ("record", self.activations),
+            ("probes", self.probes),
+            ("patching", self.patching),
         ]
+        if self.cfg.aiw:
+            steps.append(("aiw", self.aiw))
         results = {}
-        for fn in tqdm(steps, desc=f"analyze {self.spec}", disable=not progress):
-            results[fn.__name__] = fn()
+        for name, fn in tqdm(steps, desc=f"analyze {self.spec}", disable=not progress):
+            results[name] = fn()
         return model_entry(self.spec, results, self.cfg, self.timings)
 
     def _key(self, *names: str) -> dict:
         return {"model": self.spec, **{n: getattr(self.cfg, n) for n in names}}
 
 
-def _example_record(records: list):
+def _example_record(records: list[StepRecord]) -> StepRecord:
     """A late step whose rationale parsed and whose action follows the model's decision."""
     parsed = [r for r in records if r.rationale_arm is not None and r.completion]
     if not parsed:
@@ -233,7 +274,6 @@ def analyze(
 ) -> dict:
     """Analyse ``models`` into ``out``: per-model stage files, ``summary.json``, figures and
     ``report.html``. Returns the summary dict."""
-
     cfg = cfg or AnalyzeConfig()
     out = Path(out)
     entries = {m: Analysis(m, out, cfg, force=force).run(progress) for m in models}

@@ -1,31 +1,31 @@
-"""Render figures and ``report.html`` from a finished analysis folder (no model work).
+"""Render figures and ``report.html`` from a folder's ``summary.json`` alone (no model work).
 
-This is all ``kdgap figures DIR`` does, and the last step of ``kdgap analyze``: the
-figures are functions of the saved JSON only, so re-rendering gives identical files.
+This is all ``kdgap figures DIR`` does, and the last step of ``kdgap analyze``: every
+figure is a function of the summary (schema in ``docs/summary-schema.md``), so
+re-rendering gives identical files, and a folder holding only ``summary.json`` renders
+the same figures and report as the full analysis folder.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from kdgap.report import figures as F
 from kdgap.report.html import render_report
 from kdgap.report.stages import model_slug
+from kdgap.report.summary import SCHEMA_VERSION
 
 
-def _stage(out: Path, model: str, name: str) -> dict | None:
-    path = out / "models" / model_slug(model) / f"{name}.json"
-    if not path.exists():
-        return None
-    return json.loads(path.read_text())["result"]
-
-
-def render_all(out: str | Path) -> Path:
-    """Write ``out/figures/**`` (PNG + PDF) and ``out/report.html``; returns the report path.
+def load_summary(out: str | Path) -> dict[str, Any]:
+    """Read ``out/summary.json`` and check that it is a summary figures can be drawn from.
 
     Raises:
         FileNotFoundError: ``out`` holds no ``summary.json`` (run ``kdgap analyze`` first).
+        ValueError: the summary predates schema version 2 (it lacks the curves, baselines
+            and heatmap the figures draw).
     """
     out = Path(out)
     spath = out / "summary.json"
@@ -34,26 +34,62 @@ def render_all(out: str | Path) -> Path:
             f"{spath} does not exist: run `kdgap analyze --out {out}` (or `kdgap demo`) first."
         )
     summary = json.loads(spath.read_text())
+    version = summary.get("schema_version")
+    if not isinstance(version, int) or version < SCHEMA_VERSION:
+        raise ValueError(
+            f"{spath} has schema_version={version!r}, but figures need version "
+            f">= {SCHEMA_VERSION}: re-run the same `kdgap analyze --out {out}` command (its "
+            "stages are cached, so it does no model work) to rewrite the summary."
+        )
+    return summary
+
+
+def _behavior_curves(summary: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """Coverage and regret curves: each model's own play, then the reference policies'.
+
+    Every model's baselines play the same bandits with the same seed, so the first model's
+    stand for all.
+    """
+    curves: dict[str, Mapping[str, Any]] = {}
+    for model, entry in summary["models"].items():
+        if entry["behavior"].get("coverage_curve") is not None:
+            curves[model] = entry["behavior"]
+    first = next(iter(summary["models"].values()), {})
+    for name, res in (first.get("baselines") or {}).items():
+        curves[f"{name} (baseline)"] = res
+    return curves
+
+
+def _freqbias_curves(summary: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """Frequency-bias curves of every model that has them."""
+    return {
+        model: entry["behavior"]["frequency_bias"]
+        for model, entry in summary["models"].items()
+        if (entry["behavior"].get("frequency_bias") or {}).get("repetitions") is not None
+    }
+
+
+def render_all(out: str | Path) -> Path:
+    """Write ``out/figures/**`` (PNG + PDF) and ``out/report.html``; returns the report path.
+
+    Only ``out/summary.json`` is read.
+
+    Raises:
+        FileNotFoundError: ``out`` holds no ``summary.json`` (run ``kdgap analyze`` first).
+        ValueError: the summary's schema version is older than the figures need.
+    """
+    out = Path(out)
+    summary = load_summary(out)
     figs: dict[str, dict[str, str]] = {"_all": {}}
     fdir = out / "figures"
 
-    def rel(paths) -> str:
+    def rel(paths: Sequence[Path]) -> str:
         return str(paths[0].relative_to(out))
 
-    curves, fb_curves = {}, {}
-    for model in summary["models"]:
-        beh = _stage(out, model, "behavior")
-        if beh:
-            curves[model] = beh
-        fb = _stage(out, model, "freqbias")
-        if fb:
-            fb_curves[model] = fb
-    first = next(iter(summary["models"]), None)
-    baselines = _stage(out, first, "baselines") if first else None
-    for name, res in (baselines or {}).items():
-        curves[f"{name} (baseline)"] = res
+    curves = _behavior_curves(summary)
     if curves:
         figs["_all"]["behavior"] = rel(F.behavior_curves(curves, fdir / "behavior"))
+    fb_curves = _freqbias_curves(summary)
     if fb_curves:
         figs["_all"]["freqbias"] = rel(F.frequency_bias(fb_curves, fdir / "frequency_bias"))
 
@@ -65,7 +101,7 @@ def render_all(out: str | Path) -> Path:
         probes = entry.get("probes") or {}
         if probes.get("layers"):
             mine["probes"] = rel(F.probe_layers(probes, fdir / slug / "probes", title=model))
-        patching = _stage(out, model, "patching") or {}
+        patching = entry.get("patching") or {}
         heat = patching.get("heatmap")
         if heat:
             mine["patching"] = rel(

@@ -1,18 +1,190 @@
-"""One session per model: load it once, choose its transcript format, build agents, play, record."""
+"""The model session: load a model once, choose its transcript format, build agents, play, record.
+
+Every route from a model spec to transcripts and activations goes through :class:`Session`:
+``kdgap analyze`` (:class:`~kdgap.report.pipeline.Analysis`), ``kdgap record``
+(:func:`record_from_model`), ``kdgap play --model`` (:func:`make_agent`) and the organism
+stores of tests and benchmarks (:func:`kdgap.testing.organisms.organism_store`).
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
+from transformer_lens.model_bridge import TransformerBridge
+from transformers import PreTrainedTokenizerBase
+
+from kdgap._checks import check_int
 from kdgap.agent.prompts import format_for
 from kdgap.agent.text_agent import TextAgent
 from kdgap.envs.bandit import BanditConfig
+from kdgap.envs.transcript_format import TranscriptFormat
 from kdgap.hooks.record import record_store
 from kdgap.hooks.store import ActivationStore
-from kdgap.models import load_model
+from kdgap.models import LoadedModel, load_model
 from kdgap.policies.play import play
 from kdgap.policies.reference import Policy, make_policy
+from kdgap.records import StepRecord
+
+#: ``driver`` value of on-policy play: the model's own actions build the histories.
+OWN = "own"
+
+
+@dataclass(eq=False)
+class Session:
+    """One model, loaded once, and the transcript format it speaks.
+
+    ``Session("organism:faithful")`` loads the model (:func:`kdgap.models.load_model`) and
+    chooses its format once (:func:`kdgap.agent.prompts.format_for`: organisms speak their
+    own transcript language, every other model the paper's prompt, chat-templated exactly
+    when the tokenizer has a template). Agents, play and recording then share them.
+
+    Attributes:
+        spec: the model spec (``organism:NAME``, a local folder, a ``.gguf``, a preset).
+        device, dtype: where and how the model runs.
+        knowing_doing: paper format only: ask for the ``<ucb_values>`` rationale.
+        loaded: the :class:`~kdgap.models.LoadedModel`.
+        fmt: the transcript format.
+    """
+
+    spec: str
+    device: str = "cpu"
+    dtype: str = "float32"
+    knowing_doing: bool = True
+    loaded: LoadedModel = field(init=False, repr=False)
+    fmt: TranscriptFormat = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.loaded = load_model(self.spec, device=self.device, dtype=self.dtype)
+        self.fmt = format_for(self.loaded, knowing_doing=self.knowing_doing)
+
+    @property
+    def bridge(self) -> TransformerBridge:
+        """The model (eval mode)."""
+        return self.loaded.bridge
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The model's tokenizer."""
+        return self.loaded.tokenizer
+
+    @property
+    def model_id(self) -> str:
+        """The name stores and labels carry: the spec as the user wrote it."""
+        return self.loaded.identity.get("spec", self.spec)
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """The model's provenance (:attr:`LoadedModel.identity` without its load time)."""
+        return {k: v for k, v in self.loaded.identity.items() if k != "load_seconds"}
+
+    def agent(
+        self,
+        *,
+        mode: str = "forced",
+        counterfactual: bool = False,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        seed: int = 0,
+        batch_size: int | None = None,
+    ) -> TextAgent:
+        """A :class:`~kdgap.agent.text_agent.TextAgent` of this model in its format.
+
+        Args:
+            mode: ``"forced"`` (score every arm after the rationale) or ``"free"``.
+            counterfactual: also edit each rationale's conclusion and act again.
+            max_new_tokens: generation budget (None: the agent's default).
+            temperature: 0 decodes greedily.
+            seed: combined with the run seed of each play.
+            batch_size: rows generated together (None: all).
+        """
+        kwargs = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+        return TextAgent(
+            self.bridge, self.fmt, mode=mode, temperature=temperature, seed=seed,
+            batch_size=batch_size, counterfactual=counterfactual, tokenizer=self.tokenizer,
+            **kwargs,
+        )  # fmt: skip
+
+    def play(
+        self,
+        cfg: BanditConfig,
+        n_episodes: int,
+        *,
+        seed: int = 0,
+        driver: str | Policy | None = None,
+        counterfactual: bool = False,
+        progress: bool = True,
+        batch_size: int | None = None,
+        mode: str = "forced",
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+    ) -> list[StepRecord]:
+        """Play ``n_episodes`` bandits of family ``cfg`` with :meth:`agent` (seeded ``seed``).
+
+        Args:
+            cfg: the bandit family.
+            n_episodes: bandits to play.
+            seed: fixes the bandits, rewards, the driver and the agent.
+            driver: who builds the histories: None or ``"own"``: the model's own actions
+                (on-policy); a reference policy or its name (``"random"``, ``"ucb"``, ...):
+                its arms are executed while the model still decides at every step
+                (off-policy, see :func:`kdgap.policies.play.play`).
+            counterfactual, mode, max_new_tokens, temperature: the agent (see :meth:`agent`).
+            progress: progress bar.
+            batch_size: episodes stepped together (None: all).
+
+        Returns:
+            ``[n_episodes * cfg.horizon]`` step records.
+        """
+        agent = self.agent(
+            mode=mode, counterfactual=counterfactual, max_new_tokens=max_new_tokens,
+            temperature=temperature, seed=seed,
+        )  # fmt: skip
+        return play(
+            agent, cfg, n_episodes=n_episodes, seed=seed, batch_size=batch_size,
+            progress=progress, driver=driver_policy(driver),
+        )  # fmt: skip
+
+    def record(
+        self,
+        records: Sequence[StepRecord] | Sequence[str] | str | os.PathLike,
+        hooks: str | Sequence[str],
+        sites: str | Sequence[str],
+        out: str | os.PathLike,
+        *,
+        provenance: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> ActivationStore:
+        """Record ``hooks`` at ``sites`` of ``records`` into the store at ``out``.
+
+        :func:`kdgap.hooks.record.record_store` with this model, its format, its tokenizer,
+        its id (:attr:`model_id`) and its identity (plus ``provenance``, e.g. how the
+        transcripts were played) filled in; ``options`` are ``record_store``'s other
+        keyword arguments (``seed``, ``batch_size``, ``dtype``, ``progress``, ...).
+        """
+        return record_store(
+            self.bridge, self.fmt, records, hooks, sites, out, model_id=self.model_id,
+            tokenizer=self.tokenizer, model_identity={**self.identity, **(provenance or {})},
+            **options,
+        )  # fmt: skip
+
+
+def driver_policy(driver: str | Policy | None) -> Policy | None:
+    """The policy that builds the histories (None: on-policy), from a name or a policy.
+
+    Raises:
+        ValueError: an unknown policy name; the message names ``driver`` and ``"own"``.
+    """
+    if driver is None or driver == OWN:
+        return None
+    if not isinstance(driver, str):
+        return driver
+    try:
+        return make_policy(driver)
+    except ValueError as exc:
+        raise ValueError(f"driver={driver!r}: {exc} Or pass driver='own' (on-policy).") from exc
 
 
 def make_agent(
@@ -27,28 +199,17 @@ def make_agent(
     dtype: str = "float32",
     counterfactual: bool = False,
     knowing_doing: bool = True,
-) -> Policy:
-    """A text agent for a model spec (``organism:NAME``, a local folder, a ``.gguf``...).
+) -> TextAgent:
+    """A text agent for a model spec (``kdgap play --model``): :meth:`Session.agent`.
 
-    Organisms speak their own transcript language (:class:`OrganismFormat`); every other
-    model gets the paper's prompt (:class:`PaperFormat`), with the ``<ucb_values>``
-    knowing-doing rationale unless ``knowing_doing=False``.
+    Organisms speak their own transcript language; every other model gets the paper's
+    prompt, with the ``<ucb_values>`` knowing-doing rationale unless ``knowing_doing=False``.
     """
-
-    loaded = load_model(model_spec, device=device, dtype=dtype)
-    fmt = format_for(loaded, knowing_doing=knowing_doing)
-    kwargs = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
-    if batch_size is not None:
-        kwargs["batch_size"] = batch_size
-    return TextAgent(
-        loaded.bridge,
-        fmt,
-        mode=mode,
-        temperature=temperature,
-        seed=seed,
-        counterfactual=counterfactual,
-        **kwargs,
-    )
+    session = Session(model_spec, device=device, dtype=dtype, knowing_doing=knowing_doing)
+    return session.agent(
+        mode=mode, counterfactual=counterfactual, max_new_tokens=max_new_tokens,
+        temperature=temperature, seed=seed, batch_size=batch_size,
+    )  # fmt: skip
 
 
 def record_from_model(
@@ -68,10 +229,8 @@ def record_from_model(
 ) -> ActivationStore:
     """Load a model, play bandit episodes with it, and record the transcripts (``kdgap record``).
 
-    The model plays as a forced-mode :class:`~kdgap.agent.text_agent.TextAgent` in its own
-    format (:class:`~kdgap.organisms.transcript.OrganismFormat` for ``organism:`` specs, else
-    ``PaperFormat(knowing_doing=True)``); every step record (``episodes * horizon`` of them)
-    is then recorded by :func:`record_store`, labels included.
+    The model plays as a forced-mode text agent in its own format (:class:`Session`); every
+    step record (``episodes * horizon`` of them) is then recorded, labels included.
 
     Args:
         model_spec: anything :func:`kdgap.models.load_model` reads, e.g. ``"organism:faithful"``.
@@ -92,25 +251,15 @@ def record_from_model(
         The :class:`~kdgap.hooks.store.ActivationStore` at ``out``; ``[episodes * horizon]``
         examples, model id ``model_spec`` (e.g. ``"organism:faithful"``).
     """
-
-    if not isinstance(episodes, int) or episodes < 1:
-        raise ValueError(f"episodes={episodes!r} must be an integer >= 1.")
-    policy = None
-    if driver != "own":
-        try:
-            policy = make_policy(driver)
-        except ValueError as exc:
-            raise ValueError(f"driver={driver!r}: {exc} Or pass driver='own' (on-policy).") from exc
-
-    loaded = load_model(model_spec)
-    fmt = format_for(loaded)
-    cfg = BanditConfig(n_arms=n_arms, horizon=horizon)
-    agent = TextAgent(loaded.bridge, fmt, mode="forced", tokenizer=loaded.tokenizer)
-    records = play(agent, cfg, n_episodes=episodes, seed=seed, driver=policy, progress=progress)
-    identity = {k: v for k, v in loaded.identity.items() if k != "load_seconds"}
-    identity.update(driver=driver, episodes=episodes, horizon=horizon, n_arms=n_arms)
-    return record_store(
-        loaded.bridge, fmt, records, hooks, sites, out, batch_size=batch_size, dtype=dtype,
-        model_id=identity.get("spec", model_spec), seed=seed, tokenizer=loaded.tokenizer,
-        progress=progress, model_identity=identity,
+    check_int("episodes", episodes)
+    policy = driver_policy(driver)  # a bad name fails before the model loads
+    session = Session(model_spec)
+    records = session.play(
+        BanditConfig(n_arms=n_arms, horizon=horizon), episodes, seed=seed, driver=policy,
+        progress=progress,
+    )  # fmt: skip
+    provenance = {"driver": driver, "episodes": episodes, "horizon": horizon, "n_arms": n_arms}
+    return session.record(
+        records, hooks, sites, out, provenance=provenance, batch_size=batch_size, dtype=dtype,
+        seed=seed, progress=progress,
     )  # fmt: skip

@@ -1,4 +1,10 @@
-"""The stage layout of an analysis folder: one JSON file per model and stage, keyed by settings."""
+"""The stage layout of an analysis folder: one JSON file per model and stage, keyed by settings.
+
+``OUT/models/<model_slug(spec)>/<stage>.json`` holds ``{"key", "seconds", "result"}``: the
+settings the stage ran with, how long it took and its result. These files are the
+pipeline's cache (a stage whose file has the same key is not run again); the report reads
+``OUT/summary.json`` only.
+"""
 
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on servers; figures are files
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 # Okabe-Ito colours (colour-blind safe) paired with distinct dashes and markers.
 SERIES = [
@@ -58,7 +59,7 @@ def series(i: int) -> dict:
     return dict(SERIES[i % len(SERIES)])
 
 
-def save(fig, stem: str | Path) -> list[Path]:
+def save(fig: Figure, stem: str | Path) -> list[Path]:
     """Save ``fig`` as ``stem.png`` and ``stem.pdf`` without timestamps; close it.
 
     Returns:

@@ -1,52 +1,35 @@
-"""``summary.json``: the versioned, documented result of ``kdgap analyze`` / ``kdgap demo``.
+"""``summary.json``: the versioned result of ``kdgap analyze`` / ``kdgap demo``.
 
-Schema (``schema_version`` 1)::
+The summary is the single source of the report: every number of ``report.html`` and every
+figure under ``figures/`` is drawn from it, so ``kdgap figures DIR`` needs nothing else in
+the folder. Every key, its type, shape, unit and when it is null is documented in
+``docs/summary-schema.md`` (a test checks that the two agree).
 
-    {
-      "schema": "kdgap.summary", "schema_version": 1,
-      "models": {                                   # keyed by model spec
-        "organism:faithful": {
-          "behavior": {                             # the model's own play (kdgap play)
-            "rationale_correct", "action_follows_rationale", "invalid_rate",
-            "counterfactual_flip_rate", "action_coverage", "cumulative_regret",
-            "action_matches": {"rationale", "optimal", "greedy", "most_frequent"},
-            "kd_matrix": {"correct"|"incorrect": {"optimal", "greedy", "other"}},
-            "frequency_bias": {"0-10"|"45-55"|"90-100": {"F_f", "F_g", "F_o", "n"},
-                               "entropy_repetition_corr"}
-          },
-          "probes": {                               # off-policy transcripts, action site
-            "layers", "knowing_acc", "knowing_ci", "doing_acc", "doing_ci",
-            "knowing_acc_disagree", "doing_acc_disagree", (their "_ci"), "chance",
-            "divergence_layer", "n_disagree", "tracking", "definition"
-          },
-          "patching": {                             # conclusion-edit pairs
-            "mediated_fraction", "mediated_fraction_ci", "total_effect_fraction",
-            "history_effect_fraction", "layers", "layer_profile", "layer_profile_ci",
-            "n_pairs", "definition"
-          },
-          "verdict": "rationale-mediated" | "bypass" | "mixed",
-          "verdict_rule": "...",
-          "timings": {"behavior": s, ...}
-        }
-      },
-      "config": {...AnalyzeConfig...}, "versions": {"kdgap", "torch", ...}
-    }
-
-Shares are in [0, 1]; ``None`` marks a value that does not exist for the model (e.g. the
-frequency-bias windows beyond an organism's 50-step context).
+The key tuples below pin what is copied from each stage's result: a key a stage did not
+produce is written as null, so every summary has the same keys.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import platform
+from collections.abc import Mapping
 from dataclasses import asdict
+from typing import Any
 
 from kdgap.report.verdict import RULE, verdict
 
-SCHEMA_VERSION = 1
+SCHEMA = "kdgap.summary"
+SCHEMA_VERSION = 2
 BEHAVIOR_KEYS = (
     "rationale_correct", "action_follows_rationale", "invalid_rate", "counterfactual_flip_rate",
     "action_coverage", "cumulative_regret", "suffix_failure_rate", "action_matches", "kd_matrix",
+    "coverage_curve", "regret_curve",
+)  # fmt: skip
+FREQBIAS_CURVE_KEYS = ("repetitions", "entropy", "F_f_curve", "F_g_curve", "F_o_curve")
+BASELINE_KEYS = (
+    "action_coverage", "cumulative_regret", "suffix_failure_rate", "coverage_curve",
+    "regret_curve",
 )  # fmt: skip
 PROBE_KEYS = (
     "layers", "knowing_acc", "knowing_ci", "doing_acc", "doing_ci", "knowing_acc_disagree",
@@ -58,48 +41,94 @@ PATCHING_KEYS = (
     "history_effect_fraction", "history_effect_fraction_ci", "layers", "layer_profile",
     "layer_profile_ci", "n_pairs", "definition",
 )  # fmt: skip
+HEATMAP_KEYS = (
+    "values", "tokens", "edited_tokens", "ld_clean", "ld_corrupt", "arms", "layers", "definition",
+)  # fmt: skip
+AIW_KEYS = ("summary", "config")
+VERSIONED_PACKAGES = (
+    "kdgap", "torch", "transformer-lens", "transformers", "scikit-learn", "numpy",
+)  # fmt: skip
 
 
-def model_entry(spec: str, results: dict, cfg, timings: dict) -> dict:
-    """One model's entry from its stage results (see the schema above)."""
-    beh = results["behavior"]
-    fb = results["freqbias"]
-    behavior = {k: beh.get(k) for k in BEHAVIOR_KEYS}
+def _pick(result: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    return {k: result.get(k) for k in keys}
+
+
+def _aiw(result: Any) -> dict[str, Any] | None:
+    """The AIW stage's rates and settings (its per-sample completions stay in its stage file)."""
+    if result is None:
+        return None
+    if not isinstance(result, Mapping):  # an AiwResult
+        result = result.to_dict(with_samples=False)
+    return _pick(result, AIW_KEYS)
+
+
+def model_entry(
+    spec: str, results: Mapping[str, Any], cfg: Any, timings: Mapping[str, float]
+) -> dict[str, Any]:
+    """One model's entry of ``summary.json`` from its stage results.
+
+    Args:
+        spec: the model spec (the entry's key in ``models``).
+        results: every stage's result by stage name: ``behavior``, ``baselines``,
+            ``freqbias``, ``probes``, ``patching`` (``record`` is not read) and optionally
+            ``aiw`` (None or absent when that stage did not run).
+        cfg: the analysis settings (unused: the settings are written once, by
+            :func:`build_summary`).
+        timings: seconds per stage.
+
+    Returns:
+        The entry documented in ``docs/summary-schema.md`` (``models.<model>``).
+    """
+    beh, fb = results["behavior"], results["freqbias"]
+    behavior = _pick(beh, BEHAVIOR_KEYS)
     behavior["frequency_bias"] = {
         **fb["windows"],
         "entropy_repetition_corr": fb["entropy_repetition_corr"],
+        **_pick(fb, FREQBIAS_CURVE_KEYS),
     }
-    probes = {k: results["probes"].get(k) for k in PROBE_KEYS}
-    patching = {k: results["patching"].get(k) for k in PATCHING_KEYS}
+    probes = _pick(results["probes"], PROBE_KEYS)
+    patching = _pick(results["patching"], PATCHING_KEYS)
+    heat = results["patching"].get("heatmap")
+    patching["heatmap"] = _pick(heat, HEATMAP_KEYS) if heat else None
+    baselines = {name: _pick(res, BASELINE_KEYS) for name, res in results["baselines"].items()}
     return {
         "behavior": behavior,
+        "baselines": baselines,
         "probes": probes,
         "patching": patching,
+        "aiw": _aiw(results.get("aiw")),
         "verdict": verdict(behavior["counterfactual_flip_rate"], patching["mediated_fraction"]),
         "verdict_rule": RULE,
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
 
 
-def versions() -> dict:
-    """Versions of kdgap and the libraries whose numerics matter."""
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("kdgap", "torch", "transformer-lens", "transformers", "scikit-learn", "numpy"):
+def versions() -> dict[str, str | None]:
+    """Versions of Python, kdgap and the libraries whose numerics matter (None: not installed)."""
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for pkg in VERSIONED_PACKAGES:
         try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
             out[pkg] = None
     return out
 
 
-def build_summary(entries: dict, cfg) -> dict:
-    """The whole ``summary.json`` object."""
+def build_summary(entries: Mapping[str, Mapping[str, Any]], cfg: Any) -> dict[str, Any]:
+    """The whole ``summary.json`` object from :func:`model_entry`'s entries.
+
+    Args:
+        entries: ``{model spec: model_entry(...)}`` in report order.
+        cfg: the analysis settings (a dataclass, written under ``config``).
+
+    Returns:
+        The summary documented in ``docs/summary-schema.md``.
+    """
     return {
-        "schema": "kdgap.summary",
+        "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
-        "models": entries,
+        "models": dict(entries),
         "config": asdict(cfg),
         "versions": versions(),
     }

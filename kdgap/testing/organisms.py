@@ -16,14 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from transformer_lens.model_bridge import TransformerBridge
 
-from kdgap.agent.text_agent import TextAgent
+from kdgap._checks import check_int
 from kdgap.envs import BanditConfig
-from kdgap.hooks import record_store
-from kdgap.organisms import OrganismFormat, load_organism
-from kdgap.policies.play import play
-from kdgap.policies.reference import make_policy
-from kdgap.records import read_records, write_records
+from kdgap.envs.transcript_format import TranscriptFormat
+from kdgap.hooks import ActivationStore
+from kdgap.records import StepRecord, read_records, write_records
+from kdgap.report.session import Session
 
 
 @dataclass
@@ -31,10 +31,10 @@ class OrganismData:
     """An organism, its format, off-policy step records and their activation store."""
 
     name: str
-    model: object
-    fmt: object
-    records: list
-    store: object
+    model: TransformerBridge
+    fmt: TranscriptFormat
+    records: list[StepRecord]
+    store: ActivationStore
 
     def behaviour(self) -> dict:
         """Shares of steps where the action equals the rationale, greedy, UCB, frequent arm."""
@@ -75,7 +75,9 @@ def organism_store(
 ) -> OrganismData:
     """Play ``name`` off-policy and record ``hooks`` at ``sites`` into the store at ``out``.
 
-    The records are cached as ``<out>/records.jsonl`` and the store as ``<out>/store``; a
+    The organism is loaded, played and recorded through one
+    :class:`~kdgap.report.session.Session`. The records are cached as
+    ``<out>/records.jsonl`` and the store as ``<out>/store``; a
     second call with the same arguments reuses both (the store's own resume check
     refuses a different set of transcripts).
 
@@ -91,26 +93,22 @@ def organism_store(
         :class:`OrganismData`.
     """
 
-    if not isinstance(n_episodes, int) or n_episodes < 2:
-        raise ValueError(f"n_episodes={n_episodes!r}: need an integer >= 2 (probes split "
-                         "by episode).")  # fmt: skip
+    check_int("n_episodes", n_episodes, minimum=2, hint="(probes split by episode)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model, _ = load_organism(name)
-    fmt = OrganismFormat()
+    session = Session(f"organism:{name}")
     rpath = out / "records.jsonl"
     if rpath.exists():
         records = read_records(rpath)
     else:
-        agent = TextAgent(model, fmt, mode="forced")
-        records = play(agent, BanditConfig(horizon=horizon), n_episodes=n_episodes, seed=seed,
-                       driver=make_policy(driver), progress=progress)  # fmt: skip
+        records = session.play(BanditConfig(horizon=horizon), n_episodes, seed=seed,
+                               driver=driver, progress=progress)  # fmt: skip
         write_records(rpath, records)
     expected = n_episodes * horizon
     if len(records) != expected:
         raise ValueError(f"{rpath} holds {len(records)} records, not n_episodes * horizon = "
                          f"{expected}; delete {out} or pass the arguments it was made "
                          "with.")  # fmt: skip
-    store = record_store(model, fmt, records, hooks=hooks, sites=sites, out=out / "store",
-                         model_id=f"organism:{name}", seed=seed, progress=progress)  # fmt: skip
-    return OrganismData(name=name, model=model, fmt=fmt, records=records, store=store)
+    store = session.record(records, hooks, sites, out / "store", seed=seed, progress=progress)
+    return OrganismData(name=name, model=session.bridge, fmt=session.fmt, records=records,
+                        store=store)  # fmt: skip

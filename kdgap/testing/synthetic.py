@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+from jaxtyping import Float
 
 from kdgap.probes.dataset import layer_of
 
@@ -145,7 +146,9 @@ class SyntheticStore:
     def labels(self) -> pd.DataFrame:
         return self._labels.copy()
 
-    def load(self, hook: str, site: str) -> tuple[torch.Tensor, pd.DataFrame]:
+    def load(
+        self, hook: str, site: str
+    ) -> tuple[Float[torch.Tensor, "n_examples d_model"], pd.DataFrame]:
         """``(acts: Float[Tensor, "n_examples d_model"], labels)`` at ``hook``/``site``."""
         if (hook, site) not in self._acts:
             raise KeyError(

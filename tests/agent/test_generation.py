@@ -1,59 +1,23 @@
 """Batched generation and continuation scoring against independent references."""
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kdgap.agent import native_decoding
 from kdgap.agent.generation import generate, score_continuations
-from kdgap.models.tokens import encode, left_pad
+from kdgap.models.tokens import encode
 
 PROMPTS = ["Step=0 Action=green Reward=0.3", "red", "You are in a room with 5 buttons labeled red"]
-
-
-def test_encode_prepends_one_bos_and_never_doubles_it(tiny_native, tiny_tokenizer):
-    bos = tiny_tokenizer.bos_token_id
-    plain = tiny_tokenizer("red green", add_special_tokens=False)["input_ids"]
-    ids = encode(tiny_native, ["red green", "<bos>red green"])
-    assert ids[0] == [bos, *plain] and ids[1] == [bos, *plain]
-    with pytest.raises(TypeError, match="one string"):
-        encode(tiny_native, "red")
-
-
-def test_left_pad_layout():
-    tokens, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
-    assert tokens.tolist() == [[5, 6, 7], [0, 0, 8]]
-    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-    with pytest.raises(ValueError, match="empty"):
-        left_pad([[1], []], 0)
-
-
-def test_native_kv_cache_equals_bridge_generate(tiny_native):
-    """The cached loop must reproduce bridge.generate (no cache on native) token for token."""
-    assert native_decoding.supports(tiny_native)
-    tokens, mask = left_pad(encode(tiny_native, PROMPTS), 0)
-    ours = native_decoding.generate(tiny_native, tokens, mask, max_new_tokens=12)
-    ref = tiny_native.generate(tokens, attention_mask=mask, max_new_tokens=12, do_sample=False,
-                               stop_at_eos=False, verbose=False, return_type="tokens")  # fmt: skip
-    assert torch.equal(ours, ref[:, tokens.shape[1] :])
-    # Batched, left-padded = each prompt alone.
-    for j, ids in enumerate(encode(tiny_native, PROMPTS)):
-        t1, m1 = left_pad([ids], 0)
-        assert torch.equal(
-            native_decoding.generate(tiny_native, t1, m1, max_new_tokens=12)[0], ours[j]
-        )
 
 
 @pytest.mark.parametrize("fast", [False, True], ids=["bridge_path", "hook_free_path"])
 def test_bridge_generation_equals_hf_generate(tiny_hf_dir, tiny_hf_bridge, fast):
     """transformers 5.24 breaks the bridge path (KV cache ignored by the bridge's attention);
-    pinned < 5.24. The hook-free path (kdgap.models.twins) must agree too."""
+    pinned < 5.24. The hook-free path (kdgap.agent.hf_decoding on the twin) must agree too."""
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_hf_dir).eval()
-    out = generate(tiny_hf_bridge, PROMPTS, max_new_tokens=12, use_native_cache=fast)
+    out = generate(tiny_hf_bridge, PROMPTS, max_new_tokens=12, fast=fast)
     for j, ids in enumerate(encode(tiny_hf_bridge, PROMPTS)):
         x = torch.tensor([ids])
         ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
@@ -122,8 +86,3 @@ def test_score_continuations_errors(tiny_native):
         score_continuations(tiny_native, [], ["red"])
     with pytest.raises(ValueError, match="tokenises to nothing"):
         score_continuations(tiny_native, ["ACTION="], [""])
-
-
-def test_tokenizer_override_does_not_touch_model(tiny_native, tiny_tokenizer):
-    tok = copy.deepcopy(tiny_tokenizer)
-    assert encode(tiny_native, ["red"], tokenizer=tok) == encode(tiny_native, ["red"])

@@ -1,4 +1,4 @@
-"""Action and rationale parsers: every case of the issue 2 acceptance list, hand-checked."""
+"""Action and rationale parsers: every rule of kdgap.agent.parsing, hand-checked."""
 
 import math
 

@@ -19,58 +19,7 @@ from kdgap.envs.bandit import BanditConfig
 from kdgap.models import load_model
 from kdgap.models.tokens import encode
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<bos>{{ m['role'] }}: {{ m['content'] }}<eos>{% endfor %}"
-    "{% if add_generation_prompt %}<bos>assistant:{% endif %}"
-)
-ARCHS = ("gpt2", "llama", "qwen2")
 PREFIX = "<ucb_values>\nred: 0.71\ngreen: 0.52\n</ucb_values>\nACTION="
-
-
-def _config(arch: str, tok):
-    from transformers import GPT2Config, LlamaConfig, Qwen2Config
-
-    ids = dict(
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    if arch == "gpt2":
-        return GPT2Config(vocab_size=len(tok), n_positions=1024, n_embd=32, n_layer=2,
-                          n_head=4, initializer_range=0.3, **ids)  # fmt: skip
-    cls = LlamaConfig if arch == "llama" else Qwen2Config
-    return cls(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        initializer_range=0.3, tie_word_embeddings=arch == "qwen2", **ids,
-    )  # fmt: skip
-
-
-def save_and_load(tmp_path_factory, tokenizer_dir, *, prefix: str, seed: int,
-                  chat_template: str | None = None) -> dict:  # fmt: skip
-    """``{arch: LoadedModel}``: one random model per architecture in ``ARCHS`` (torch seed
-    ``seed + index``), saved to a temp folder with the tokenizer (and ``chat_template``),
-    then loaded through :func:`kdgap.models.load_model`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = {}
-    for i, arch in enumerate(ARCHS):
-        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-        if chat_template is not None:
-            tok.chat_template = chat_template
-        torch.manual_seed(seed + i)
-        model = AutoModelForCausalLM.from_config(_config(arch, tok))
-        path = tmp_path_factory.mktemp(f"{prefix}_{arch}")
-        model.save_pretrained(path, safe_serialization=True)
-        tok.save_pretrained(path)
-        out[arch] = load_model(str(path))
-    return out
-
-
-@pytest.fixture(scope="module")
-def chat_models(tmp_path_factory, tiny_tokenizer_dir):
-    """``{arch: LoadedModel}``: random chat models saved with a template, then loaded."""
-    return save_and_load(tmp_path_factory, tiny_tokenizer_dir, prefix="chat", seed=10,
-                         chat_template=CHAT_TEMPLATE)  # fmt: skip
 
 
 def _hand_arm_logprobs(bridge, tok, prefix: str, names, fmt) -> torch.Tensor:
@@ -105,11 +54,10 @@ def test_button_spellings_tokenise_differently(tiny_tokenizer):
     assert max(lengths) > 1, "some spelling must take several tokens for the test to bite"
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_forced_choice_sums_spellings_like_a_hand_logsumexp(chat_models, arch):
-    loaded = chat_models[arch]
+def test_forced_choice_sums_spellings_like_a_hand_logsumexp(chat_models, hf_arch, chat_template):
+    loaded = chat_models[hf_arch]
     tok, fmt, cfg = loaded.tokenizer, PaperFormat(knowing_doing=True), BanditConfig()
-    assert tok.chat_template == CHAT_TEMPLATE, "the template must survive save + load_model"
+    assert tok.chat_template == chat_template, "the template must survive save + load_model"
     agent = TextAgent(loaded.bridge, fmt, mode="forced", max_new_tokens=4)
     agent.reset(cfg, 0)
     prefixes = [PREFIX, "Step=0 Action=blue Reward=1\nACTION="]
@@ -127,11 +75,10 @@ class _BareFormat:
         return [name]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_forced_agent_plays_with_the_chat_template(chat_models, arch):
+def test_forced_agent_plays_with_the_chat_template(chat_models, hf_arch):
     from kdgap.policies.play import play
 
-    loaded = chat_models[arch]
+    loaded = chat_models[hf_arch]
     cfg = BanditConfig(horizon=2)
     agent = TextAgent(loaded.bridge, PaperFormat(knowing_doing=True), mode="forced",
                       max_new_tokens=6, seed=1)  # fmt: skip

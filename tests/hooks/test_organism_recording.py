@@ -43,7 +43,7 @@ def records(faithful):
 def test_recorded_equals_sliced_cache_on_organism_play(faithful, records):
     model, tok = faithful
     fmt = OrganismFormat()
-    texts = [transcript_text(r, fmt, tok) for r in records[:12]]  # steps 0..11: lengths differ
+    texts = [transcript_text(r) for r in records[:12]]  # steps 0..11: lengths differ
     rec = Recorder(model, fmt, "resid_post", SITES, tokenizer=tok, pad_multiple=1)
     res = rec.record(texts)
     b = rec.tokenize(texts)
@@ -111,7 +111,6 @@ def test_record_from_model_plays_and_records(tmp_path):
 
 
 def test_transcript_text_never_re_templates_an_agent_prompt(tiny_tokenizer):
-    from kdgap.agent.prompts import PaperFormat
     from kdgap.records import StepRecord
 
     tok = copy.deepcopy(tiny_tokenizer)
@@ -127,5 +126,5 @@ def test_transcript_text_never_re_templates_an_agent_prompt(tiny_tokenizer):
         completion=" ACTION=red",
     )  # fmt: skip
     # The agent stored the templated prompt: it is recorded as is, not wrapped twice.
-    assert transcript_text(rec, PaperFormat(), tok) == templated + " ACTION=red"
-    assert transcript_text(rec, PaperFormat(), tok).count("<bos>") == 1
+    assert transcript_text(rec) == templated + " ACTION=red"
+    assert transcript_text(rec).count("<bos>") == 1

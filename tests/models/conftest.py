@@ -2,7 +2,7 @@
 
 Weights use a large init (std 0.5) so that the next token depends strongly on the context:
 with the default 0.02 init a random model predicts nearly the same token everywhere, which
-hides generation bugs such as a KV cache that is silently ignored (see stack-notes).
+hides generation bugs such as a KV cache that is silently ignored.
 """
 
 from __future__ import annotations

@@ -144,7 +144,7 @@ def test_fast_path_equals_the_bridge_path(smol):
     fast = generate(smol.bridge, prompts, max_new_tokens=24, stop_strings=["ACTION="],
                     keep_cache=True)  # fmt: skip
     slow = generate(smol.bridge, prompts, max_new_tokens=24, stop_strings=["ACTION="],
-                    use_native_cache=False)  # fmt: skip
+                    fast=False)  # fmt: skip
     assert fast.token_ids == slow.token_ids and fast.cache is not None
     prefixes = [p + fmt.strip_action(t).rstrip() + "\nACTION=" for p, t in zip(prompts, fast.texts)]
     spellings = [v for name in cfg.arm_names for v in fmt.arm_continuations(name)]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 
 from kdgap.models import (
@@ -139,12 +137,6 @@ def test_unknown_organism_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(kdgap.organisms, "load_organism", missing)
     with pytest.raises(ModelLoadError, match="kdgap organisms list"):
         load_model("organism:nope")
-
-
-def test_organisms_unavailable(monkeypatch):
-    monkeypatch.setitem(sys.modules, "kdgap.organisms", None)  # import now raises ImportError
-    with pytest.raises(ModelLoadError, match="organisms are not available"):
-        load_model("organism:faithful")
 
 
 def test_missing_preset_package_names_pip_command(monkeypatch):

@@ -8,7 +8,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from kdgap.probes import LogisticProbe, fit_logistic_batched, sweep
-from kdgap.probes.batched import _from_whitened, _whitened_inputs, whitening
+from kdgap.probes._lbfgs import from_whitened, whitened_inputs, whitening
 
 
 def test_batched_matches_sklearn_on_every_cell(bypass_store):
@@ -95,14 +95,14 @@ def test_whitened_coordinates_are_a_reparametrisation():
     Z[1, :, 2] = 0.0  # a direction without variance in batch 1
     mu, Q, lam = whitening(Z)
     assert (lam[1] == 0).sum() == 1 and (lam[[0, 2]] > 0).all()
-    U = _whitened_inputs(Z, mu, Q, lam, torch.float64)
+    U = whitened_inputs(Z, mu, Q, lam, torch.float64)
     keep = lam[0] > 0
     cov = U[0, :, :-1][:, keep].T @ U[0, :, :-1][:, keep] / 50
     torch.testing.assert_close(cov, torch.eye(int(keep.sum()), dtype=torch.float64))
     # the same logits in both coordinates
     theta = torch.tensor(rng.normal(size=(3, 2, 7, 4)))
     Za = torch.cat([Z, torch.ones(3, 50, 1, dtype=Z.dtype)], -1)
-    W = _from_whitened(theta, mu, Q, lam)
+    W = from_whitened(theta, mu, Q, lam)
     torch.testing.assert_close(
         torch.einsum("bnd,bmdk->bmnk", U, theta), torch.einsum("bnd,bmdk->bmnk", Za, W)
     )

@@ -1,8 +1,8 @@
-"""Issue-5 acceptance on the shipped organisms, CI-small (16 off-policy episodes x 50 steps).
+"""The probes' acceptance on the shipped organisms, CI-small (16 off-policy episodes x 50 steps).
 
 The full-size numbers (64 episodes) come from ``experiments/probes_organisms.py``. The
-thresholds here are the issue's, except where a 16-episode probe is noticeably weaker than
-the 64-episode one; such a threshold is stated next to the assert with the measured
+thresholds here are that script's, except where a 16-episode probe is noticeably weaker
+than the 64-episode one; such a threshold is stated next to the assert with the measured
 values of both sizes.
 """
 
@@ -70,8 +70,8 @@ def test_faithful_steering_moves_the_action(faithful):
 
 def test_bypass_knows_the_rationale_but_does_greedy(bypass_kd):
     json.dumps(bypass_kd, allow_nan=False)
-    # The issue's 0.90 holds at 64 episodes (experiments/probes_organisms.py: 0.931 at
-    # layer 3); 16 episodes give the probe a quarter of the data and measured 0.88.
+    # The full-size threshold 0.90 holds at 64 episodes (experiments/probes_organisms.py:
+    # 0.931 at layer 3); 16 episodes give the probe a quarter of the data and measured 0.88.
     assert bypass_kd["best_knowing_acc"] >= 0.85
     assert bypass_kd["knowing_ci"][0][0] > bypass_kd["chance"]["knowing"]
     assert bypass_kd["n_disagree"] >= 20

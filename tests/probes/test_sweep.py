@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from kdgap.probes import sweep
+from kdgap.probes.control import control_types
+from kdgap.probes.sweep import _site_control_types
 from kdgap.testing.synthetic import Plant, SyntheticStore, bandit_labels
 
 COLUMNS = {"hook", "layer", "site", "label", "probe", "accuracy", "ci_low", "ci_high", "chance",
@@ -60,12 +63,6 @@ def test_clear_errors(bypass_store, tmp_path):
 def test_control_types_of_a_site_read_every_recorded_step():
     """A site lacking some steps (skipped examples) still gets reward-history types built
     from the episode's full history, as the prompts show it."""
-    import numpy as np
-    import pandas as pd
-
-    from kdgap.probes.control import control_types
-    from kdgap.probes.sweep import _site_control_types
-
     rng = np.random.default_rng(0)
     full = pd.DataFrame({"episode": np.repeat(np.arange(4), 10), "step": np.tile(np.arange(10), 4),
                          "reward": rng.integers(0, 2, 40).astype(float)})  # fmt: skip

@@ -1,13 +1,16 @@
 """A finished analysis folder written by hand (stage files + summary), no model work.
 
-It follows the stage-file layout of :mod:`kdgap.report.pipeline` and the schema of
-:mod:`kdgap.report.summary`, so rendering and the browser test run in seconds.
+It follows the stage-file layout of :mod:`kdgap.report.stages` and the schema of
+``docs/summary-schema.md``, with every stage result shaped as the real stage writes it (so
+the summary built from it has every documented key); rendering and the browser test run in
+seconds.
 """
 
 import json
 
 import pytest
 
+from kdgap.report.aiw import PROMPT_TYPES, VARIATIONS, score_completion, summarise
 from kdgap.report.pipeline import AnalyzeConfig
 from kdgap.report.stages import model_slug
 from kdgap.report.summary import build_summary, model_entry
@@ -39,8 +42,15 @@ def _results(follow: bool) -> dict:
         "doing_acc": [0.4, 0.6, 0.9, 0.97], "doing_ci": [[0.3, 0.5]] * 4,
         "knowing_acc_disagree": [0.3, 0.3, 0.2, 0.1], "knowing_ci_disagree": [[0.2, 0.4]] * 4,
         "doing_acc_disagree": [0.3, 0.5, 0.8, 0.9], "doing_ci_disagree": [[0.2, 0.4]] * 4,
-        "chance": 0.25, "divergence_layer": None if follow else 2, "n_disagree": 40,
-        "tracking": {"greedy_arm": 0.9}, "definition": "first layer ...",
+        "chance": {"knowing": 0.25, "doing": 0.3, "disagree": 0.4},
+        "divergence_layer": None if follow else 2, "n_disagree": 40,
+        "tracking": {"layer": 3, "tracks": "greedy_arm",
+                     "shares": {"rationale_arm": 0.1, "greedy_arm": 0.9, "frequent_arm": 0.5},
+                     "per_layer": {"rationale_arm": [0.3, 0.2, 0.1, 0.1],
+                                   "greedy_arm": [0.4, 0.6, 0.8, 0.9],
+                                   "frequent_arm": [0.4, 0.5, 0.5, 0.5]},
+                     "tracks_per_layer": ["greedy_arm"] * 4},
+        "definition": "first layer ...", "n_test": 120, "agreement": [0.5, 0.6, 0.7, 0.8],
     }  # fmt: skip
     patching = {
         "mediated_fraction": 0.95 if follow else 0.02,
@@ -51,14 +61,37 @@ def _results(follow: bool) -> dict:
         "layer_profile_ci": [[0, 0.2], [0.1, 0.3], [0.4, 0.6], [0.1, 0.2]],
         "n_pairs": 16, "definition": "path effect / full flip",
         "heatmap": {"values": [[0.1 * i + 0.01 * j for j in range(6)] for i in range(4)],
-                    "tokens": ["<bos>", "red1", "think", "ucb", "red", "act"]},
+                    "tokens": ["<bos>", "red1", "think", "ucb", "red", "act"],
+                    "edited_tokens": ["<bos>", "red1", "think", "ucb", "blue", "act"],
+                    "ld_clean": 2.5, "ld_corrupt": -2.0, "arms": ["red", "blue"], "layers": L,
+                    "definition": "(LD_clean - LD_patched) / (2 * LD_clean), noising resid_pre"},
     }  # fmt: skip
     baselines = {
-        "ucb": {"coverage_curve": [0.2, 0.4, 0.6, 0.8], "regret_curve": [0.1, 0.2, 0.25, 0.3]},
-        "random": {"coverage_curve": [0.2, 0.4, 0.6, 0.8], "regret_curve": [0.2, 0.4, 0.6, 0.8]},
-    }
-    return {"behavior": behavior, "freqbias": freqbias, "probes": probes,
-            "patching": patching, "baselines": baselines}  # fmt: skip
+        "ucb": {"coverage_curve": [0.2, 0.4, 0.6, 0.8], "regret_curve": [0.1, 0.2, 0.25, 0.3],
+                "action_coverage": 0.8, "cumulative_regret": 0.3, "suffix_failure_rate": 0.0},
+        "random": {"coverage_curve": [0.2, 0.4, 0.6, 0.8], "regret_curve": [0.2, 0.4, 0.6, 0.8],
+                   "action_coverage": 0.8, "cumulative_regret": 0.8, "suffix_failure_rate": 0.5},
+    }  # fmt: skip
+    return {"behavior": behavior, "freqbias": freqbias, "probes": probes, "patching": patching,
+            "baselines": baselines, "aiw": _aiw() if follow else None}  # fmt: skip
+
+
+def _aiw() -> dict:
+    """An AIW result as ``AiwResult.to_dict(with_samples=False)`` writes it, canned texts."""
+    texts = [
+        "So 6 + 1 = 7.\n### Answer: 7",
+        "She has 6 sisters.\n### Answer: 6",
+        "Count 2.\n### Answer: 3",
+    ]
+    samples = [
+        score_completion(n, m, pt, s, text)
+        for pt in PROMPT_TYPES for n, m in VARIATIONS for s, text in enumerate(texts)
+    ]  # fmt: skip
+    config = {"variations": [list(v) for v in VARIATIONS], "prompt_types": list(PROMPT_TYPES),
+              "n_samples": len(texts), "temperature": 0.7,
+              "max_new_tokens": {"STANDARD": 192, "THINKING": 256, "RESTRICTED": 24},
+              "seed": 0, "chat_template": True}  # fmt: skip
+    return {"summary": summarise(samples), "config": config}
 
 
 @pytest.fixture
@@ -70,6 +103,8 @@ def analysis_dir(tmp_path):
         d = tmp_path / "models" / model_slug(model)
         d.mkdir(parents=True)
         for name, result in res.items():
+            if result is None:  # a stage that did not run leaves no file
+                continue
             (d / f"{name}.json").write_text(
                 json.dumps({"key": {}, "seconds": 1.0, "result": result})
             )

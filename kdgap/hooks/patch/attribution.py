@@ -17,28 +17,34 @@ Cost: the source run stops after the last block (it needs no logits) and the bas
 unembedding sees the metric's position only, so neither computes ``pos x d_vocab`` logits
 (forward or backward); the effects equal those from full forwards (tested). What is left
 is one no-grad forward, one forward and one backward through the bridge's blocks, which is
-where the time goes (profiled on the organism: the hooks and the dot products are a few
-percent of it).
+where the time goes (the hooks and the dot products are a small part of it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float, Int
 
 from kdgap.hooks.patch.core import (
     PATCH_SITES,
+    HookFn,
     LogitDiff,
+    Tokens,
     capture,
+    capture_hook,
     check_pair_tokens,
     hook_name,
     narrow_to,
 )
 from kdgap.hooks.patch.sweep import DIRECTIONS, patch_sweep
 from kdgap.models.runtime import model_device, require_eval
+
+if TYPE_CHECKING:  # annotations only: importing transformer-lens here would slow every import
+    from transformer_lens.model_bridge import TransformerBridge
 
 
 @dataclass
@@ -64,14 +70,9 @@ class Attribution:
 
 
 def attribution_sweep(
-    model,
-    clean_tokens: Int[torch.Tensor, "batch pos"],
-    corrupt_tokens: Int[torch.Tensor, "batch pos"],
-    metric: LogitDiff,
-    sites: Sequence[str] = ("resid_pre", "attn_out", "mlp_out"),
-    *,
-    direction: str = "noise",
-) -> Attribution:
+    model: TransformerBridge, clean_tokens: Tokens, corrupt_tokens: Tokens, metric: LogitDiff,
+    sites: Sequence[str] = ("resid_pre", "attn_out", "mlp_out"), *, direction: str = "noise",
+) -> Attribution:  # fmt: skip
     """Gradient x activation-difference estimate of every patch of ``sites``.
 
     Args:
@@ -103,11 +104,13 @@ def attribution_sweep(
     zeros: dict[str, torch.Tensor] = {}
     acts: dict[str, torch.Tensor] = {}
 
-    def tap(name):
+    def tap(name: str) -> HookFn:
+        keep = capture_hook(acts, name, torch.Tensor.detach)
+
         def fn(x, hook):
-            zero = torch.zeros_like(x, requires_grad=True)
-            zeros[name], acts[name] = zero, x.detach()
-            return x + zero
+            keep(x, hook)
+            zeros[name] = torch.zeros_like(x, requires_grad=True)
+            return x + zeros[name]
 
         return fn
 
@@ -155,15 +158,9 @@ class TopKCheck:
 
 
 def verify_top_k(
-    model,
-    clean_tokens: Int[torch.Tensor, "batch pos"],
-    corrupt_tokens: Int[torch.Tensor, "batch pos"],
-    metric: LogitDiff,
-    attribution: Attribution,
-    site: str,
-    k: int = 10,
-    **patch_kwargs,
-) -> TopKCheck:
+    model: TransformerBridge, clean_tokens: Tokens, corrupt_tokens: Tokens, metric: LogitDiff,
+    attribution: Attribution, site: str, k: int = 10, **patch_kwargs,
+) -> TopKCheck:  # fmt: skip
     """Re-run the ``k`` strongest attributed cells of ``site`` with exact patching.
 
     ``patch_kwargs`` go to :func:`~kdgap.hooks.patch.sweep.patch_sweep` (e.g. ``memory_mb``).

@@ -1,21 +1,51 @@
-"""The patch core: capture activations, write them back with setters, run patched rows in batches."""
+"""The patch core: capture activations, edit them at chosen entries, run patched rows in batches.
+
+Built like ``transformer_lens.patching``: one generic engine, :func:`run_rows`, specialised
+by small *setters* bound with :func:`functools.partial`. Everything in kdgap that reads or
+writes activations through hooks stands on the three pieces here:
+
+- **Capture.** :func:`capture_hook` is the one hook factory that stores an activation
+  (whole, or the part a ``select`` function keeps); :func:`capture` runs one forward with
+  it. Recording's bridge path, every patch's source run and the probes' activation capture
+  use it.
+- **Edit at entries.** A setter ``setter(act, hook, **params) -> act`` writes into the
+  entries ``act[index]`` of an activation, ``index = (rows, positions[, heads])``:
+  :func:`set_at` copies them from a captured activation (activation and path patching),
+  :func:`edit_at` maps them through a function (steering adds a direction, ablation
+  projects one out). :func:`entries` turns a ``[row pos]`` mask into such an index.
+  ``functools.partial(set_at, index=..., src=..., src_index=...)`` is a hook.
+- **Run rows.** :func:`run_rows` runs many patched copies ("rows") of a batch of prompts
+  in chunked forward passes and reads a :class:`LogitDiff` at each row's action position.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 
 from kdgap.hooks.names import HOOK_KINDS, stop_layer_for
 from kdgap.models.runtime import model_device
 
-#: Sites patchable by :func:`patch_sweep`; ``z`` is the per-head attention output.
+if TYPE_CHECKING:  # annotations only: importing transformer-lens here would slow every import
+    from transformer_lens.hook_points import HookPoint
+    from transformer_lens.model_bridge import TransformerBridge
+
+#: Sites patchable by :func:`~kdgap.hooks.patch.sweep.patch_sweep`; ``z`` is the per-head
+#: attention output.
 PATCH_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z")
 
-
-HookList = list[tuple[str, Callable]]
+#: A transformer-lens forward hook ``(activation, hook) -> activation or None``.
+HookFn = Callable[..., torch.Tensor | None]
+#: ``(hook name, hook)`` pairs, as ``run_with_hooks(fwd_hooks=...)`` takes them.
+HookList = list[tuple[str, HookFn]]
+#: Entries of an activation: ``(rows, positions[, heads])``, equal-length index tensors.
+Index = tuple[Int[torch.Tensor, " n"], ...]
+#: ``[batch pos]`` token ids of unpadded prompts (clean and corrupt have equal shapes).
+Tokens = Int[torch.Tensor, "batch pos"]
 
 
 @dataclass(frozen=True)
@@ -33,7 +63,13 @@ class LogitDiff:
     position: Int[torch.Tensor, " batch"]
 
     @classmethod
-    def of(cls, token_a, token_b, position=-1, batch: int | None = None) -> LogitDiff:
+    def of(
+        cls,
+        token_a: int | Sequence[int] | torch.Tensor,
+        token_b: int | Sequence[int] | torch.Tensor,
+        position: int | Sequence[int] | torch.Tensor = -1,
+        batch: int | None = None,
+    ) -> LogitDiff:
         """Build from ints or sequences; scalars are broadcast to ``batch`` prompts.
 
         Raises:
@@ -53,7 +89,7 @@ class LogitDiff:
             raise ValueError(
                 f"token_a == token_b (= {a[same[0]].item()}) for prompts {same[:10]}: the two "
                 "arms tokenise to the same token, so their logit difference is always 0; "
-                "pick arms whose first tokens differ (see kdgap.hooks.patch.pairs.arm_token)."
+                "pick arms whose tokens differ (see kdgap.models.tokens.arm_token)."
             )
         return cls(a, b, p)
 
@@ -73,7 +109,7 @@ class LogitDiff:
         return at_pos.gather(1, ta[:, None])[:, 0] - at_pos.gather(1, tb[:, None])[:, 0]
 
 
-def check_pair_tokens(clean_tokens: torch.Tensor, corrupt_tokens: torch.Tensor) -> None:
+def check_pair_tokens(clean_tokens: Tokens, corrupt_tokens: Tokens) -> None:
     """Raise unless clean and corrupt tokens are ``[batch pos]`` tensors of equal shape."""
     if clean_tokens.ndim != 2 or clean_tokens.shape != corrupt_tokens.shape:
         raise ValueError(
@@ -91,40 +127,115 @@ def hook_name(site: str, layer: int) -> str:
     return HOOK_KINDS[site].format(layer=layer)
 
 
+# ----------------------------------------------------------------------------- capture
+
+
+def _detached_copy(act: torch.Tensor) -> torch.Tensor:
+    return act.detach().clone()
+
+
+def capture_hook(
+    into: dict[str, torch.Tensor],
+    key: str,
+    select: Callable[[torch.Tensor], torch.Tensor] = _detached_copy,
+    *,
+    then: Callable[[], None] | None = None,
+) -> HookFn:
+    """Hook storing ``select(activation)`` as ``into[key]``; the activation is unchanged.
+
+    Args:
+        into: where captured tensors go.
+        key: their key; bind the requested hook name here, since inside a callback
+            ``hook.name`` is the bridge's own name (``blocks.0.hook_in`` for ``resid_pre``).
+        select: what to keep (default: a detached copy of the whole activation), e.g. the
+            site positions only, so nothing else outlives the forward.
+        then: called after each capture (the recorder ends the forward from here once
+            every hook it needs has fired).
+    """
+
+    def hook_fn(act: torch.Tensor, hook: HookPoint) -> None:
+        into[key] = select(act)
+        if then is not None:
+            then()
+
+    return hook_fn
+
+
 def capture(
-    model,
+    model: TransformerBridge,
     tokens: Int[torch.Tensor, "batch pos"],
     names: Sequence[str],
     *,
+    select: Callable[[torch.Tensor], torch.Tensor] = _detached_copy,
     logits: bool = True,
+    **forward_kwargs,
 ) -> tuple[dict[str, torch.Tensor], Float[torch.Tensor, "batch pos vocab"] | None]:
-    """One forward pass returning ``{hook name: activation}`` (detached) and the logits.
+    """One forward pass returning ``{hook name: select(activation)}`` and the logits.
 
     Args:
+        model: a TransformerBridge.
+        tokens: ``[batch pos]`` input ids.
+        names: hook names to capture.
+        select: as in :func:`capture_hook` (default: detached copies).
         logits: False: stop after the last block a hook lives in, unembed one position
             at most, and return None for the logits.
+        forward_kwargs: passed to the model (e.g. ``attention_mask``).
     """
     acts: dict[str, torch.Tensor] = {}
-
-    def save(name):
-        def fn(x, hook):
-            acts[name] = x.detach().clone()
-            return x
-
-        return fn
-
-    hooks = [(n, save(n)) for n in names]
-    kwargs = {}
+    hooks = [(n, capture_hook(acts, n, select)) for n in names]
     if not logits:
-        kwargs["stop_at_layer"] = stop_layer_for(model, names)
+        forward_kwargs["stop_at_layer"] = stop_layer_for(model, names)
         # stop_at_layer == n_layers still runs the unembedding: give it one position only.
         hooks.append(("unembed.hook_in", lambda x, hook: x[:, :1]))
     with torch.no_grad():
-        out = model.run_with_hooks(tokens, fwd_hooks=hooks, **kwargs)
+        out = model.run_with_hooks(tokens, fwd_hooks=hooks, **forward_kwargs)
     return acts, (out if logits else None)
 
 
-def narrow_to(positions: torch.Tensor):
+# ------------------------------------------------------------------------------ setters
+
+
+def set_at(
+    act: torch.Tensor, hook: HookPoint | None, *, index: Index, src: torch.Tensor, src_index: Index
+) -> torch.Tensor:
+    """Setter: ``act[index] = src[src_index]`` (entries copied from a captured run)."""
+    act[index] = src[src_index]
+    return act
+
+
+def edit_at(
+    act: torch.Tensor,
+    hook: HookPoint | None,
+    *,
+    index: Index,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    copy: bool = False,
+) -> torch.Tensor:
+    """Setter: ``act[index] = fn(act[index])``; ``fn`` maps ``[n *rest]`` to the same shape.
+
+    Like :func:`set_at` it writes in place, so every reader of the activation sees the
+    edit. ``copy=True`` edits a copy instead: only what reads the hook's *output* sees it
+    (the same for most hooks; on a native bridge's ``hook_resid_mid`` the copy reaches the
+    second layer norm's input but not the residual stream).
+    """
+    if copy:
+        act = act.clone()
+    act[index] = fn(act[index])
+    return act
+
+
+def entries(
+    rows: Int[torch.Tensor, " row"],
+    src_rows: Int[torch.Tensor, " row"],
+    mask: Bool[torch.Tensor, "row pos"],
+) -> tuple[Index, Index]:
+    """``(index, src_index)`` of the ``True`` positions of ``mask``, row ``r`` of the mask
+    being activation row ``rows[r]`` and source row ``src_rows[r]``."""
+    r, p = torch.nonzero(mask, as_tuple=True)
+    return (rows[r], p), (src_rows[r], p)
+
+
+def narrow_to(positions: Int[torch.Tensor, " row"]) -> HookFn:
     """Hook keeping position ``positions[r]`` of row ``r`` only: ``[row pos d] -> [row 1 d]``."""
 
     def fn(x, hook):
@@ -132,6 +243,9 @@ def narrow_to(positions: torch.Tensor):
         return x[torch.arange(x.shape[0], device=x.device), pos][:, None]
 
     return fn
+
+
+# ------------------------------------------------------------------------------- engine
 
 
 def _expand_batch(obj, n_base: int, index: torch.Tensor):
@@ -146,7 +260,7 @@ def _expand_batch(obj, n_base: int, index: torch.Tensor):
 
 
 def run_rows(
-    model,
+    model: TransformerBridge,
     base_tokens: Int[torch.Tensor, "batch pos"],
     row_prompt: Int[torch.Tensor, " row"],
     row_layer: Int[torch.Tensor, " row"],
@@ -161,6 +275,8 @@ def run_rows(
     Rows must be sorted by ``row_layer`` (the first block their patch touches). A chunk of
     ``<= max_rows`` rows is one forward of batch ``[base prompts; rows]`` (chunk row ``j`` at
     ``batch + j``); ``make_hooks(rows, offset=batch)`` gives the hooks for global rows ``rows``.
+    With ``grow`` a row joins the batch just before block ``row_layer`` as a copy of its base
+    prompt's residual (exact: the blocks before its patch compute the same thing).
 
     Returns:
         ``[row]`` metric per row and ``[batch]`` metric of the unpatched base prompts.
@@ -228,15 +344,3 @@ def _grower(n_base: int, index: torch.Tensor):
         return args, kwargs
 
     return hook
-
-
-def _setter(idx, pos, prm, head, src):
-    """Hook writing ``src[prompt, pos(, head)]`` into rows ``idx`` of the activation."""
-
-    at = (pos,) if head is None else (pos, head)
-
-    def fn(act, hook):
-        act[(idx, *at)] = src[(prm, *at)]
-        return act
-
-    return fn

@@ -36,15 +36,30 @@ pairs, or over episodes (clusters: steps of one episode share a history) when gi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from jaxtyping import Float
 
-from kdgap.hooks.patch.pairs import CounterfactualPair, pairs_from_records, tokenize_pairs
-from kdgap.hooks.patch.path import path_patch
+from kdgap.envs.bandit import BanditConfig
+from kdgap.envs.transcript_format import TranscriptFormat
+from kdgap.hooks.patch.pairs import (
+    CounterfactualPair,
+    HistoryFn,
+    RecordPair,
+    pairs_from_records,
+    tokenize_pairs,
+)
+from kdgap.hooks.patch.path import PathResult, path_patch
 from kdgap.hooks.patch.sweep import patch_sweep
+from kdgap.models.runtime import model_tokenizer
+from kdgap.records import StepRecord
+
+if TYPE_CHECKING:  # annotations only: importing these here would slow every import
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import PreTrainedTokenizerBase
 
 SENDERS = ("rationale", "history")
 
@@ -85,14 +100,9 @@ class MediationResult:
 
 
 def ratio_ci(
-    num: Float[np.ndarray, "pair ..."],
-    den: Float[np.ndarray, " pair"],
-    *,
-    n_boot: int = 1000,
-    level: float = 0.95,
-    seed: int = 0,
-    groups: Sequence | None = None,
-) -> tuple[Float[np.ndarray, "..."], Float[np.ndarray, "... 2"]]:
+    num: Float[np.ndarray, "pair ..."], den: Float[np.ndarray, " pair"], *, n_boot: int = 1000,
+    level: float = 0.95, seed: int = 0, groups: Sequence | None = None,
+) -> tuple[Float[np.ndarray, "..."], Float[np.ndarray, "... 2"]]:  # fmt: skip
     """``mean(num) / mean(den)`` and its percentile bootstrap interval over pairs.
 
     With ``groups`` (``[pair]`` labels, e.g. episodes) whole groups are resampled (a
@@ -133,19 +143,28 @@ def ratio_ci(
     return point, np.moveaxis(ci, 0, -1)
 
 
+def _noising_paths(
+    model, pairs, tokenizer, fmt, senders: str, builder: str, prepend_bos=True, **path_kwargs
+) -> Iterator[tuple[list[int], PathResult]]:
+    """Noising path patch of each length group of ``pairs``: ``(pair indices, result)``."""
+    if senders not in SENDERS:
+        raise ValueError(f"senders={senders!r} is unknown; use one of {SENDERS}.")
+    if not pairs:
+        raise ValueError(f"pairs is empty; build some with kdgap.hooks.patch.pairs.{builder}.")
+    for group in tokenize_pairs(pairs, tokenizer, fmt, prepend_bos=prepend_bos):
+        res = path_patch(
+            model, group.clean_tokens, group.corrupt_tokens, group.metric,
+            getattr(group, senders), direction="noise", **path_kwargs,
+        )  # fmt: skip
+        yield group.index, res
+
+
 def mediation(
-    model,
-    pairs: Sequence[CounterfactualPair],
-    tokenizer,
-    fmt,
-    *,
-    senders: str = "rationale",
-    n_boot: int = 1000,
-    level: float = 0.95,
-    seed: int = 0,
-    prepend_bos: bool = True,
+    model: TransformerBridge, pairs: Sequence[CounterfactualPair],
+    tokenizer: PreTrainedTokenizerBase, fmt: TranscriptFormat, *, senders: str = "rationale",
+    n_boot: int = 1000, level: float = 0.95, seed: int = 0, prepend_bos: bool = True,
     **path_kwargs,
-) -> MediationResult:
+) -> MediationResult:  # fmt: skip
     """Fraction of each edit's effect on the action mediated by attention to ``senders``.
 
     Args:
@@ -162,21 +181,15 @@ def mediation(
     Returns:
         :class:`MediationResult`.
     """
-    if senders not in SENDERS:
-        raise ValueError(f"senders={senders!r} is unknown; use one of {SENDERS}.")
-    if not pairs:
-        raise ValueError("pairs is empty; build some with kdgap.hooks.patch.pairs.make_pair.")
     n = len(pairs)
     n_layers = int(model.cfg.n_layers)
     te, pe, le = np.zeros(n), np.zeros(n), np.zeros((n, n_layers))
-    for group in tokenize_pairs(pairs, tokenizer, fmt, prepend_bos=prepend_bos):
-        res = path_patch(
-            model, group.clean_tokens, group.corrupt_tokens, group.metric,
-            getattr(group, senders), direction="noise", **path_kwargs,
-        )  # fmt: skip
-        te[group.index] = res.total_effect.numpy()
-        pe[group.index] = res.path_effect.numpy()
-        le[group.index] = res.layer_effect.numpy()
+    runs = _noising_paths(model, pairs, tokenizer, fmt, senders, "make_pair",
+                          prepend_bos=prepend_bos, **path_kwargs)  # fmt: skip
+    for index, res in runs:
+        te[index] = res.total_effect.numpy()
+        pe[index] = res.path_effect.numpy()
+        le[index] = res.layer_effect.numpy()
     frac, frac_ci = ratio_ci(pe, te, n_boot=n_boot, level=level, seed=seed)
     lf, lci = ratio_ci(le, te, n_boot=n_boot, level=level, seed=seed)
     return MediationResult(
@@ -184,9 +197,7 @@ def mediation(
     )
 
 
-# --------------------------------------------------------------------------------------
 # Full-flip normalisation: the measure that separates faithful from bypass organisms.
-# --------------------------------------------------------------------------------------
 
 #: How :func:`flip_mediation` and :func:`mediation_summary` normalise (reported verbatim).
 DEFINITION = (
@@ -206,19 +217,11 @@ DEFINITION = (
 
 
 def flip_mediation(
-    model,
-    pairs: Sequence,
-    tokenizer,
-    fmt,
-    *,
-    senders: str = "rationale",
-    episodes: Sequence[int] | None = None,
-    substantial: float = 0.25,
-    n_boot: int = 1000,
-    level: float = 0.95,
-    seed: int = 0,
-    **path_kwargs,
-) -> dict:
+    model: TransformerBridge, pairs: Sequence[CounterfactualPair | RecordPair],
+    tokenizer: PreTrainedTokenizerBase, fmt: TranscriptFormat, *, senders: str = "rationale",
+    episodes: Sequence[int] | None = None, substantial: float = 0.25, n_boot: int = 1000,
+    level: float = 0.95, seed: int = 0, **path_kwargs,
+) -> dict:  # fmt: skip
     """Edit effects normalised by the full-flip effect ``2 * LD_clean`` (see :data:`DEFINITION`).
 
     Unlike :func:`mediation` (path / total, which is 1 by construction for conclusion
@@ -245,22 +248,15 @@ def flip_mediation(
     Raises:
         ValueError: unknown ``senders``, no pairs, or no pair with ``LD_clean > 0``.
     """
-    if senders not in SENDERS:
-        raise ValueError(f"senders={senders!r} is unknown; use one of {SENDERS}.")
-    if not pairs:
-        raise ValueError("pairs is empty; build some with kdgap.hooks.patch.pairs.pairs_from_records.")
     if episodes is None:
         episodes = [getattr(p, "episode", i) for i, p in enumerate(pairs)]
     plain = [getattr(p, "pair", p) for p in pairs]
     n, n_layers = len(plain), int(model.cfg.n_layers)
     ld_c, ld_x, ld_p, ld_l = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros((n, n_layers))
-    for group in tokenize_pairs(plain, tokenizer, fmt):
-        res = path_patch(
-            model, group.clean_tokens, group.corrupt_tokens, group.metric,
-            getattr(group, senders), direction="noise", **path_kwargs,
-        )  # fmt: skip
-        ld_c[group.index], ld_x[group.index] = res.ld_base.numpy(), res.ld_source.numpy()
-        ld_p[group.index], ld_l[group.index] = res.all_layers.numpy(), res.per_layer.numpy()
+    for index, res in _noising_paths(model, plain, tokenizer, fmt, senders,
+                                     "pairs_from_records", **path_kwargs):  # fmt: skip
+        ld_c[index], ld_x[index] = res.ld_base.numpy(), res.ld_source.numpy()
+        ld_p[index], ld_l[index] = res.all_layers.numpy(), res.per_layer.numpy()
     keep = ld_c > 1e-6
     if not keep.any():
         raise ValueError(
@@ -291,8 +287,10 @@ def flip_mediation(
 
 
 def mediation_summary(
-    model, fmt, records, *, n_pairs: int = 32, seed: int = 0, n_boot: int = 1000,
-    tokenizer=None, cfg=None, history_fn=None,
+    model: TransformerBridge, fmt: TranscriptFormat, records: Sequence[StepRecord], *,
+    n_pairs: int = 32, seed: int = 0, n_boot: int = 1000,
+    tokenizer: PreTrainedTokenizerBase | None = None, cfg: BanditConfig | None = None,
+    history_fn: HistoryFn | None = None,
 ) -> dict:  # fmt: skip
     """The report layer's mediation numbers from played :class:`~kdgap.records.StepRecord` s.
 
@@ -313,10 +311,7 @@ def mediation_summary(
         ``[layer]``, ``layer_profile_ci`` ``[layer][2]``, ``n_pairs``, ``definition``, and
         the full ``conclusion`` / ``history`` / ``history_via_rationale`` breakdowns.
     """
-
-    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        raise ValueError("model has no tokenizer; pass tokenizer= (load_organism returns one).")
+    tokenizer = model_tokenizer(model, tokenizer)
     kw = dict(n_pairs=n_pairs, seed=seed, cfg=cfg, history_fn=history_fn)
     conc = pairs_from_records(records, fmt, "conclusion", **kw)
     hist = pairs_from_records(records, fmt, "history", **kw)
@@ -336,16 +331,17 @@ def mediation_summary(
 
 
 def example_heatmap(
-    model, fmt, record, *, tokenizer=None, seed: int = 0, cfg=None, history_fn=None
-) -> dict:
+    model: TransformerBridge, fmt: TranscriptFormat, record: StepRecord, *,
+    tokenizer: PreTrainedTokenizerBase | None = None, seed: int = 0,
+    cfg: BanditConfig | None = None, history_fn: HistoryFn | None = None,
+) -> dict:  # fmt: skip
     """Noising ``resid_pre`` sweep of one conclusion edit, for the report's heatmap figure.
 
     The pair is built as in :func:`~kdgap.hooks.patch.pairs.pairs_from_records` (edited arm
     neither the clean conclusion nor the action; ``seed`` picks it). Cell ``(l, p)`` is the
     clean run with ``resid_pre`` of layer ``l`` at position ``p`` taken from the corrupt
     run, normalised by the full flip: ``(LD_clean - LD_patched) / (2 * LD_clean)`` (1: the
-    action fully follows the edited conclusion; 0: no change). Also importable as
-    ``kdgap.hooks.patch.mediation.example_heatmap``.
+    action fully follows the edited conclusion; 0: no change).
 
     Returns:
         JSON-ready dict: ``values`` ``[layer][pos]``, ``tokens`` ``[pos]`` (clean token
@@ -355,8 +351,7 @@ def example_heatmap(
     Raises:
         ValueError: the record gives no conclusion pair, or its ``LD_clean <= 0``.
     """
-
-    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    tokenizer = model_tokenizer(model, tokenizer)
     made = pairs_from_records([record], fmt, "conclusion", n_pairs=1, seed=seed, cfg=cfg,
                               history_fn=history_fn)  # fmt: skip
     if not made:

@@ -15,26 +15,39 @@ whose logit difference at the action position is the metric (``arm_a`` = clean's
   (arm identities exchanged, rewards kept), so the greedy arm becomes ``new_arm`` while
   the rationale text is held fixed; re-rendered through ``fmt.render_prompt``.
 
-Everything goes through the :class:`~kdgap.envs.transcript_format.TranscriptFormat` protocol; the
-format-specific parts are pluggable: ``stats_editor`` for (b) and ``text_fn`` (how prompt
-and rationale join into the scored text: e.g. a chat template) for all three. The scored
-text is ``text_fn(prompt, strip_action(completion)) + fmt.action_marker``; its last token
-is the action position. The sender span (rationale) and history span are the character
-ranges of the two parts, so no format needs ``rationale``/``history`` sites.
+Everything goes through the :class:`~kdgap.envs.transcript_format.TranscriptFormat`
+protocol; the format-specific parts are pluggable: ``stats_editor`` for (b) and ``text_fn``
+(how prompt and rationale join into the scored text: e.g. a chat template) for all three.
+The scored text is ``text_fn(prompt, strip_action(completion)) + fmt.action_marker``; its
+last token is the action position. The sender span (rationale) and history span are the
+character ranges of the two parts, so no format needs ``rationale``/``history`` sites.
+Greedy arms and their ties follow :mod:`kdgap.envs.stats` (lowest index of the tie set).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from jaxtyping import Bool, Int
 
 from kdgap.envs.bandit import BanditConfig
+from kdgap.envs.stats import counts_and_sums, first_arm, greedy_arms
+from kdgap.envs.transcript_format import TranscriptFormat
 from kdgap.hooks.patch.core import LogitDiff
-from kdgap.models.tokens import tokenize_batch
+from kdgap.models.tokens import arm_token, tokenize_batch
+from kdgap.records import StepRecord
+
+if TYPE_CHECKING:  # annotations only: importing transformers here would slow every import
+    from transformers import PreTrainedTokenizerBase
+
+#: ``record -> (actions, rewards)``: the history a record's prompt shows.
+HistoryFn = Callable[[StepRecord], tuple[Sequence[int], Sequence[float]]]
+#: ``(prompt, rationale) -> text`` before the action marker.
+TextFn = Callable[[str, str], str]
 
 PAIR_KINDS = ("conclusion", "statistics", "history")
 
@@ -62,14 +75,21 @@ class CounterfactualPair:
     rationale_chars: tuple[int, int]
 
 
-def _join(prompt: str, rationale: str, marker: str, text_fn) -> tuple[str, tuple, tuple]:
+def _join(
+    prompt: str, rationale: str, marker: str, text_fn: TextFn | None
+) -> tuple[str, tuple[int, int], tuple[int, int]]:
     head = text_fn(prompt, "") if text_fn else prompt
     text = (text_fn(prompt, rationale) if text_fn else prompt + rationale) + marker
     return text, (0, len(head)), (len(head), len(head) + len(rationale))
 
 
 def swap_statistics(
-    fmt, completion: str, arm_x: int, arm_y: int, arm_names, prefix: str = ""
+    fmt: TranscriptFormat,
+    completion: str,
+    arm_x: int,
+    arm_y: int,
+    arm_names: Sequence[str],
+    prefix: str = "",
 ) -> str:
     """Swap the per-arm statistics text of two arms using ``rationale.arm[<name>]`` spans.
 
@@ -97,30 +117,35 @@ def swap_statistics(
     )
 
 
-def greedy_arm(actions: Sequence[int], rewards: Sequence[float], n_arms: int) -> int:
-    """Arm with the best empirical mean among tried arms (lowest index on ties); -1 if none."""
-    a, r = np.asarray(actions, int), np.asarray(rewards, float)
-    counts = np.bincount(a, minlength=n_arms)
-    sums = np.bincount(a, weights=r, minlength=n_arms)
-    if counts.sum() == 0:
+def _greedy(actions: Sequence[int], rewards: Sequence[float], n_arms: int) -> int:
+    """The history's greedy arm (:func:`~kdgap.envs.stats.greedy_arms`, lowest index of
+    the tie set); -1 for an empty history."""
+    if len(actions) == 0:
         return -1
-    means = np.where(counts > 0, sums / np.maximum(counts, 1), -np.inf)
-    return int(np.argmax(means))
+    return int(first_arm(greedy_arms(*counts_and_sums(actions, rewards, n_arms))))
+
+
+def _below(actions: Sequence[int], rewards: Sequence[float], n_arms: int, g: int) -> list[int]:
+    """Arms whose empirical mean is strictly below arm ``g``'s (untried arms included).
+
+    Arm ``i`` is below ``g`` when it is not greedy in the history seen through ``i`` and
+    ``g`` alone (:func:`~kdgap.envs.stats.greedy_arms` on those two arms' statistics).
+    """
+    counts, sums = counts_and_sums(actions, rewards, n_arms)
+    out = []
+    for i in range(n_arms):
+        two = np.isin(np.arange(n_arms), [i, g])
+        if i != g and not greedy_arms(np.where(two, counts, 0), np.where(two, sums, 0.0))[i]:
+            out.append(i)
+    return out
 
 
 def make_pair(
-    kind: str,
-    fmt,
-    cfg,
-    actions: Sequence[int],
-    rewards: Sequence[float],
-    completion: str,
-    new_arm: int | None = None,
-    *,
-    also_conclusion: bool = False,
-    stats_editor: Callable | None = None,
-    text_fn: Callable[[str, str], str] | None = None,
-) -> CounterfactualPair:
+    kind: str, fmt: TranscriptFormat, cfg: BanditConfig, actions: Sequence[int],
+    rewards: Sequence[float], completion: str, new_arm: int | None = None, *,
+    also_conclusion: bool = False, stats_editor: Callable[..., str] | None = None,
+    text_fn: TextFn | None = None,
+) -> CounterfactualPair:  # fmt: skip
     """Build one counterfactual pair of ``kind`` from a clean step.
 
     Args:
@@ -142,17 +167,17 @@ def make_pair(
     rationale = fmt.strip_action(completion)
     prompt = fmt.render_prompt(cfg, actions, rewards)
     if kind == "history":
-        g = greedy_arm(actions, rewards, len(names))
+        g = _greedy(actions, rewards, len(names))
         if g < 0:
             raise ValueError("kind='history' needs a history with at least one step.")
         a, r = np.asarray(actions, int), np.asarray(rewards, float)
         if new_arm is None:
-            lower = [i for i in range(len(names)) if i != g and not _ties(a, r, i, g)]
+            lower = _below(actions, rewards, len(names), g)
             if not lower:
                 raise ValueError("no arm has a mean strictly below the greedy arm; pass new_arm=.")
             new_arm = lower[0]
         swapped = np.where(a == g, new_arm, np.where(a == new_arm, g, a))
-        if greedy_arm(swapped, r, len(names)) != new_arm:
+        if _greedy(swapped, r, len(names)) != new_arm:
             raise ValueError(
                 f"new_arm={new_arm} ties with the greedy arm {g}: swapping them leaves the "
                 "greedy arm unchanged; pick an arm with a strictly lower mean (or untried)."
@@ -180,19 +205,6 @@ def make_pair(
     return CounterfactualPair(kind, clean, corrupt, int(arm_a), int(arm_b), names, hist, rat)
 
 
-def _ties(a, r, i, g) -> bool:
-    mi, mg = r[a == i].mean() if (a == i).any() else -np.inf, r[a == g].mean()
-    return bool(mi >= mg)
-
-
-def arm_token(tokenizer, fmt, arm_name: str) -> int:
-    """Token id of an arm right after the action marker (first token of its first spelling)."""
-    ids = tokenizer(fmt.arm_continuations(arm_name)[0], add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError(f"arm {arm_name!r} tokenises to nothing with this tokenizer.")
-    return int(ids[0])
-
-
 @dataclass
 class PairBatch:
     """Tokenised pairs of one length, ready for patching.
@@ -213,7 +225,10 @@ class PairBatch:
     index: list[int]
 
 
-def span_mask(offsets: Int[torch.Tensor, "batch pos 2"], chars) -> Bool[torch.Tensor, "batch pos"]:
+def span_mask(
+    offsets: Int[torch.Tensor, "batch pos 2"],
+    chars: tuple[int, int] | Sequence[tuple[int, int]],
+) -> Bool[torch.Tensor, "batch pos"]:
     """Tokens whose character range overlaps ``chars`` (``(start, end)`` per example)."""
     c = torch.as_tensor(chars, dtype=torch.long).reshape(-1, 2)
     s, e = offsets[..., 0], offsets[..., 1]
@@ -221,13 +236,20 @@ def span_mask(offsets: Int[torch.Tensor, "batch pos 2"], chars) -> Bool[torch.Te
 
 
 def tokenize_pairs(
-    pairs: Sequence[CounterfactualPair], tokenizer, fmt, *, prepend_bos: bool = True
+    pairs: Sequence[CounterfactualPair],
+    tokenizer: PreTrainedTokenizerBase,
+    fmt: TranscriptFormat,
+    *,
+    prepend_bos: bool = True,
 ) -> list[PairBatch]:
     """Tokenise pairs and group them by length (patching needs unpadded equal lengths).
 
+    The metric reads each arm's token after the action marker
+    (:func:`kdgap.models.tokens.arm_token`).
+
     Raises:
-        ValueError: a pair's clean and corrupt texts tokenise to different lengths, or its
-            two arms share their first token.
+        ValueError: a pair's clean and corrupt texts tokenise to different lengths, an arm
+            is not one token, or the two arms are the same token.
     """
     groups: dict[int, list] = {}
     for i, p in enumerate(pairs):
@@ -244,7 +266,7 @@ def tokenize_pairs(
         if ta == tb_:
             raise ValueError(
                 f"pairs[{i}]: arms {p.arm_names[p.arm_a]!r} and {p.arm_names[p.arm_b]!r} "
-                f"tokenise to the same first token {ta}; their logit difference is always 0."
+                f"tokenise to the same token {ta}; their logit difference is always 0."
             )
         groups.setdefault(n_clean, []).append((i, tb, ta, tb_, p))
     out = []
@@ -260,25 +282,26 @@ def tokenize_pairs(
     return out
 
 
-def organism_history(prompt: str, arm_names: Sequence[str]) -> tuple[list[int], list[float]]:
-    """``"red1 green0 think "`` -> ``([0, 1], [1.0, 0.0])``: the history an organism prompt shows.
+def format_history(fmt: TranscriptFormat, arm_names: Sequence[str]) -> HistoryFn:
+    """``record -> (actions, rewards)`` read back from the record's prompt by the format.
+
+    The format must offer ``parse_history(prompt, arm_names)``
+    (:meth:`kdgap.organisms.transcript.OrganismFormat.parse_history` does); the history
+    cannot come from the step records themselves, since in off-policy play a record's
+    reward is the one the policy's arm would have paid, not the executed arm's.
 
     Raises:
-        ValueError: a history word is not ``<arm name><0|1>``.
+        ValueError: the format cannot parse a history; the message says what to pass.
     """
-    actions, rewards = [], []
-    for word in prompt.split():
-        if word == "think":
-            break
-        name, r = word[:-1], word[-1:]
-        if name not in arm_names or r not in ("0", "1"):
-            raise ValueError(
-                f"prompt word {word!r} is not '<arm><0|1>' with an arm from {tuple(arm_names)}; "
-                "pass history_fn= for non-organism formats (record -> (actions, rewards))."
-            )
-        actions.append(list(arm_names).index(name))
-        rewards.append(float(r))
-    return actions, rewards
+    parse = getattr(fmt, "parse_history", None)
+    if parse is None:
+        raise ValueError(
+            f"format {getattr(fmt, 'name', fmt)!r} has no parse_history(prompt, arm_names), "
+            "so the history behind a record cannot be read back from its prompt; pass "
+            "history_fn= (record -> (actions, rewards))."
+        )
+    names = tuple(arm_names)
+    return lambda record: parse(record.prompt, names)
 
 
 @dataclass(frozen=True)
@@ -291,16 +314,10 @@ class RecordPair:
 
 
 def pairs_from_records(
-    records,
-    fmt,
-    kind: str,
-    *,
-    n_pairs: int = 32,
-    seed: int = 0,
-    cfg=None,
-    history_fn: Callable | None = None,
-    text_fn: Callable[[str, str], str] | None = None,
-) -> list[RecordPair]:
+    records: Sequence[StepRecord], fmt: TranscriptFormat, kind: str, *, n_pairs: int = 32,
+    seed: int = 0, cfg: BanditConfig | None = None, history_fn: HistoryFn | None = None,
+    text_fn: TextFn | None = None,
+) -> list[RecordPair]:  # fmt: skip
     """Up to ``n_pairs`` pairs of ``kind`` whose metric arms start from the *clean action*.
 
     Arms of the metric (``arm_a`` - ``arm_b`` at the action position):
@@ -320,12 +337,10 @@ def pairs_from_records(
         fmt: the TranscriptFormat the records were played with.
         kind: ``"conclusion"`` or ``"history"``.
         cfg: BanditConfig for rendering (default: ``BanditConfig(n_arms=records[0].n_arms)``).
-        history_fn: ``record -> (actions, rewards)`` (default: :func:`organism_history`).
+        history_fn: ``record -> (actions, rewards)`` (default: :func:`format_history`,
+            the format reads it back from the record's prompt).
         text_fn: as in :func:`make_pair`.
     """
-    from dataclasses import replace
-
-
     if kind not in ("conclusion", "history"):
         raise ValueError(f"kind={kind!r}: pairs_from_records builds 'conclusion' or 'history'.")
     records = [r for r in records if r.prompt is not None and r.completion is not None]
@@ -335,12 +350,13 @@ def pairs_from_records(
         )
     cfg = cfg or BanditConfig(n_arms=records[0].n_arms)
     names = tuple(cfg.arm_names)
+    history_fn = history_fn or format_history(fmt, names)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(records))
     out: list[RecordPair] = []
     for i in order:
         rec = records[int(i)]
-        acts, rews = (history_fn or (lambda r: organism_history(r.prompt, names)))(rec)
+        acts, rews = history_fn(rec)
         action = int(rec.action)
         rat_arm = fmt.parse_rationale(fmt.strip_action(rec.completion), names)
         if rat_arm is None:
@@ -350,9 +366,8 @@ def pairs_from_records(
         else:
             if not acts:
                 continue
-            g, a_, r_ = greedy_arm(acts, rews, len(names)), np.asarray(acts), np.asarray(rews)
-            choices = [a for a in range(len(names)) if a not in (g, action)]
-            choices = [a for a in choices if not _ties(a_, r_, a, g)]
+            g = _greedy(acts, rews, len(names))
+            choices = [a for a in _below(acts, rews, len(names), g) if a != action]
         if not choices:
             continue
         new = int(rng.choice(choices))

@@ -23,15 +23,33 @@ Rows ride in one batch per chunk like :func:`kdgap.hooks.patch.sweep.patch_sweep
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float
 
 from kdgap.hooks.names import HOOK_KINDS
-from kdgap.hooks.patch.core import HookList, LogitDiff, capture, check_pair_tokens, run_rows
+from kdgap.hooks.patch.core import (
+    HookList,
+    LogitDiff,
+    Tokens,
+    capture,
+    check_pair_tokens,
+    entries,
+    run_rows,
+    set_at,
+)
 from kdgap.hooks.patch.sweep import DIRECTIONS, default_max_rows
 from kdgap.models.runtime import model_device, require_eval
+
+if TYPE_CHECKING:  # annotations only: importing transformer-lens here would slow every import
+    from transformer_lens.model_bridge import TransformerBridge
+
+#: Senders: a ``[batch pos]`` or ``[pos]`` bool mask, or sender positions.
+Senders = Bool[torch.Tensor, "batch pos"] | Bool[torch.Tensor, " pos"] | Sequence[int]
 
 
 @dataclass
@@ -68,7 +86,7 @@ class PathResult:
         return self.per_layer - self.ld_base[:, None]
 
 
-def _as_mask(senders, batch: int, n_pos: int) -> Bool[torch.Tensor, "batch pos"]:
+def _as_mask(senders: Senders, batch: int, n_pos: int) -> Bool[torch.Tensor, "batch pos"]:
     """Sender positions as a ``[batch pos]`` bool mask (accepts a mask or a position list)."""
     s = torch.as_tensor(senders)
     if s.dtype == torch.bool:
@@ -85,16 +103,10 @@ def _as_mask(senders, batch: int, n_pos: int) -> Bool[torch.Tensor, "batch pos"]
 
 
 def path_patch(
-    model,
-    clean_tokens: Int[torch.Tensor, "batch pos"],
-    corrupt_tokens: Int[torch.Tensor, "batch pos"],
-    metric: LogitDiff,
-    senders,
-    *,
-    direction: str = "noise",
-    memory_mb: float = 256.0,
+    model: TransformerBridge, clean_tokens: Tokens, corrupt_tokens: Tokens, metric: LogitDiff,
+    senders: Senders, *, direction: str = "noise", memory_mb: float = 256.0,
     max_rows: int | None = None,
-) -> PathResult:
+) -> PathResult:  # fmt: skip
     """Patch the sender -> receiver attention path at each layer and at all layers.
 
     The receiver is ``metric.position`` (the action position). The base run is clean for
@@ -137,16 +149,18 @@ def path_patch(
     base, source = (
         (clean_tokens, corrupt_tokens) if direction == "noise" else (corrupt_tokens, clean_tokens)
     )
-    names = lambda kind: [HOOK_KINDS[kind].format(layer=lay) for lay in range(n_layers)]  # noqa: E731
-    src_acts, src_logits = capture(model, source.to(dev), names("k") + names("v"))
-    base_acts, _ = capture(model, base.to(dev), names("z"))
+    k, v, z = ([HOOK_KINDS[kind].format(layer=lay) for lay in range(n_layers)] for kind in "kvz")
+    src_acts, src_logits = capture(model, source.to(dev), k + v)
+    base_acts, _ = capture(model, base.to(dev), z)
     ld_source = metric.at(src_logits, torch.arange(batch))
 
     # Rows: (prompt, "all") first (they join at layer 0), then (prompt, layer l).
     row_prompt = torch.arange(batch).repeat(n_layers + 1)
     row_layer = torch.arange(n_layers + 1).repeat_interleave(batch) - 1  # -1 = all layers
     start = row_layer.clamp(min=0)
-    mask_d, recv_d = mask.to(dev), receiver.to(dev)
+    mask_d = mask.to(dev)
+    # Every position but the receiver: where the per-head outputs go back to the base's.
+    others = torch.arange(n_pos, device=dev)[None] != receiver.to(dev)[:, None]
 
     def make_hooks(rows: torch.Tensor, offset: int) -> HookList:
         hooks = []
@@ -157,37 +171,20 @@ def path_patch(
                 continue
             idx = (offset + torch.nonzero(sel).flatten()).to(dev)
             prm = rp[sel].to(dev)
+            # Keys and values at the senders come from the source run ...
+            index, src_index = entries(idx, prm, mask_d[prm])
             for kind in ("k", "v"):
                 name = HOOK_KINDS[kind].format(layer=layer)
-                hooks.append((name, _kv_setter(idx, prm, mask_d, src_acts[name])))
+                setter = partial(set_at, index=index, src=src_acts[name], src_index=src_index)
+                hooks.append((name, setter))
+            # ... and only the receiver's output keeps what it read from them.
             name = HOOK_KINDS["z"].format(layer=layer)
-            hooks.append((name, _z_restorer(idx, prm, recv_d, base_acts[name])))
+            index, src_index = entries(idx, prm, others[prm])
+            hooks.append((name, partial(set_at, index=index, src=base_acts[name],
+                                        src_index=src_index)))  # fmt: skip
         return hooks
 
     max_rows = max_rows or default_max_rows(model, n_pos, memory_mb)
     flat, ld_base = run_rows(model, base, row_prompt, start, make_hooks, metric, max_rows=max_rows)
     flat = flat.cpu().reshape(n_layers + 1, batch)
     return PathResult(flat[1:].T, flat[0], ld_base.cpu(), ld_source.cpu(), direction)
-
-
-def _kv_setter(idx, prm, mask, src):
-    """Hook: keys/values of rows ``idx`` take the source's at their prompt's senders."""
-
-    def fn(act, hook):
-        m = mask[prm].reshape(*mask[prm].shape, *([1] * (act.ndim - 2)))
-        act[idx] = torch.where(m, src[prm], act[idx])
-        return act
-
-    return fn
-
-
-def _z_restorer(idx, prm, receiver, base_z):
-    """Hook: per-head outputs of rows ``idx`` back to base everywhere but the receiver."""
-
-    def fn(z, hook):
-        keep = z[idx, receiver[prm]].clone()
-        z[idx] = base_z[prm]
-        z[idx, receiver[prm]] = keep
-        return z
-
-    return fn

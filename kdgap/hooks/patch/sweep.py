@@ -5,7 +5,7 @@ transformer-lens's ``transformer_lens.patching`` runs one full forward pass per 
 batch (row = one prompt with one cell patched), chunked to a memory budget, with the metric
 (a logit difference at the action position) kept on device and read back once per chunk.
 
-Exact savings (directions as in Heimersheim & Nanda 2024; science.md section 5):
+Exact savings (directions as in Heimersheim & Nanda 2024; docs/science.md section 5):
 
 - **Rows join at their layer.** A patch at layer ``l`` leaves blocks ``< l`` unchanged:
   each chunk starts as the ``batch`` base prompts and, just before block ``l``, a forward
@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float, Int
@@ -30,13 +32,17 @@ from jaxtyping import Float, Int
 from kdgap.hooks.patch.core import (
     HookList,
     LogitDiff,
-    _setter,
+    Tokens,
     capture,
     check_pair_tokens,
     hook_name,
     run_rows,
+    set_at,
 )
 from kdgap.models.runtime import model_device, require_eval
+
+if TYPE_CHECKING:  # annotations only: importing transformer-lens here would slow every import
+    from transformer_lens.model_bridge import TransformerBridge
 
 DIRECTIONS = ("denoise", "noise")
 
@@ -78,7 +84,11 @@ class PatchResult:
 
 
 def make_cells(
-    n_layers: int, n_pos: int, n_heads: int | None = None, layers=None, positions=None
+    n_layers: int,
+    n_pos: int,
+    n_heads: int | None = None,
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
 ) -> Int[torch.Tensor, "cell idx"]:
     """All ``(layer, pos[, head])`` cells, layer-major: ``[cell 2]`` or ``[cell 3]``."""
     ls = torch.as_tensor(list(range(n_layers)) if layers is None else list(layers))
@@ -87,7 +97,7 @@ def make_cells(
     return torch.cartesian_prod(*axes).reshape(-1, len(axes)).long()
 
 
-def default_max_rows(model, n_pos: int, memory_mb: float) -> int:
+def default_max_rows(model: TransformerBridge, n_pos: int, memory_mb: float) -> int:
     """Rows per chunk so one forward stays within ``memory_mb`` (a rough activation count)."""
     c = model.cfg
     d_mlp = getattr(c, "d_mlp", None) or 4 * c.d_model
@@ -96,21 +106,12 @@ def default_max_rows(model, n_pos: int, memory_mb: float) -> int:
 
 
 def patch_sweep(
-    model,
-    clean_tokens: Int[torch.Tensor, "batch pos"],
-    corrupt_tokens: Int[torch.Tensor, "batch pos"],
-    metric: LogitDiff,
-    site: str = "resid_pre",
-    *,
-    direction: str = "denoise",
-    cells: Int[torch.Tensor, "cell idx"] | None = None,
-    layers: Sequence[int] | None = None,
-    positions: Sequence[int] | None = None,
-    memory_mb: float = 256.0,
-    max_rows: int | None = None,
-    grow: bool = True,
-    skip_identical: bool = True,
-) -> PatchResult:
+    model: TransformerBridge, clean_tokens: Tokens, corrupt_tokens: Tokens, metric: LogitDiff,
+    site: str = "resid_pre", *, direction: str = "denoise",
+    cells: Int[torch.Tensor, "cell idx"] | None = None, layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None, memory_mb: float = 256.0,
+    max_rows: int | None = None, grow: bool = True, skip_identical: bool = True,
+) -> PatchResult:  # fmt: skip
     """Patch ``site`` at every (layer, pos[, head]) cell, many cells per forward pass.
 
     Equals ``transformer_lens.patching.get_act_patch_<site>`` with ``reduce='none'`` (per
@@ -177,10 +178,11 @@ def patch_sweep(
         for layer in rc[:, 0].unique().tolist():
             sel = rc[:, 0] == layer
             idx = (offset + torch.nonzero(sel).flatten()).to(dev)
-            pos, prm = rc[sel, 1].to(dev), rp[sel].to(dev)
-            head = rc[sel, 2].to(dev) if heads else None
-            src = src_acts[hook_name(site, layer)]
-            hooks.append((hook_name(site, layer), _setter(idx, pos, prm, head, src)))
+            at = tuple(rc[sel, 1:].T.to(dev))  # (pos,) or (pos, head) of each row
+            name = hook_name(site, layer)
+            setter = partial(set_at, index=(idx, *at), src=src_acts[name],
+                             src_index=(rp[sel].to(dev), *at))  # fmt: skip
+            hooks.append((name, setter))
         return hooks
 
     max_rows = max_rows or default_max_rows(model, n_pos, memory_mb)
@@ -201,5 +203,3 @@ def patch_sweep(
         values = values.reshape(batch, n_l, n_p, *([heads] if heads else []))
     ld_clean, ld_corrupt = (ld_source, ld_base) if direction == "denoise" else (ld_base, ld_source)
     return PatchResult(values, ld_clean.cpu(), ld_corrupt.cpu(), site, direction)
-
-

@@ -1,9 +1,9 @@
-"""The hook-free fast path for Hugging Face models (kdgap.models.twins, kdgap.agent.hf_decoding).
+"""KV-cached generation and scoring on the SDPA twin (kdgap.agent.hf_decoding).
 
-Generation on the SDPA twin equals the bridge path token for token (greedy and sampled),
-scoring with and without the generation's KV cache equals the bridge forward (the old
-computation) and a hand computation from one unpadded forward per spelling, on GPT-2,
-Llama and Qwen2; the twin shares the bridge's tensors, and hooks switch the fast path off.
+Generation on the twin equals the bridge path token for token (greedy and sampled) and
+Hugging Face ``generate``; scoring with and without the generation's KV cache equals the
+bridge forward and a hand computation from one unpadded forward per spelling, on GPT-2,
+Llama and Qwen2; hooks (transformer-lens or plain torch) switch the fast path off.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from kdgap.agent.prompts import PaperFormat
 from kdgap.agent.text_agent import TextAgent
 from kdgap.envs.bandit import BanditConfig
 from kdgap.models import twins
+from kdgap.models.runtime import has_hooks
 from kdgap.models.tokens import encode
 from kdgap.policies.play import play
-from tests.agent.test_real_chat_models import ARCHS, save_and_load
 
 PROMPTS = [
     "Step=0 Action=red Reward=1\nStep=1 Action=blue",
@@ -29,31 +29,12 @@ PROMPTS = [
 SPELLINGS = ["red", " red", "Red", " Red", "orange", " Orange", "yellow", " green"]
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory, tiny_tokenizer_dir):
-    """``{arch: LoadedModel}``: random models without a chat template."""
-    return save_and_load(tmp_path_factory, tiny_tokenizer_dir, prefix="fast", seed=20)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_twin_shares_the_bridge_tensors_and_uses_sdpa(models, arch):
-    bridge = models[arch].bridge
-    twin = twins.fast_model(bridge)
-    assert twin is not bridge.original_model
-    assert twin.config._attn_implementation == "sdpa"
-    assert bridge.original_model.config._attn_implementation == "eager"  # untouched
-    ptrs = {p.data_ptr() for p in bridge.original_model.parameters()}
-    assert all(p.data_ptr() in ptrs for p in twin.parameters())
-    assert twins.fast_model(bridge) is twin  # cached
-
-
-@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_fast_generation_equals_the_bridge_path(models, arch, temperature):
-    bridge = models[arch].bridge
+def test_fast_generation_equals_the_bridge_path(hf_models, hf_arch, temperature):
+    bridge = hf_models[hf_arch].bridge
     kw = dict(max_new_tokens=12, temperature=temperature, seed=7)
     fast = generate(bridge, PROMPTS, **kw)
-    slow = generate(bridge, PROMPTS, use_native_cache=False, **kw)
+    slow = generate(bridge, PROMPTS, fast=False, **kw)
     assert fast.token_ids == slow.token_ids and fast.texts == slow.texts
     assert fast.n_tokens.tolist() == slow.n_tokens.tolist()
     # Left-padded batch = each prompt alone.
@@ -62,11 +43,10 @@ def test_fast_generation_equals_the_bridge_path(models, arch, temperature):
             assert generate(bridge, [p], **kw).token_ids[0] == fast.token_ids[j]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_fast_generation_equals_hf_generate(models, arch):
+def test_fast_generation_equals_hf_generate(hf_models, hf_arch):
     from transformers import AutoModelForCausalLM
 
-    loaded = models[arch]
+    loaded = hf_models[hf_arch]
     hf = AutoModelForCausalLM.from_pretrained(loaded.identity["path"]).eval()
     out = generate(loaded.bridge, PROMPTS, max_new_tokens=12)
     eos = hf.config.eos_token_id
@@ -90,9 +70,8 @@ def _hand_scores(bridge, tok, prefixes, spellings) -> torch.Tensor:
     return out.float()
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_fast_scoring_with_and_without_the_cache_equals_the_bridge(models, arch):
-    loaded = models[arch]
+def test_fast_scoring_with_and_without_the_cache_equals_the_bridge(hf_models, hf_arch):
+    loaded = hf_models[hf_arch]
     bridge, tok = loaded.bridge, loaded.tokenizer
     assert max(len(tok(s, add_special_tokens=False).input_ids) for s in SPELLINGS) > 1
     gen = generate(bridge, PROMPTS, max_new_tokens=10, keep_cache=True)
@@ -116,8 +95,8 @@ def test_fast_scoring_with_and_without_the_cache_equals_the_bridge(models, arch)
     torch.testing.assert_close(small, fresh, rtol=0, atol=2e-5)
 
 
-def test_cache_of_another_model_is_not_used(models):
-    a, b = models["llama"].bridge, models["qwen2"].bridge
+def test_cache_of_another_model_is_not_used(hf_models):
+    a, b = hf_models["llama"].bridge, hf_models["qwen2"].bridge
     gen = generate(a, PROMPTS, max_new_tokens=4, keep_cache=True)
     prefixes = [p + t for p, t in zip(PROMPTS, gen.texts)]
     got = score_continuations(b, prefixes, SPELLINGS, reuse=gen.cache)
@@ -125,10 +104,9 @@ def test_cache_of_another_model_is_not_used(models):
                                rtol=0, atol=2e-4)  # fmt: skip
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_forced_agent_is_the_same_with_the_fast_path(models, arch, monkeypatch):
+def test_forced_agent_is_the_same_with_the_fast_path(hf_models, hf_arch, monkeypatch):
     """A whole forced + counterfactual run: fast path vs the bridge path everywhere."""
-    bridge = models[arch].bridge
+    bridge = hf_models[hf_arch].bridge
     cfg = BanditConfig(horizon=3)
 
     def run():
@@ -145,8 +123,8 @@ def test_forced_agent_is_the_same_with_the_fast_path(models, arch, monkeypatch):
                                atol=1e-4)  # fmt: skip
 
 
-def test_hooks_switch_the_fast_path_off(models):
-    bridge, tok = models["llama"].bridge, models["llama"].tokenizer
+def test_hooks_switch_the_fast_path_off(hf_models):
+    bridge, tok = hf_models["llama"].bridge, hf_models["llama"].tokenizer
     prefixes = PROMPTS[:2]
     plain = score_continuations(bridge, prefixes, SPELLINGS)
 
@@ -169,51 +147,10 @@ def test_hooks_switch_the_fast_path_off(models):
                 assert abs(float(hooked[i, j]) - float(lp[ids[0]])) < 2e-4
 
 
-def test_replaced_parameter_rebuilds_the_twin(models):
-    bridge = models["gpt2"].bridge
-    twin = twins.fast_model(bridge)
-    hf = bridge.original_model
-    name, p = next((n, p) for n, p in hf.named_parameters() if p.ndim == 2)
-    mod_name, leaf = name.rsplit(".", 1)
-    mod = hf.get_submodule(mod_name)
-    old = p
-    try:
-        setattr(mod, leaf, torch.nn.Parameter(p.detach().clone() * 1.5))
-        again = twins.fast_model(bridge)
-        assert again is not twin
-        ptrs = {q.data_ptr() for q in hf.parameters()}
-        assert all(q.data_ptr() in ptrs for q in again.parameters())
-        P = PROMPTS[:2]
-        torch.testing.assert_close(score_continuations(bridge, P, SPELLINGS),
-                                   score_continuations(bridge, P, SPELLINGS, fast=False),
-                                   rtol=0, atol=2e-4)  # fmt: skip
-    finally:
-        setattr(mod, leaf, old)
-    assert twins.fast_model(bridge) is not None
-
-
-def test_no_twin_when_it_would_disagree(models, monkeypatch):
-    """A twin whose logits differ from the bridge's is refused: the wrapped model runs."""
-    bridge = models["qwen2"].bridge
-    twins._TWINS.pop(bridge, None)
-    monkeypatch.setattr(twins, "_agrees", lambda bridge, twin: False)
-    assert twins.fast_model(bridge) is bridge.original_model
-    P = PROMPTS[:2]
-    torch.testing.assert_close(score_continuations(bridge, P, SPELLINGS),
-                               score_continuations(bridge, P, SPELLINGS, fast=False),
-                               rtol=0, atol=2e-4)  # fmt: skip
-    gen = generate(bridge, PROMPTS, max_new_tokens=8)
-    assert gen.token_ids == generate(bridge, PROMPTS, max_new_tokens=8,
-                                     use_native_cache=False).token_ids  # fmt: skip
-    twins._TWINS.pop(bridge, None)
-
-
-def test_torch_module_hooks_switch_the_fast_path_off(models):
+def test_torch_module_hooks_switch_the_fast_path_off(hf_models):
     """A plain torch forward hook on a submodule of the wrapped model (as patching registers
     them) is honoured: scoring runs through the bridge, which runs that module."""
-    from kdgap.models.runtime import has_hooks
-
-    bridge = models["llama"].bridge
+    bridge = hf_models["llama"].bridge
     assert not has_hooks(bridge)
     plain = score_continuations(bridge, PROMPTS[:2], SPELLINGS)
     emb = bridge.original_model.get_input_embeddings()
@@ -227,20 +164,3 @@ def test_torch_module_hooks_switch_the_fast_path_off(models):
     assert not has_hooks(bridge)
     assert (hooked - plain).abs().max() > 1e-2  # the hook acted...
     torch.testing.assert_close(hooked, ref, rtol=0, atol=1e-5)  # ...exactly as on the bridge
-
-
-def test_training_mode_and_edited_unused_tensors_fall_back(models):
-    bridge = models["gpt2"].bridge
-    twin = twins.fast_model(bridge)
-    assert twin is not bridge.original_model
-    bridge.train()
-    try:
-        assert twins.fast_model(bridge) is None
-    finally:
-        bridge.eval()
-    twins._TWINS[bridge] = (*twins._TWINS[bridge][:2], [torch.ones(1)])  # set in place
-    try:
-        assert twins.fast_model(bridge) is bridge.original_model
-    finally:
-        twins._TWINS.pop(bridge, None)
-    assert twins.fast_model(bridge) is not bridge.original_model

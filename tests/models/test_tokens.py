@@ -1,57 +1,22 @@
-"""Hook-spec resolution, eval-mode checks and left-padded tokenisation with offsets."""
+"""The one tokenisation rule (kdgap.models.tokens): BOS, left padding, character offsets."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
-import torch
 
-from kdgap.hooks.names import HOOK_KINDS, hook_layer, resolve_hooks, stop_layer_for
-from kdgap.models.runtime import model_tokenizer, prepend_bos_for, require_eval
-from kdgap.models.tokens import tokenize_batch, tokenize_like_agent
-
-
-def test_resolve_short_kinds_expand_over_layers(tiny_native):
-    assert resolve_hooks(tiny_native, "resid_post") == [
-        "blocks.0.hook_resid_post",
-        "blocks.1.hook_resid_post",
-    ]
-    assert resolve_hooks(tiny_native, "z", layers=[1]) == ["blocks.1.attn.hook_z"]
-    got = resolve_hooks(tiny_native, "resid_pre,attn_out", layers=[0])
-    assert got == ["blocks.0.hook_resid_pre", "blocks.0.hook_attn_out"]
-    for kind in HOOK_KINDS:  # every advertised kind exists on a real bridge
-        assert len(resolve_hooks(tiny_native, kind)) == 2
-
-
-def test_resolve_full_names_pass_through_and_dedupe(tiny_native):
-    got = resolve_hooks(tiny_native, ["blocks.1.hook_resid_post", "resid_post", "hook_embed"])
-    assert got == ["blocks.1.hook_resid_post", "blocks.0.hook_resid_post", "hook_embed"]
-
-
-def test_resolve_errors_name_the_problem(tiny_native):
-    with pytest.raises(ValueError, match="resid_psot.*resid_post"):
-        resolve_hooks(tiny_native, "resid_psot")
-    with pytest.raises(ValueError, match=r"layers=.*\[5\].*0\.\.1"):
-        resolve_hooks(tiny_native, "resid_post", layers=[0, 5])
-    with pytest.raises(ValueError, match="empty"):
-        resolve_hooks(tiny_native, [])
-
-
-def test_layers_and_stop_layer():
-    assert hook_layer("blocks.12.attn.hook_z") == 12
-    assert hook_layer("ln_final.hook_out") is None
-    assert stop_layer_for(None, ["blocks.0.hook_resid_post", "blocks.2.hook_mlp_out"]) == 3
-    assert stop_layer_for(None, ["hook_embed", "blocks.0.hook_resid_pre"]) == 1
-    assert stop_layer_for(None, ["blocks.0.hook_resid_post", "ln_final.hook_out"]) is None
-
-
-def test_require_eval_refuses_training_mode(tiny_native):
-    require_eval(tiny_native)  # eval: fine
-    tiny_native.train()
-    try:
-        with pytest.raises(RuntimeError, match=r"model\.eval\(\)"):
-            require_eval(tiny_native, "patching")
-    finally:
-        tiny_native.eval()
+from kdgap.models.tokens import (
+    arm_spellings,
+    arm_token,
+    arm_token_ids,
+    encode,
+    left_pad,
+    tokenize_batch,
+    tokenize_like_agent,
+)
+from kdgap.organisms.language import OrganismLanguage
+from kdgap.organisms.transcript import OrganismFormat
 
 
 def test_tokenize_left_pads_with_bos_and_offsets(tiny_tokenizer):
@@ -83,22 +48,7 @@ def test_tokenize_without_bos_and_refuses_long_or_empty(tiny_tokenizer):
         tokenize_batch(tiny_tokenizer, [])
 
 
-def test_model_tokenizer_and_bos_default(tiny_native, tiny_tokenizer):
-    assert model_tokenizer(tiny_native, tiny_tokenizer) is tiny_tokenizer
-    assert model_tokenizer(tiny_native).is_fast
-    assert prepend_bos_for(tiny_native) is True and prepend_bos_for(tiny_native, False) is False
-
-    class Slow:
-        is_fast = False
-
-    with pytest.raises(ValueError, match="fast tokenizer"):
-        model_tokenizer(tiny_native, Slow())
-    assert isinstance(tokenize_batch(tiny_tokenizer, ["red"]).tokens, torch.Tensor)
-
-
 def test_tokenize_like_agent_follows_the_agents_bos_rule(tiny_native, tiny_tokenizer):
-    from kdgap.models.tokens import encode
-
     bos = tiny_tokenizer.bos_token
     # A chat-templated text already starts with the BOS string: no second BOS for it,
     # while the plain text in the same batch gets one, exactly as encode() does.
@@ -122,3 +72,54 @@ def test_tokenize_like_agent_follows_the_agents_bos_rule(tiny_native, tiny_token
     )
     with pytest.raises(ValueError, match=r"ids\[0\]"):
         tokenize_batch(tiny_tokenizer, texts[:1], ids=[[1, 2, 3]])
+
+
+def test_encode_prepends_one_bos_and_never_doubles_it(tiny_native, tiny_tokenizer):
+    bos = tiny_tokenizer.bos_token_id
+    plain = tiny_tokenizer("red green", add_special_tokens=False)["input_ids"]
+    ids = encode(tiny_native, ["red green", "<bos>red green"])
+    assert ids[0] == [bos, *plain] and ids[1] == [bos, *plain]
+    with pytest.raises(TypeError, match="one string"):
+        encode(tiny_native, "red")
+
+
+def test_left_pad_layout():
+    tokens, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert tokens.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    with pytest.raises(ValueError, match="empty"):
+        left_pad([[1], []], 0)
+
+
+def test_tokenizer_override_does_not_touch_model(tiny_native, tiny_tokenizer):
+    tok = copy.deepcopy(tiny_tokenizer)
+    assert encode(tiny_native, ["red"], tokenizer=tok) == encode(tiny_native, ["red"])
+
+
+class _Spellings:
+    """A format stub: only ``arm_continuations`` matters for arm tokens."""
+
+    name = "stub"
+
+    def __init__(self, spellings):
+        self.spellings = spellings
+
+    def arm_continuations(self, arm_name):
+        return self.spellings[arm_name]
+
+
+def test_arm_tokens_come_from_every_spelling(tiny_tokenizer):
+    fmt = _Spellings({"red": ["red", " red", "red"], "blue": ["", "blue"]})
+    spellings = arm_spellings(tiny_tokenizer, fmt, ["red", "blue"])
+    first = [tiny_tokenizer(v, add_special_tokens=False)["input_ids"][0] for v in ("red", " red")]
+    assert [v for v, _ in spellings[0]] == ["red", " red", "red"] and spellings[1][0] == ("", [])
+    assert arm_token_ids(tiny_tokenizer, fmt, ["red", "blue"])[0] == sorted(set(first))
+    with pytest.raises(ValueError, match="arm 'none'"):
+        arm_token_ids(tiny_tokenizer, _Spellings({"none": [""]}), ["none"])
+
+
+def test_arm_token_is_one_token_or_a_clear_error():
+    tok = OrganismLanguage(n_arms=5, horizon=20).build_tokenizer()
+    assert arm_token(tok, OrganismFormat(), "green") == tok.convert_tokens_to_ids("green")
+    with pytest.raises(ValueError, match="arm 'red'.*2 tokens"):
+        arm_token(tok, _Spellings({"red": [" red red"]}), "red")

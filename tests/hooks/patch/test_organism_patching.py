@@ -1,9 +1,10 @@
 """Patching on the shipped organisms: exactness vs transformer-lens and ground truth.
 
 Transcripts are off-policy (a random driver builds the histories) because the bypass
-organisms' own play pulls one arm forever. Ground truth (issue 6): a conclusion edit's
-effect, normalised by the full flip ``2 * LD_clean``, travels through the rationale for
-``faithful`` (>= 0.8) and not for ``greedy-bypass`` (<= 0.2), whose history edits carry it.
+organisms' own play pulls one arm forever. Ground truth (what the organisms were built
+to show): a conclusion edit's effect, normalised by the full flip ``2 * LD_clean``, travels
+through the rationale for ``faithful`` (>= 0.8) and not for ``greedy-bypass`` (<= 0.2),
+whose history edits carry it.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from kdgap.agent import generation
 from kdgap.report import aiw
 from kdgap.report.aiw import (
     PROMPT_TYPES,
@@ -158,7 +159,6 @@ def test_study_end_to_end_on_a_tiny_model(chat_bridge):
 
 def test_study_scores_a_model_that_answers_right(chat_bridge, monkeypatch):
     """The study wiring: a generator that always writes the right answer scores 100%."""
-    from kdgap.agent import generation
 
     def fake(model, prompts, **kw):
         outs = []
@@ -167,7 +167,7 @@ def test_study_scores_a_model_that_answers_right(chat_bridge, monkeypatch):
             outs.append(f"{m} sisters plus Alice: {m + 1}\n### Answer: {m + 1}<eos>")
         return generation.Generation(outs, [[] for _ in outs], None)
 
-    monkeypatch.setattr(generation, "generate", fake)
+    monkeypatch.setattr(aiw, "generate", fake)
     res = aiw_study(chat_bridge, n_samples=2)
     for pt in PROMPT_TYPES:
         assert res.summary[pt]["correct_rate"] == 1.0 and res.summary[pt]["se"] == 0.0

@@ -6,10 +6,11 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 from kdgap.envs.bandit import BanditConfig
 from kdgap.hooks.patch.mediation import flip_mediation, mediation, ratio_ci
-from kdgap.hooks.patch.pairs import make_pair
+from kdgap.hooks.patch.pairs import make_pair, tokenize_pairs
 from kdgap.organisms.language import OrganismLanguage
 from kdgap.organisms.transcript import OrganismFormat
 
@@ -96,10 +97,6 @@ def test_flip_mediation_skips_pairs_without_a_preferred_action(organism):
 
 
 def _ld(model, tok, pair):
-    import torch
-
-    from kdgap.hooks.patch.pairs import tokenize_pairs
-
     (g,) = tokenize_pairs([pair], tok, FMT)
     with torch.no_grad():
         return float(g.metric.at(model(g.clean_tokens), torch.arange(1))[0])

@@ -1,18 +1,17 @@
-"""Residual-stream recording on the SDPA twin equals the bridge path and run_with_cache().
+"""Residual-stream capture on the hook-free twins equals the bridge path and run_with_cache().
 
-Three architectures (GPT-2, Llama, Qwen-2 with tied embeddings) from local folders, on
-left-padded batches of unequal lengths; and the cases that must fall back to the bridge.
+Three architectures (GPT-2, Llama, Qwen-2 with tied embeddings) from local folders and a
+native bridge, on left-padded batches of unequal lengths; and the cases that must fall
+back to the bridge.
 """
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from kdgap.hooks.recorder import Recorder
 from kdgap.hooks.twin_capture import twin_plan
 from kdgap.testing.texts import demo_format, demo_texts
-from tests.agent.test_hf_cache import ARCHS, models  # noqa: F401  (module fixture)
 
 SITES = ["action", "rationale.conclusion", "history.last"]
 
@@ -23,9 +22,8 @@ def _texts():
     return texts
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_twin_recording_equals_bridge_and_cache(models, arch):  # noqa: F811
-    loaded = models[arch]
+def test_twin_recording_equals_bridge_and_cache(hf_models, hf_arch):
+    loaded = hf_models[hf_arch]
     model, tok = loaded.bridge, loaded.tokenizer
     fmt, texts = demo_format(), _texts()
     hooks = "resid_pre,resid_post"
@@ -52,9 +50,9 @@ def test_twin_recording_equals_bridge_and_cache(models, arch):  # noqa: F811
     assert worst_bridge <= tol and worst_cache <= tol, (worst_bridge, worst_cache, scale)
 
 
-def test_other_hooks_or_attached_hooks_take_the_bridge_path(models):  # noqa: F811
-    model = models["llama"].bridge
-    b = Recorder(model, demo_format(), "resid_post", SITES, tokenizer=models["llama"].tokenizer)
+def test_other_hooks_or_attached_hooks_take_the_bridge_path(hf_models):
+    model = hf_models["llama"].bridge
+    b = Recorder(model, demo_format(), "resid_post", SITES, tokenizer=hf_models["llama"].tokenizer)
     batch = b.tokenize(_texts())
     with torch.inference_mode():  # leaves transformers' output-capturing hooks installed,
         model.run_with_cache(batch.tokens, attention_mask=batch.attention_mask)
@@ -63,7 +61,7 @@ def test_other_hooks_or_attached_hooks_take_the_bridge_path(models):  # noqa: F8
     assert twin_plan(model, ["blocks.0.hook_resid_mid"]) is None
     with model.hooks(fwd_hooks=[("blocks.1.hook_resid_pre", lambda act, hook: act)]):
         assert twin_plan(model, ["blocks.0.hook_resid_post"]) is None
-    assert twin_plan(models["llama"].bridge, ["blocks.9.hook_resid_post"]) is None  # 2 layers
+    assert twin_plan(hf_models["llama"].bridge, ["blocks.9.hook_resid_post"]) is None  # 2 layers
 
 
 def _record_both(model, texts, hooks="resid_pre,resid_post"):
@@ -83,37 +81,14 @@ def _record_both(model, texts, hooks="resid_pre,resid_post"):
 
 
 def test_native_twin_recording_equals_bridge_and_cache(tiny_native):
-    from kdgap.models.twins import native_twin
-
-    twin = native_twin(tiny_native)
-    assert twin is not None and twin_plan(tiny_native, ["blocks.1.hook_resid_post"]) is not None
-    bridge_ptrs = {p.data_ptr() for p in tiny_native.original_model.parameters()}
-    assert {p.data_ptr() for p in twin.parameters()} <= bridge_ptrs  # shared, not copied
+    assert twin_plan(tiny_native, ["blocks.1.hook_resid_post"]) is not None
     fast, slow, ref = _record_both(tiny_native, _texts())
     for k in ref:
         assert (fast[k] - slow[k]).abs().max() <= 1e-5, k
         assert (fast[k] - ref[k]).abs().max() <= 1e-5, k
 
 
-def test_native_twin_follows_weights_and_mode(tiny_native):
-    from kdgap.models.twins import native_twin
-
-    lin = tiny_native.original_model.layers[0].mlp
-    name = next(n for n, p in lin.named_parameters() if p.dim() == 2)
-    old = dict(lin.named_parameters())[name]
-    owner = lin.get_submodule(name.rsplit(".", 1)[0]) if "." in name else lin
-    leaf = name.rsplit(".", 1)[-1]
-    try:
-        with torch.no_grad():  # a replaced tensor (load_state_dict, a new Parameter): rebuilt
-            setattr(owner, leaf, torch.nn.Parameter(old.detach() * 3.0))
-        twin = native_twin(tiny_native)
-        assert twin is not None
-        assert any(p.data_ptr() == getattr(owner, leaf).data_ptr() for p in twin.parameters())
-        fast, _, ref = _record_both(tiny_native, _texts(), "resid_post")
-        assert all((fast[k] - ref[k]).abs().max() <= 1e-5 for k in ref)
-        tiny_native.train()
-        assert native_twin(tiny_native) is None  # training mode: only the bridge forward
-    finally:
-        tiny_native.eval()
-        setattr(owner, leaf, old)
-    assert native_twin(tiny_native) is not None
+def test_native_twin_recording_follows_replaced_weights(tiny_native, tripled_mlp_weight):
+    assert twin_plan(tiny_native, ["blocks.0.hook_resid_post"]) is not None  # rebuilt
+    fast, _, ref = _record_both(tiny_native, _texts(), "resid_post")
+    assert all((fast[k] - ref[k]).abs().max() <= 1e-5 for k in ref)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kdgap.agent.prompts import PaperFormat
 from kdgap.envs.bandit import BanditConfig
+from kdgap.envs.stats import counts_and_sums, first_arm, greedy_arms
 from kdgap.hooks.patch.pairs import (
-    greedy_arm,
+    format_history,
     make_pair,
-    organism_history,
     pairs_from_records,
     span_mask,
     tokenize_pairs,
@@ -17,11 +18,17 @@ from kdgap.hooks.patch.pairs import (
 from kdgap.models.tokens import tokenize_batch
 from kdgap.organisms.language import OrganismLanguage
 from kdgap.organisms.transcript import OrganismFormat
+from kdgap.records import StepRecord
 
 CFG = BanditConfig(n_arms=5, horizon=20)
 FMT = OrganismFormat()
 ACTIONS, REWARDS = [0, 1, 0, 2, 0], [1, 0, 1, 0, 0]  # red 2/3, green 0/1, blue 0/1
 COMPLETION = "red 3 2 green 1 0 blue 1 0 yellow 0 0 orange 0 0 ucb yellow act yellow"
+
+
+def greedy_arm(actions, rewards, n_arms: int = 5) -> int:
+    """The greedy arm as kdgap.envs.stats defines it (lowest index of the tie set)."""
+    return int(first_arm(greedy_arms(*counts_and_sums(actions, rewards, n_arms))))
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +85,15 @@ def test_errors(tok):
             return [" red"]
 
     p = make_pair("conclusion", FMT, CFG, ACTIONS, REWARDS, COMPLETION, new_arm=2)
-    with pytest.raises(ValueError, match="same first token"):
+    with pytest.raises(ValueError, match="same token"):
         tokenize_pairs([p], tok, OneToken())
+
+    class TwoTokens(OrganismFormat):
+        def arm_continuations(self, arm_name):
+            return [f" {arm_name} {arm_name}"]
+
+    with pytest.raises(ValueError, match="arm 'yellow'.*2 tokens"):
+        tokenize_pairs([p], tok, TwoTokens())
 
     class Wordy(OrganismFormat):
         def edit_conclusion(self, completion, new_arm, arm_names):
@@ -99,18 +113,24 @@ def test_span_mask_overlap():
 
 
 def _record(prompt, completion, action, episode=0, step=5):
-    from kdgap.records import StepRecord
-
     return StepRecord(episode, step, 5, action, 0.0, 0.0, True, 0, (0,), (0,), (0,),
                       prompt=prompt, completion=completion)  # fmt: skip
 
 
-def test_organism_history_round_trips():
+def test_history_is_read_back_by_the_format():
     prompt = FMT.render_prompt(CFG, ACTIONS, REWARDS)
-    assert organism_history(prompt, CFG.arm_names) == (ACTIONS, [float(r) for r in REWARDS])
-    assert organism_history("think ", CFG.arm_names) == ([], [])
+    want = (ACTIONS, [float(r) for r in REWARDS])
+    assert FMT.parse_history(prompt, CFG.arm_names) == want
+    assert format_history(FMT, CFG.arm_names)(_record(prompt, "", 0)) == want
+    assert FMT.parse_history("think ", CFG.arm_names) == ([], [])
+    with pytest.raises(ValueError, match="not an organism prompt"):
+        FMT.parse_history("red7 think ", CFG.arm_names)
+    # A format that cannot read its prompts back needs the caller's history_fn.
     with pytest.raises(ValueError, match="history_fn="):
-        organism_history("red7 think ", CFG.arm_names)
+        format_history(PaperFormat(), CFG.arm_names)
+    rec = _record(prompt, COMPLETION, 0)
+    own = pairs_from_records([rec], FMT, "history", history_fn=lambda r: (ACTIONS, REWARDS))
+    assert own == pairs_from_records([rec], FMT, "history")
 
 
 def test_pairs_from_records_arms_start_at_the_action():
@@ -127,7 +147,7 @@ def test_pairs_from_records_arms_start_at_the_action():
     hist = pairs_from_records(recs, FMT, "history", n_pairs=6, seed=0)
     for p in hist:
         assert p.pair.arm_a == 0 and p.pair.arm_b in (1, 2, 3, 4)  # yellow, orange untried
-        acts, rews = organism_history(p.pair.corrupt, CFG.arm_names)
+        acts, rews = FMT.parse_history(p.pair.corrupt, CFG.arm_names)
         assert greedy_arm(acts, rews, 5) == p.pair.arm_b
     # Every arm ties on the greedy mean: no history edit can move the greedy arm.
     ties = _record("red1 green1 blue1 yellow1 orange1 think ", COMPLETION, 0)

@@ -1,0 +1,145 @@
+"""What the ``kdgap`` command line calls: one function per command, nothing else.
+
+``kdgap.cli`` parses arguments and calls these; they build the configurations, load models
+(through :class:`~kdgap.report.session.Session`), run the studies and write the files the
+command names. Each function is usable from Python as well:
+
+- ``play``: :func:`play_study`; ``freqbias``: :func:`freqbias_study`; both choose who plays
+  with :class:`Player` on a bandit family from :func:`bandit_config`;
+- ``organisms list``: :func:`organisms_table`;
+- ``record``: :func:`record_from_model`;
+- ``analyze`` / ``demo``: :func:`analyze` with an :class:`AnalyzeConfig` (``demo``
+  analyses :data:`DEMO_MODELS`);
+- ``figures``: :func:`render_all`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from kdgap.envs.bandit import BanditConfig
+from kdgap.io import atomic_write_json
+from kdgap.organisms.registry import list_organisms
+from kdgap.policies.reference import Policy, make_policy
+from kdgap.records import write_records
+from kdgap.report.behavior import PlayConfig, run_freqbias, run_play
+from kdgap.report.pipeline import AnalyzeConfig, analyze
+from kdgap.report.render import render_all
+from kdgap.report.session import make_agent, record_from_model
+
+__all__ = [
+    "DEMO_MODELS",
+    "AnalyzeConfig",
+    "BanditConfig",
+    "PlayConfig",
+    "Player",
+    "analyze",
+    "bandit_config",
+    "freqbias_study",
+    "organisms_table",
+    "play_study",
+    "record_from_model",
+    "render_all",
+]
+
+#: The shipped organisms ``kdgap demo`` analyses side by side.
+DEMO_MODELS = ("organism:faithful", "organism:greedy-bypass", "organism:seed-calibrated")
+
+
+def bandit_config(
+    *,
+    n_arms: int = 5,
+    horizon: int = 50,
+    reward: str = "bernoulli",
+    sigma: float = 1.0,
+    gap: float | None = None,
+    arm_style: str = "buttons",
+    ucb_c: float = 0.5,
+) -> BanditConfig:
+    """The bandit family of the ``--arms/--steps/--reward/...`` options (validated)."""
+    return BanditConfig(
+        n_arms=n_arms, horizon=horizon, reward=reward, sigma=sigma, gap=gap,
+        arm_style=arm_style, ucb_c=ucb_c,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Player:
+    """Who plays: a reference policy by name, or a model spec as a text agent.
+
+    Attributes:
+        policy: ``ucb``, ``greedy``, ``epsilon-greedy``, ``random`` (default ``ucb`` when
+            no model is given).
+        model: a model spec (``organism:NAME``, a local folder, a ``.gguf``, a preset).
+        mode, max_new_tokens, temperature, batch_size, device, dtype: the text agent's
+            settings (see :meth:`kdgap.report.session.Session.agent`).
+    """
+
+    policy: str | None = None
+    model: str | None = None
+    mode: str = "forced"
+    max_new_tokens: int | None = None
+    temperature: float = 0.0
+    batch_size: int | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def build(self, *, seed: int = 0, counterfactual: bool = False) -> Policy:
+        """The policy, or the model's text agent (loads the model)."""
+        if self.model:
+            return make_agent(
+                self.model, mode=self.mode, max_new_tokens=self.max_new_tokens,
+                temperature=self.temperature, seed=seed, batch_size=self.batch_size,
+                device=self.device, dtype=self.dtype, counterfactual=counterfactual,
+            )  # fmt: skip
+        return make_policy(self.policy or "ucb")
+
+
+def play_study(
+    player: Player,
+    cfg: PlayConfig,
+    *,
+    json_out: str | os.PathLike | None = None,
+    records_out: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """``kdgap play``: the behaviour study's JSON (:func:`~kdgap.report.behavior.run_play`).
+
+    Writes the JSON to ``json_out`` and the step records (JSON lines) to ``records_out``
+    when given.
+    """
+    policy = player.build(seed=cfg.seed, counterfactual=cfg.counterfactual)
+    out, records = run_play(policy, cfg)
+    if json_out:
+        atomic_write_json(json_out, out)
+    if records_out:
+        write_records(records_out, records)
+    return out
+
+
+def freqbias_study(
+    player: Player,
+    bandit: BanditConfig,
+    *,
+    n_histories: int,
+    repetitions: tuple[int, ...],
+    seed: int = 0,
+    json_out: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """``kdgap freqbias``: the frequency-bias protocol's JSON (written to ``json_out``)."""
+    out = run_freqbias(
+        player.build(seed=seed), bandit, n_histories=n_histories, repetitions=repetitions,
+        seed=seed,
+    )  # fmt: skip
+    if json_out:
+        atomic_write_json(json_out, out)
+    return out
+
+
+def organisms_table(*, json_out: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """``kdgap organisms list``: one row per shipped organism (also written to ``json_out``)."""
+    rows = list_organisms()
+    if json_out:
+        atomic_write_json(json_out, rows)
+    return rows
