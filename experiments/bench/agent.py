@@ -14,7 +14,8 @@ Usage: python experiments/bench/agent.py --json OUT.json [--episodes 8 --steps 3
 
 ``--forced-smollm2`` instead times one *forced* agent step on SmolLM2-135M-Instruct (16
 episodes at step 10, knowing-doing prompt, rationale up to 64 tokens, conclusion-edit
-counterfactual) on the hook-free fast path (:mod:`kdgap.models.twins`) and on the
+counterfactual) on the hook-free fast path (:mod:`kdgap.agent.hf_decoding` on the twin of
+:mod:`kdgap.models.twins`) and on the
 reference path (``bridge.generate`` + scoring through the bridge forward; selected by
 making ``twins.fast_model`` return None), alternating the two, and checks that both
 produce the same completions and actions (action probabilities to 1e-4).
@@ -34,9 +35,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from kdgap.agent import PaperFormat, TextAgent  # noqa: E402
-from kdgap.envs import BanditConfig  # noqa: E402
+from kdgap.envs import BanditConfig, VectorBandit  # noqa: E402
 from kdgap.io import atomic_write_json  # noqa: E402
-from kdgap.policies.play import play  # noqa: E402
+from kdgap.models import load_model, twins  # noqa: E402
+from kdgap.policies.play import history_of, play  # noqa: E402
 
 
 def build_tokenizer(cfg: BanditConfig, vocab_size: int = 1000):
@@ -102,10 +104,6 @@ def measure(model, cfg, *, episodes, max_new_tokens, batch_size) -> float:
 
 def forced_smollm2(args) -> dict:
     """Seconds (wall and CPU) of one forced step, fast path vs reference path."""
-    from kdgap.envs import VectorBandit
-    from kdgap.models import load_model, twins
-    from kdgap.policies.play import history_of
-
     loaded = load_model("smollm2")
     cfg = BanditConfig(horizon=20)
     env = VectorBandit(cfg, 16)

@@ -6,11 +6,12 @@ off-policy episodes x 50 steps (:func:`kdgap.testing.organisms.organism_store`; 
 store is cached under ``--store-dir`` and shared with ``experiments/probes_organisms.py``)
 x 5 labels (rationale arm, action, UCB arm, greedy arm, most-frequent arm), each with its
 Hewitt-Liang control task (``--control-feature``, default the sweep's reward-history
-control; ``step`` gives the earlier step-index control). Arms an organism almost never
-picks are dropped per label (``rare_classes="drop"``, identically for both trainers).
-``--organism synthetic`` runs the earlier :class:`kdgap.testing.synthetic.SyntheticStore`
-instead (greedy-bypass labels, every label planted at its own strength and layers, noise
-1; ``--layers``, ``--d-model``, ``--steps`` apply to it only).
+control; ``step`` gives the step-index control, see :mod:`kdgap.probes.control`). Arms an
+organism almost never picks are dropped per label (``rare_classes="drop"``, identically
+for both trainers). ``--organism synthetic`` runs a
+:class:`kdgap.testing.synthetic.SyntheticStore` instead (greedy-bypass labels, every label
+planted at its own strength and layers, noise 1; ``--layers``, ``--d-model``, ``--steps``
+apply to it only).
 
 Both variants run :func:`kdgap.probes.sweep` with the logistic probe only and identical
 settings (same split, same inner folds, same C grid, same C choice rule):
@@ -48,12 +49,14 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 
 from kdgap.probes import sweep  # noqa: E402
 from kdgap.probes.control import DEFAULT_CONTROL  # noqa: E402
+from kdgap.probes.dataset import ActivationSource  # noqa: E402
+from kdgap.testing.organisms import organism_store  # noqa: E402
 from kdgap.testing.synthetic import Plant, SyntheticStore, bandit_labels  # noqa: E402
 
 LABELS = ("rationale_arm", "action", "ucb_arm", "greedy_arm", "frequent_arm")
 
 
-def build_store(args) -> SyntheticStore:
+def build_store(args: argparse.Namespace) -> SyntheticStore:
     """Greedy-bypass labels with every label planted (weak to strong, early to late)."""
     labels = bandit_labels(n_episodes=args.episodes, n_steps=args.steps, n_arms=5,
                            mode="greedy-bypass", seed=args.seed)  # fmt: skip
@@ -68,18 +71,16 @@ def build_store(args) -> SyntheticStore:
     return SyntheticStore(labels, n_layers=L, d_model=args.d_model, plants=plants, seed=args.seed)
 
 
-def load_store(args):
+def load_store(args: argparse.Namespace) -> tuple[ActivationSource, dict]:
     """The benchmark's store and the sweep's extra keyword arguments."""
     if args.organism == "synthetic":
         return build_store(args), {}
-    from kdgap.testing.organisms import organism_store
-
     folder = os.path.join(args.store_dir, f"{args.organism}-e{args.episodes}-s{args.seed}")
     data = organism_store(args.organism, folder, n_episodes=args.episodes, seed=args.seed)
     return data.store, {"rare_classes": "drop"}
 
 
-def main(argv=None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", required=True, help="output JSON path")
     p.add_argument(

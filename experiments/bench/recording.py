@@ -33,22 +33,20 @@ the ratios use the *medians* of the repeats, and the ``*_max`` / ``*_best`` keys
 highest peak and the fastest run.
 
 Allocator: every variant and size runs twice per repeat, once with glibc's mmap threshold
-pinned (``MALLOC_MMAP_THRESHOLD_=131072``, the value glibc starts from; setting it turns
-off the *dynamic* threshold) and once with glibc's defaults. Under the default, freed
-forward tensors stay in the heap in a layout that changes from run to run: the same
-500-transcript recording peaked at 31.5-43.7 MB over five runs of this bench, so a 20%
-flatness criterion cannot be resolved. Pinned, large blocks are unmapped when freed and
-peak RSS tracks live memory (16.9-17.1 MB over the same five runs), at a speed cost both
-variants pay (32% for the recorder at batch 256). The
+pinned (``MALLOC_MMAP_THRESHOLD_=131072``, the value glibc starts from; setting it turns off
+the *dynamic* threshold) and once with glibc's defaults. Under the default, freed forward
+tensors stay in the heap in a layout that changes from run to run, so the peak of one and
+the same recording varies from run to run by more than a 20% flatness criterion can resolve.
+Pinned, large blocks are unmapped when freed and peak RSS tracks live memory, at a speed
+cost both variants pay (the measured spreads and costs are in docs/benchmarks.md). The
 top-level keys come from the pinned runs; the same keys for glibc's defaults are under
 ``default_malloc`` (``--malloc`` picks one configuration). Output keys (``--json OUT``):
 ``throughput_ratio`` (recorder / cache, transcripts per wall-clock second, at ``--n``),
 ``peak_rss_ratio`` (cache / recorder peak above baseline, at ``--n``), ``rss_growth``
 (recorder peak at 4000 over at 500 transcripts), ``throughput_ratio_cpu`` (per CPU second,
-insensitive to other load on the machine), the two memory ratios against the
-model-loaded RSS, the same two ratios for ``recorder_same_batches``, the raw numbers, and
-the max abs difference between the recorder's and the cache's activations (a correctness
-check).
+insensitive to other load on the machine), the two memory ratios against the model-loaded
+RSS, the same two ratios for ``recorder_same_batches``, the raw numbers, and the max abs
+difference between the recorder's and the cache's activations (a correctness check).
 
     python experiments/bench/recording.py --json runs/bench/recording.json
 """
@@ -118,7 +116,7 @@ def child(args) -> dict:
     model, tok = load_organism(args.organism)
     fmt = OrganismFormat()
     records = read_records(args.records)[: args.n]
-    texts = [transcript_text(r, fmt, tok) for r in records]
+    texts = [transcript_text(r) for r in records]
     rec = Recorder(model, fmt, "resid_post", SITES, tokenizer=tok)
     bs = args.batch_size
     store_kw: dict = {"batch_size": bs, "progress": False, "tokenizer": tok}  # default shards

@@ -1,18 +1,21 @@
 """Benchmark: recording a real model's residual stream on the SDPA twin vs the bridge.
 
-The SmolLM2 end-to-end study records ``resid_post`` of all 30 layers at the ``action``
+``kdgap analyze --model smollm2`` records ``resid_post`` of all 30 layers at the ``action``
 site of every forced step. This times that recording both ways, in one process,
-alternating, on the same records (``--records``: a ``records_forced.jsonl`` written by
-``experiments/smollm2_end_to_end.py``; ``--n`` of them), and checks the values agree:
+alternating, on the same records (``--records``: the ``transcripts.jsonl`` that
+``kdgap analyze --model smollm2 --out runs/smollm2`` writes under
+``runs/smollm2/models/smollm2/``; ``--n`` of them), and checks the values agree:
 
-- ``twin``: :func:`kdgap.hooks.record_store` with ``fast=True`` (default): torch hooks on the
-  decoder layers of an SDPA twin sharing the bridge's tensors (:mod:`kdgap.hooks.twin_capture`);
+- ``twin``: :meth:`kdgap.report.session.Session.record` with ``fast=True`` (default): torch
+  hooks on the decoder layers of an SDPA twin sharing the bridge's tensors
+  (:mod:`kdgap.hooks.twin_capture`);
 - ``bridge``: the same with ``fast=False``: ``run_with_hooks`` on the TransformerBridge.
 
 Output keys (``--json OUT``): ``speedup`` (bridge / twin median seconds), ``max_abs_diff``
 and ``max_rel_diff`` (largest difference over the largest activation), the raw timings.
 
-    python experiments/bench/recording_twin.py --records runs/smollm2/records_forced.jsonl \\
+    python experiments/bench/recording_twin.py \\
+        --records runs/smollm2/models/smollm2/transcripts.jsonl \\
         --json runs/bench/recording_twin.json
 """
 
@@ -25,17 +28,15 @@ import time
 
 import torch
 
-from kdgap.agent.prompts import PaperFormat
-from kdgap.hooks import record_store
 from kdgap.io import atomic_write_json
-from kdgap.models import load_model
 from kdgap.records import read_records
+from kdgap.report.session import Session
 
 
 def main(argv=None) -> dict:
     """Time both recording paths and write the JSON; returns the results."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--records", required=True, help="records_forced.jsonl of a SmolLM2 run")
+    ap.add_argument("--records", required=True, help="transcripts.jsonl of a SmolLM2 analysis")
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--n", type=int, default=64, help="records to record")
     ap.add_argument("--repeats", type=int, default=2)
@@ -44,17 +45,16 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_model(args.model)
+    session = Session(args.model)  # the model and the format the analysis used
     records = read_records(args.records)[: args.n]
-    fmt = PaperFormat(knowing_doing=True, use_chat_template=False)  # texts are templated
     seconds: dict[str, list[float]] = {"twin": [], "bridge": []}
     acts = {}
     for _ in range(args.repeats):
         for name in ("twin", "bridge"):
             with tempfile.TemporaryDirectory() as out:
                 t0 = time.perf_counter()
-                st = record_store(loaded.bridge, fmt, records, "resid_post", "action", out,
-                                  fast=name == "twin", progress=False)  # fmt: skip
+                st = session.record(records, "resid_post", "action", out,
+                                    fast=name == "twin", progress=False)  # fmt: skip
                 seconds[name].append(time.perf_counter() - t0)
                 acts[name] = torch.stack([st.load(h, "action")[0] for h in st.hooks])
             print(f"{name}: {seconds[name][-1]:.1f} s", flush=True)
