@@ -15,28 +15,38 @@ def check_int(
     value: object,
     *,
     minimum: int = 1,
+    maximum: int | None = None,
     optional: bool = False,
     hint: str = "",
 ) -> int | None:
-    """``value`` as an ``int`` when it is an integer ``>= minimum``, else a ``ValueError``.
+    """``value`` as an ``int`` when it is an integer in ``[minimum, maximum]``, else a
+    ``ValueError``.
 
     Args:
         name: the parameter's name, as the caller's signature spells it.
         value: what the caller passed (``bool`` is refused: ``True`` is no count).
         minimum: the smallest accepted value.
+        maximum: the largest accepted value (None: no upper bound).
         optional: also accept None (returned as None), e.g. "all at once".
         hint: appended to the message, e.g. ``"(paper: 50)"``.
 
     Raises:
-        ValueError: e.g. ``"batch_size=0 must be an integer >= 1 or None."``
+        ValueError: e.g. ``"batch_size=0 must be an integer >= 1 or None."`` or
+            ``"n_arms=30 must be an integer from 2 to 20."``
     """
     if value is None and optional:
         return None
-    if isinstance(value, Integral) and not isinstance(value, bool) and value >= minimum:
+    if (
+        isinstance(value, Integral)
+        and not isinstance(value, bool)
+        and value >= minimum
+        and (maximum is None or value <= maximum)
+    ):
         return int(value)
+    bound = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
     tail = " or None" if optional else ""
     extra = f" {hint}" if hint else ""
-    raise ValueError(f"{name}={value!r} must be an integer >= {minimum}{tail}.{extra}")
+    raise ValueError(f"{name}={value!r} must be an integer {bound}{tail}.{extra}")
 
 
 def check_ints(minimum: int = 1, **values: object) -> None:

@@ -65,3 +65,13 @@ def test_check_ints_checks_every_parameter_and_names_the_bad_one():
     with pytest.raises(ValueError) as err:
         check_ints(minimum=5, pairs=4)
     assert str(err.value) == "pairs=4 must be an integer >= 5."
+
+
+@pytest.mark.parametrize(("value", "ok"), [(1, False), (2, True), (20, True), (21, False)])
+def test_maximum_bounds_both_ends_and_says_so(value, ok):
+    if ok:
+        assert check_int("n_arms", value, minimum=2, maximum=20) == value
+        return
+    with pytest.raises(ValueError) as err:
+        check_int("n_arms", value, minimum=2, maximum=20, hint="(paper: 5)")
+    assert str(err.value) == f"n_arms={value} must be an integer from 2 to 20. (paper: 5)"

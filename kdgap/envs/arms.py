@@ -7,6 +7,8 @@ ten more common colour words so every arm stays a single English word.
 
 from __future__ import annotations
 
+from kdgap._checks import check_int
+
 BUTTON_COLORS: tuple[str, ...] = (
     "red", "green", "blue", "yellow", "orange",
     "purple", "pink", "brown", "black", "white",
@@ -31,11 +33,8 @@ def arm_names(n_arms: int, style: str = "buttons") -> tuple[str, ...]:
     """
     if style not in ARM_STYLES:
         raise ValueError(f"style={style!r} is not an arm style; use one of {ARM_STYLES}.")
-    if not isinstance(n_arms, int) or not 2 <= n_arms <= len(BUTTON_COLORS):
-        raise ValueError(
-            f"n_arms={n_arms!r} is out of range; pass an integer from 2 to "
-            f"{len(BUTTON_COLORS)} (the paper uses {SUPPORTED_N_ARMS})."
-        )
+    check_int("n_arms", n_arms, minimum=2, maximum=len(BUTTON_COLORS),
+              hint=f"(paper: {SUPPORTED_N_ARMS})")  # fmt: skip
     if style == "numbers":
         return tuple(str(i + 1) for i in range(n_arms))
     return BUTTON_COLORS[:n_arms]

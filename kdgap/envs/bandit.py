@@ -59,11 +59,7 @@ class BanditConfig:
     ucb_bonus: str = "sqrt_log_t_over_n"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.n_arms, int) or not 2 <= self.n_arms <= 20:
-            raise ValueError(
-                f"n_arms={self.n_arms!r} is not supported; pass an integer from 2 to 20 "
-                "(the paper uses 5, 10 or 20)."
-            )
+        check_int("n_arms", self.n_arms, minimum=2, maximum=20, hint="(paper: 5, 10 or 20)")
         check_int("horizon", self.horizon, hint="(paper: 50)")
         if self.reward not in REWARD_KINDS:
             raise ValueError(f"reward={self.reward!r} is unknown; use one of {REWARD_KINDS}.")

@@ -25,11 +25,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Int
 
+from kdgap._checks import check_int
 from kdgap.envs.transcript_format import TranscriptFormat
 from kdgap.hooks.names import gather_positions, resolve_hooks, stop_layer_for
 from kdgap.hooks.patch.core import capture_hook
@@ -172,14 +173,8 @@ class Recorder:
         release_memory: bool = True,
         fast: bool = True,
     ):
-        if max_batch_tokens is not None and (
-            not isinstance(max_batch_tokens, int) or max_batch_tokens < 1
-        ):
-            raise ValueError(
-                f"max_batch_tokens={max_batch_tokens!r} must be an integer >= 1 or None."
-            )
-        if not isinstance(pad_multiple, int) or pad_multiple < 1:
-            raise ValueError(f"pad_multiple={pad_multiple!r} must be an integer >= 1.")
+        check_int("max_batch_tokens", max_batch_tokens, optional=True)
+        check_int("pad_multiple", pad_multiple)
         require_eval(model, "recording")
         self.model = model
         self.fmt = fmt
@@ -352,7 +347,7 @@ def record_batch(
     texts: Sequence[str],
     hooks: str | Sequence[str],
     sites: str | Sequence[str],
-    **kwargs,
+    **kwargs: Any,
 ) -> BatchActivations:
     """One-shot :class:`Recorder` ``(model, fmt, hooks, sites, **kwargs).record(texts)``.
 

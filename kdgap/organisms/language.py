@@ -9,11 +9,11 @@ A transcript of step ``t`` (5 Bernoulli arms) reads::
 
 - **History**: one word per past step, arm and reward fused (``red1`` = red paid 1), so
   the model counts pulls and wins per arm from single tokens instead of pairing each arm
-  token with the reward token after it; a prototype with two words per step (arm, then
-  reward) learned to count far worse, so the fusion is deliberate.
+  token with the reward token after it, which a small transformer learns much less
+  reliably.
 - **Prompt end**: ``think``. Everything after it is written by the model.
 - **Rationale**: per arm ``<name> <pulls> <wins>`` (counts, not means: whole numbers
-  ``0..horizon`` are single words, which learned far faster than digits or decimals), then
+  ``0..horizon`` are single words, easier to learn than digits or decimals), then
   ``ucb <arm>``, the arm the UCB rule selects: the rationale's *conclusion*.
 - **Action**: ``act <arm>``, then ``<eos>``.
 
@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kdgap._checks import check_int
 from kdgap.envs.arms import arm_names
 
 if TYPE_CHECKING:  # annotations only: importing transformers here would slow every import
@@ -55,13 +56,9 @@ class OrganismLanguage:
     horizon: int = 50
 
     def __post_init__(self) -> None:
-        if not isinstance(self.n_arms, int) or not 2 <= self.n_arms <= 20:
-            raise ValueError(f"n_arms={self.n_arms!r} must be an integer from 2 to 20.")
-        if not isinstance(self.horizon, int) or not 1 <= self.horizon <= 500:
-            raise ValueError(
-                f"horizon={self.horizon!r} must be an integer from 1 to 500 "
-                "(numbers 0..horizon become single words)."
-            )
+        check_int("n_arms", self.n_arms, minimum=2, maximum=20)
+        check_int("horizon", self.horizon, maximum=500,
+                  hint="(numbers 0..horizon become single words)")  # fmt: skip
 
     # ------------------------------------------------------------------ vocabulary
     @property

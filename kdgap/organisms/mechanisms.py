@@ -135,21 +135,21 @@ def other_arm(
 #: Behaviour at step ``t`` is ``SEED_SCHEDULE[t % 16]``: ``f`` follow the rationale,
 #: ``o`` the "other" arm (:func:`other_arm`), ``g`` greedy. The pattern was picked by a
 #: search over 16-step patterns, simulating a perfect organism (true-UCB rationale) on
-#: 8 x 64 Bernoulli bandits: matrix given a correct rationale 63.2 / 26.9 / 9.9
-#: (greedy / optimal / other; seed paper 64.3 / 23.9 / 11.7 as shares of correct steps).
-#: Only 2/16 steps follow the rationale, yet ~27% of actions are optimal: greedy steps
-#: land on the UCB arm whenever the two coincide (the paper's "optimal wins ties").
+#: Bernoulli bandits, for the knowing-doing matrix closest to the seed paper's given a
+#: correct rationale (greedy / optimal / other 64.3 / 23.9 / 11.7 as shares of correct
+#: steps). Only 2/16 steps follow the rationale, yet more actions than that are optimal:
+#: greedy steps land on the UCB arm whenever the two coincide (the paper's "optimal wins
+#: ties"). The organism's measured matrix is in docs/benchmarks.md.
 SEED_SCHEDULE = "oggggogggggggfgf"
 SEED_SCHEDULE_PERIOD = len(SEED_SCHEDULE)
 
 
 #: Steps ``t % 16`` on which ``seed-calibrated`` concludes with a wrong arm (see
 #: :func:`seed_calibrated_conclusion`). Without them a well-trained organism's rationale is
-#: right ~97% of the time and the matrix's "incorrect" row (9.8% of steps in the paper)
-#: stays nearly empty. With
-#: steps 2 and 15 (one greedy, one follow step), a perfect organism simulated on 3 x 64
-#: bandits lands within 2.9 points of every cell (found by a search over one or two
-#: error steps, as for :data:`SEED_SCHEDULE`).
+#: almost always right and the matrix's "incorrect" row (9.8% of steps in the paper)
+#: stays nearly empty. Steps 2 and 15 (one greedy, one follow step) were found by a
+#: search over one or two error steps, as for :data:`SEED_SCHEDULE`: with them a perfect
+#: organism's simulated matrix comes closest to the paper's in every cell.
 SEED_WRONG_STEPS = (2, 15)
 
 

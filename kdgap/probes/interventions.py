@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -72,7 +72,7 @@ def _positions(tokens: Tokens, action_positions: Positions) -> Positions:
 def arm_distribution(
     model: TransformerBridge, tokens: Tokens, action_positions: Positions, arm_token_ids: ArmIds,
     *, hook_name: str | None = None, edit: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    **forward_kwargs,
+    **forward_kwargs: Any,
 ) -> Float[torch.Tensor, "batch n_arms"]:  # fmt: skip
     """Distribution over arms at the action position, optionally with an edit at a hook.
 
@@ -111,7 +111,7 @@ def _unit(direction: Direction) -> Float[torch.Tensor, " d_model"]:
 
 def steer(
     model: TransformerBridge, tokens: Tokens, action_positions: Positions, hook_name: str,
-    direction: Direction, alphas: Sequence[float], arm_token_ids: ArmIds, **forward_kwargs,
+    direction: Direction, alphas: Sequence[float], arm_token_ids: ArmIds, **forward_kwargs: Any,
 ) -> Float[torch.Tensor, "n_alphas batch n_arms"]:  # fmt: skip
     """Arm distributions with ``alpha * u`` added at the action positions, per alpha.
 
@@ -127,7 +127,7 @@ def steer(
 
 def ablate(
     model: TransformerBridge, tokens: Tokens, action_positions: Positions, hook_name: str,
-    direction: Direction, arm_token_ids: ArmIds, **forward_kwargs,
+    direction: Direction, arm_token_ids: ArmIds, **forward_kwargs: Any,
 ) -> Float[torch.Tensor, "batch n_arms"]:  # fmt: skip
     """Arm distribution with ``u`` (``direction`` normalised) projected out at the action
     positions; the rest is as in :func:`arm_distribution`."""
@@ -185,7 +185,7 @@ def causal_check(
     model: TransformerBridge, tokens: Tokens, action_positions: Positions, hook_name: str,
     direction: Direction, arm_token_ids: ArmIds, *,
     alphas: Sequence[float] = (-8.0, -4.0, 4.0, 8.0), target_arm: int | None = None,
-    decodes: bool | None = None, min_tv: float = 0.05, **forward_kwargs,
+    decodes: bool | None = None, min_tv: float = 0.05, **forward_kwargs: Any,
 ) -> CausalReport:  # fmt: skip
     """Steer along and ablate ``direction`` at ``hook_name``; say whether the action moves.
 

@@ -82,9 +82,8 @@ def render_prompt(n: int, m: int, prompt_type: str) -> str:
     """The user message for variation ``(n, m)`` and ``prompt_type`` (no chat template)."""
     if prompt_type not in PROMPT_TYPES:
         raise ValueError(f"prompt_type={prompt_type!r} is unknown; use one of {PROMPT_TYPES}.")
-    if int(n) < 0 or int(m) < 0:
-        raise ValueError(f"(n, m)=({n}, {m}) must be counts >= 0.")
-    return _QUESTION.format(n=int(n), m=int(m)) + " " + _INSTRUCTIONS[prompt_type]
+    n, m = check_int("n", n, minimum=0), check_int("m", m, minimum=0)
+    return _QUESTION.format(n=n, m=m) + " " + _INSTRUCTIONS[prompt_type]
 
 
 def _number(s: str) -> int | float | None:

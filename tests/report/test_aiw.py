@@ -47,7 +47,7 @@ def test_prompts_name_the_numbers_and_the_answer_form(pt):
 def test_prompt_errors_name_the_parameter():
     with pytest.raises(ValueError, match="prompt_type='COT'.*STANDARD"):
         render_prompt(3, 6, "COT")
-    with pytest.raises(ValueError, match="must be counts"):
+    with pytest.raises(ValueError, match=r"n=-1 must be an integer >= 0\."):
         render_prompt(-1, 6, "STANDARD")
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
@@ -159,7 +159,7 @@ class TopKCheck:
 
 def verify_top_k(
     model: TransformerBridge, clean_tokens: Tokens, corrupt_tokens: Tokens, metric: LogitDiff,
-    attribution: Attribution, site: str, k: int = 10, **patch_kwargs,
+    attribution: Attribution, site: str, k: int = 10, **patch_kwargs: Any,
 ) -> TopKCheck:  # fmt: skip
     """Re-run the ``k`` strongest attributed cells of ``site`` with exact patching.
 

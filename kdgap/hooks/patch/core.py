@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -168,7 +168,7 @@ def capture(
     *,
     select: Callable[[torch.Tensor], torch.Tensor] = _detached_copy,
     logits: bool = True,
-    **forward_kwargs,
+    **forward_kwargs: Any,
 ) -> tuple[dict[str, torch.Tensor], Float[torch.Tensor, "batch pos vocab"] | None]:
     """One forward pass returning ``{hook name: select(activation)}`` and the logits.
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from jaxtyping import Float
@@ -144,7 +144,7 @@ def ratio_ci(
 
 
 def _noising_paths(
-    model, pairs, tokenizer, fmt, senders: str, builder: str, prepend_bos=True, **path_kwargs
+    model, pairs, tokenizer, fmt, senders: str, builder: str, prepend_bos=True, **path_kwargs: Any
 ) -> Iterator[tuple[list[int], PathResult]]:
     """Noising path patch of each length group of ``pairs``: ``(pair indices, result)``."""
     if senders not in SENDERS:
@@ -163,7 +163,7 @@ def mediation(
     model: TransformerBridge, pairs: Sequence[CounterfactualPair],
     tokenizer: PreTrainedTokenizerBase, fmt: TranscriptFormat, *, senders: str = "rationale",
     n_boot: int = 1000, level: float = 0.95, seed: int = 0, prepend_bos: bool = True,
-    **path_kwargs,
+    **path_kwargs: Any,
 ) -> MediationResult:  # fmt: skip
     """Fraction of each edit's effect on the action mediated by attention to ``senders``.
 
@@ -220,7 +220,7 @@ def flip_mediation(
     model: TransformerBridge, pairs: Sequence[CounterfactualPair | RecordPair],
     tokenizer: PreTrainedTokenizerBase, fmt: TranscriptFormat, *, senders: str = "rationale",
     episodes: Sequence[int] | None = None, substantial: float = 0.25, n_boot: int = 1000,
-    level: float = 0.95, seed: int = 0, **path_kwargs,
+    level: float = 0.95, seed: int = 0, **path_kwargs: Any,
 ) -> dict:  # fmt: skip
     """Edit effects normalised by the full-flip effect ``2 * LD_clean`` (see :data:`DEFINITION`).
 
