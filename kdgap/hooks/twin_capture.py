@@ -6,8 +6,8 @@ sub-component) is the slow way to get it. The twins of :mod:`kdgap.models.twins`
 SDPA twin of a Hugging Face model, a plain ``NativeModel`` of a native bridge) share the
 bridge's tensors; here torch hooks on a twin's decoder layers gather the site positions
 of their inputs (``resid_pre``) and outputs (``resid_post``), and the forward is abandoned
-once the last one fired (the final norm and the unembedding never run). How much faster
-this is is measured in docs/benchmarks.md.
+once the last one fired (the final norm and the unembedding never run).
+``experiments/bench/recording_twin.py`` times this against the bridge.
 
 The bridge's ``hook_resid_pre`` / ``hook_resid_post`` of block ``i`` are exactly the input
 and output of the wrapped model's decoder layer ``i``, so the values are equal up to float

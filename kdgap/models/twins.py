@@ -18,8 +18,9 @@ A twin is accepted only after its logits match the bridge's on a probe sequence
 parameter tensor is replaced; tensors of the wrapped model that a twin does not read must
 stay zero, or the twin is withheld. Results equal the bridge path up to float rounding
 (SDPA vs eager attention). Callers use a twin only when no hook is attached
-(:func:`kdgap.models.runtime.has_hooks`): hooks must see every position. The speed-ups
-are measured in docs/benchmarks.md.
+(:func:`kdgap.models.runtime.has_hooks`): hooks must see every position.
+``experiments/bench/agent.py --forced-smollm2`` and ``experiments/bench/recording_twin.py``
+time the twins against the bridge.
 """
 
 from __future__ import annotations
