@@ -58,7 +58,8 @@ _PLAYER = {name: name for name in ("policy", "model", "mode", "max_new_tokens", 
                                    "batch_size", "device", "dtype")}  # fmt: skip
 _ANALYZE = {"episodes": "episodes", "horizon": "steps", "record_episodes": "record_episodes",
             "driver": "driver", "n_pairs": "pairs", "seed": "seed", "device": "device",
-            "dtype": "dtype", "aiw": "aiw", "aiw_samples": "aiw_samples"}  # fmt: skip
+            "dtype": "dtype", "aiw": "aiw", "aiw_samples": "aiw_samples",
+            "rationale": "rationale"}  # fmt: skip
 
 
 def _pick(args: argparse.Namespace, table: dict[str, str]) -> dict:
@@ -260,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--force", action="store_true", help="recompute every stage")
         p.add_argument("--aiw", action="store_true", help="also run the Alice-in-Wonderland study")
         p.add_argument("--aiw-samples", type=int, default=8, help="AIW samples per prompt")
+        p.add_argument(
+            "--rationale", default="model", choices=("model", "scripted"),
+            help="model: the model writes its rationale; scripted: kdgap writes the correct "
+            "UCB rationale (paper format) and the model only acts",
+        )  # fmt: skip
         p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("figures", help="re-render figures and report.html from saved results")

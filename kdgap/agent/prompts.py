@@ -23,18 +23,26 @@ Sites (character spans of prompt + completion, see :mod:`kdgap.envs.transcript_f
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import replace
 
+import numpy as np
+
 from kdgap.agent import parsing
 from kdgap.envs.bandit import BanditConfig
+from kdgap.envs.stats import counts_and_sums, first_arm, ucb_arms, ucb_values
 from kdgap.envs.transcript_format import TranscriptFormat
 from kdgap.models.loading import LoadedModel
 from kdgap.organisms.transcript import OrganismFormat
 
 _FINAL_RE = re.compile(r"End your answer with ACTION=X, where X is one of: (?P<arms>[^\n]*)\.")
-_HISTORY_RE = re.compile(r"^Step=\d+ Action=\S+ Reward=\S+$", re.MULTILINE)
+_HISTORY_RE = re.compile(
+    r"^Step=(?P<step>\d+) Action=(?P<arm>\S+) Reward=(?P<reward>\S+)$", re.MULTILINE
+)
+#: Who writes the rationale: the model itself, or kdgap (the correct UCB rationale).
+RATIONALES = ("model", "scripted")
 _BONUS_TEXT = {
     "sqrt_log_t_over_n": "sqrt(log(t) / N(a))",
     "ucb1": "sqrt(2 * log(t) / N(a))",
@@ -139,7 +147,79 @@ class PaperFormat:
         lines.append(f"End your answer with ACTION=X, where X is one of: {listing}.")
         return "\n".join(lines)
 
+    def write_rationale(
+        self, cfg: BanditConfig, actions: Sequence[int], rewards: Sequence[float]
+    ) -> str:
+        """The correct rationale for a history, as the model's turn would hold it.
+
+        The ``<ucb_values>`` block the knowing-doing prompt asks for, one ``button: value``
+        line per arm (UCB of ``cfg``'s rule, ``inf`` for an untried arm), with two decimals,
+        or more where two decimals would make another arm the written conclusion: its
+        conclusion (:meth:`parse_rationale`, the highest value, ties to the lowest arm) is
+        always the UCB arm of :func:`kdgap.envs.stats.ucb_arms` (lowest index on ties).
+        Scripted-rationale play writes this in place of the model's own rationale and lets
+        the model only act.
+
+        Raises:
+            ValueError: the format was made without ``knowing_doing`` (its prompt asks
+                for no ``<ucb_values>``), or the history does not fit ``cfg``.
+        """
+        if not self.knowing_doing:
+            raise ValueError(
+                "a scripted rationale is the <ucb_values> block of the knowing-doing prompt; "
+                "use PaperFormat(knowing_doing=True)."
+            )
+        if len(actions) != len(rewards):
+            raise ValueError(
+                f"actions has {len(actions)} steps but rewards has {len(rewards)}; "
+                "pass the same episode's history for both."
+            )
+        counts, sums = counts_and_sums(
+            np.asarray(actions, dtype=np.int64), np.asarray(rewards, dtype=np.float64),
+            cfg.n_arms,
+        )  # fmt: skip
+        values = ucb_values(counts, sums, c=cfg.ucb_c, bonus=cfg.ucb_bonus)
+        best = int(first_arm(ucb_arms(counts, sums, c=cfg.ucb_c, bonus=cfg.ucb_bonus)))
+        for digits in (2, 4, 8, 17):
+            lines = [
+                f"{name}: {'inf' if math.isinf(v) else f'{v:.{digits}f}'}"
+                for name, v in zip(cfg.arm_names, values)
+            ]
+            text = "<ucb_values>\n" + "\n".join(lines) + "\n</ucb_values>\n"
+            if self.parse_rationale(text, cfg.arm_names) == best:
+                break
+        return text
+
     # ------------------------------------------------------------------ parsing
+    def parse_history(self, prompt: str, arm_names: Sequence[str]) -> tuple[list[int], list[float]]:
+        """The history of a rendered prompt: its ``Step=i Action=X Reward=r`` lines.
+
+        Rewards come back as the prompt shows them (two decimals at most, see
+        :func:`format_reward`), so re-rendering the parsed history gives the same text.
+
+        Raises:
+            ValueError: the prompt is not this format's (no final instruction), a step
+                names an arm outside ``arm_names``, or the steps are not ``0, 1, 2, ...``.
+        """
+        final = _FINAL_RE.search(prompt)
+        if final is None:
+            raise ValueError(
+                "prompt has no 'End your answer with ACTION=X' line: not a paper-format "
+                f"prompt ({prompt[:60]!r}...); pass the format the records were played with."
+            )
+        names = list(arm_names)
+        actions: list[int] = []
+        rewards: list[float] = []
+        for i, m in enumerate(_HISTORY_RE.finditer(prompt, 0, final.start())):
+            if int(m["step"]) != i or m["arm"] not in names:
+                raise ValueError(
+                    f"history line {m[0]!r} is not step {i} with an arm from {tuple(names)}; "
+                    "pass the arm names the records were played with."
+                )
+            actions.append(names.index(m["arm"]))
+            rewards.append(float(m["reward"]))
+        return actions, rewards
+
     def parse_action(self, completion: str, arm_names: Sequence[str]) -> int | None:
         """Last ``ACTION=X`` wins (see :func:`kdgap.agent.parsing.parse_action`)."""
         return parsing.parse_action(completion, arm_names)
@@ -280,3 +360,24 @@ def format_for(loaded: LoadedModel, *, knowing_doing: bool = True) -> Transcript
 
     has_template = bool(getattr(loaded.tokenizer, "chat_template", None))
     return PaperFormat(knowing_doing=knowing_doing, use_chat_template=has_template)
+
+
+def check_rationale(rationale: str, mode: str, fmt: TranscriptFormat) -> None:
+    """Refuse a ``rationale`` setting that cannot work with ``mode`` and ``fmt``, before any
+    model work (a ``ValueError`` that names the value and the fix)."""
+    if rationale not in RATIONALES:
+        raise ValueError(f"rationale={rationale!r} is unknown; use one of {RATIONALES}.")
+    if rationale != "scripted":
+        return
+    if mode != "forced":
+        raise ValueError(
+            f"rationale='scripted' with mode={mode!r}: a scripted rationale is followed by "
+            "the forced choice of the action; use mode='forced'."
+        )
+    if not callable(getattr(fmt, "write_rationale", None)) or not getattr(
+        fmt, "knowing_doing", True
+    ):
+        raise ValueError(
+            f"rationale='scripted' needs a format that writes the correct rationale "
+            f"(write_rationale); {fmt!r} does not. Use PaperFormat(knowing_doing=True)."
+        )

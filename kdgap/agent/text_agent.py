@@ -12,6 +12,10 @@ Two action modes:
   sequence log-prob). Action = argmax, ``action_probs`` = softmax over arms. Every step is
   valid, and the marker's last character is the *action site* recording and patching use.
 
+``rationale="scripted"`` (forced mode only): kdgap writes the correct rationale into the
+model's turn (``fmt.write_rationale``: the UCB values of the history) and the model only
+acts, so any model, however small, can be asked whether it acts on a rationale it is given.
+
 ``counterfactual=True`` (Lanham et al. 2023 style): after the rationale, rewrite its
 conclusion to another arm (seeded choice, ``fmt.edit_conclusion``), redo the forced choice
 on the edited text, and return ``extras["cf_rationale_arms"]`` / ``extras["cf_actions"]``
@@ -34,6 +38,7 @@ from kdgap.agent.generation import (
     score_continuations,
 )
 from kdgap.agent.hf_decoding import PromptCache
+from kdgap.agent.prompts import check_rationale
 from kdgap.envs.bandit import BanditConfig
 from kdgap.envs.transcript_format import TranscriptFormat
 from kdgap.policies.reference import Decisions, HistoryBatch
@@ -58,6 +63,9 @@ class TextAgent:
         batch_size: prompts per generation / scoring forward (default: all episodes).
         counterfactual: also run the conclusion-edit test at every step.
         tokenizer: overrides ``model.tokenizer``.
+        rationale: ``"model"`` (the model writes it) or ``"scripted"`` (kdgap writes the
+            correct one, the model only acts; forced mode and a format with
+            ``write_rationale``, e.g. ``PaperFormat(knowing_doing=True)``).
     """
 
     def __init__(
@@ -72,9 +80,11 @@ class TextAgent:
         batch_size: int | None = None,
         counterfactual: bool = False,
         tokenizer: PreTrainedTokenizerBase | None = None,
+        rationale: str = "model",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is unknown; use one of {MODES}.")
+        check_rationale(rationale, mode, fmt)
         if not isinstance(fmt, TranscriptFormat):
             raise TypeError(
                 f"fmt={fmt!r} does not implement TranscriptFormat; pass e.g. "
@@ -87,7 +97,9 @@ class TextAgent:
         self.model, self.fmt, self.mode = model, fmt, mode
         self.max_new_tokens, self.temperature = max_new_tokens, float(temperature)
         self.seed, self.batch_size, self.counterfactual = int(seed), batch_size, counterfactual
-        self.name = f"text-{mode}:{fmt.name}"
+        self.rationale = rationale
+        scripted = "-scripted" if rationale == "scripted" else ""
+        self.name = f"text-{mode}{scripted}:{fmt.name}"
         self._cfg: BanditConfig | None = None
         self._run_seed = 0
         self._conts: tuple[list[list[int]], list[int], list[str]] | None = None
@@ -174,18 +186,24 @@ class TextAgent:
                 ``tokenizer.chat_template``.
         """
         cfg = history.cfg
-        raw = [
-            self.fmt.render_prompt(cfg, history.actions[j].tolist(), history.rewards[j].tolist())
+        return [
+            self.chat_prompt(
+                self.fmt.render_prompt(
+                    cfg, history.actions[j].tolist(), history.rewards[j].tolist()
+                )
+            )
             for j in range(history.n)
         ]
+
+    def chat_prompt(self, prompt: str) -> str:
+        """A rendered prompt as the model sees it: wrapped as a user message with the
+        tokenizer's chat template when ``fmt.use_chat_template`` says so, else unchanged
+        (raises as :meth:`prompts`)."""
         if not self._use_template():
-            return raw
-        return [
-            self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-            )
-            for p in raw
-        ]
+            return prompt
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
 
     def arm_logprobs(self, prefixes: Sequence[str]) -> Float[torch.Tensor, "n arms"]:
         """Log-probability of each arm after each prefix (logsumexp over its spellings).
@@ -246,6 +264,14 @@ class TextAgent:
         stops: list[str],
         keep_cache: bool = False,
     ) -> Generation:
+        if self.rationale == "scripted":
+            texts = [
+                self.fmt.write_rationale(
+                    history.cfg, history.actions[j].tolist(), history.rewards[j].tolist()
+                )
+                for j in range(history.n)
+            ]  # fmt: skip
+            return Generation(texts, [[] for _ in texts], np.zeros(len(texts), dtype=np.int64))
         step_seed = np.random.SeedSequence(
             [self.seed, self._run_seed, history.t, int(history.episodes[0]), history.n]
         ).generate_state(1)[0]

@@ -52,6 +52,12 @@ class TranscriptFormat(Protocol):
     def parse_rationale(self, completion: str, arm_names: Sequence[str]) -> int | None:
         """Arm index the rationale concludes with, or None when there is none."""
 
+    def parse_history(self, prompt: str, arm_names: Sequence[str]) -> tuple[list[int], list[float]]:
+        """The history a rendered prompt shows, ``(actions, rewards)``: the inverse of
+        :meth:`render_prompt` (a chat-templated prompt reads the same). Patching edits the
+        history of played steps through it, so it raises ``ValueError`` on a prompt that is
+        not this format's."""
+
     def strip_action(self, completion: str) -> str:
         """The completion cut just before its (last) action marker: the rationale alone.
 

@@ -135,6 +135,19 @@ def knowing_doing(
     if not keep.any():
         raise ValueError(f"no example has both {knowing!r} and {doing!r}; nothing to compare.")
     X, table, y_k, y_d = X[:, keep], table[keep].reset_index(drop=True), y_k[keep], y_d[keep]
+    while rare_classes == "drop":
+        # Steps dropped for one label can leave a class of the other below the minimum:
+        # drop again until both labels are stable (each round removes a class, so it ends).
+        y_k, more_k = handle_rare_classes(y_k, label=knowing, min_count=min_class_count,
+                                          rare_classes="drop")  # fmt: skip
+        y_d, more_d = handle_rare_classes(y_d, label=doing, min_count=min_class_count,
+                                          rare_classes="drop")  # fmt: skip
+        if not more_k and not more_d:
+            break
+        dropped[knowing] = {**dropped[knowing], **more_k}
+        dropped[doing] = {**dropped[doing], **more_d}
+        keep = (y_k >= 0) & (y_d >= 0)
+        X, table, y_k, y_d = X[:, keep], table[keep].reset_index(drop=True), y_k[keep], y_d[keep]
     for lab, yy in ((knowing, y_k), (doing, y_d)):
         check_class_counts(yy, label=lab, min_count=min_class_count)
     groups = table["episode"].to_numpy()

@@ -97,6 +97,14 @@ def render_report(summary: Mapping, figures: Mapping[str, Mapping[str, str]], ou
             f"<td>{_fmt(p.get('divergence_layer'))}</td></tr>"
         )
     parts.append("</table>")
+    missing = [
+        (name, m[part]["unavailable"]) for name, m in models.items()
+        for part in ("probes", "patching") if (m.get(part) or {}).get("unavailable")
+    ]  # fmt: skip
+    if missing:
+        parts.append("<p>Not measured:</p><ul>")
+        parts += [f"<li>{html.escape(name)}: {html.escape(why)}</li>" for name, why in missing]
+        parts.append("</ul>")
     rule = next((m.get("verdict_rule") for m in models.values() if m.get("verdict_rule")), None)
     if rule:
         parts.append(f"<p>Verdict rule: {html.escape(rule)}</p>")

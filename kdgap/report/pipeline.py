@@ -22,6 +22,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from kdgap._checks import check_int
+from kdgap.agent.prompts import RATIONALES
 from kdgap.envs.bandit import BanditConfig
 from kdgap.hooks import ActivationStore
 from kdgap.hooks.patch.mediation import example_heatmap, mediation_summary
@@ -55,6 +56,9 @@ class AnalyzeConfig:
         device, dtype: where and how the model runs.
         aiw: also run the Alice-in-Wonderland study (a chat model's reasoning check).
         aiw_samples: AIW samples per variation and prompt type.
+        rationale: ``"model"`` (the model writes its rationale) or ``"scripted"`` (kdgap
+            writes the correct UCB rationale in the model's turn and the model only acts:
+            "do you act on a rationale you are given?", for any model).
     """
 
     episodes: int = 16
@@ -70,11 +74,14 @@ class AnalyzeConfig:
     dtype: str = "float32"
     aiw: bool = False
     aiw_samples: int = 8
+    rationale: str = "model"
 
     def __post_init__(self) -> None:
         for name in ("episodes", "horizon", "record_episodes", "n_pairs", "freqbias_histories",
                      "aiw_samples"):  # fmt: skip
             check_int(name, getattr(self, name))
+        if self.rationale not in RATIONALES:
+            raise ValueError(f"rationale={self.rationale!r} is unknown; use one of {RATIONALES}.")
 
 
 class Analysis:
@@ -107,7 +114,8 @@ class Analysis:
     def session(self) -> Session:
         """The model, its format and agents (loaded on first use)."""
         if self._session is None:
-            self._session = Session(self.spec, device=self.cfg.device, dtype=self.cfg.dtype)
+            self._session = Session(self.spec, device=self.cfg.device, dtype=self.cfg.dtype,
+                                    rationale=self.cfg.rationale)  # fmt: skip
         return self._session
 
     @property
@@ -178,14 +186,19 @@ class Analysis:
         return recs
 
     def activations(self) -> ActivationStore:
-        """The ``record`` stage: the transcripts' activations at the probe site and the
-        rationale's conclusion, every layer."""
+        """The ``record`` stage: the transcripts' activations at the probe site and (when
+        every transcript has one) the rationale's conclusion, every layer."""
 
         def compute() -> dict:
-            store = self.session.record(
-                self.transcripts(), self.cfg.hooks, [self.cfg.site, "rationale.conclusion"],
-                self.dir / "acts", seed=self.cfg.seed,
-            )  # fmt: skip
+            recs = self.transcripts()
+            # The rationale's conclusion is recorded when every transcript has one; a model
+            # that did not always write one is recorded at the probe site only, so that no
+            # step is dropped from the probes.
+            sites = [self.cfg.site]
+            if all(r.rationale_arm is not None for r in recs):
+                sites.append("rationale.conclusion")
+            store = self.session.record(recs, self.cfg.hooks, sites, self.dir / "acts",
+                                        seed=self.cfg.seed)  # fmt: skip
             return {"path": str(store.path), "n_examples": store.n_examples,
                     "hooks": list(store.hooks), "sites": list(store.sites)}  # fmt: skip
 
@@ -197,8 +210,13 @@ class Analysis:
         """Knowing vs doing probes, layer by layer (:func:`~kdgap.probes.knowing_doing_summary`)."""
 
         def compute() -> dict:
-            return knowing_doing_summary(self.activations(), site=self.cfg.site,
-                                         seed=self.cfg.seed)  # fmt: skip
+            # A label that cannot be probed (e.g. a model that always picks one arm) makes
+            # the measurement unavailable, with the probes' own reason, not a failed run.
+            try:
+                return knowing_doing_summary(self.activations(), site=self.cfg.site,
+                                             seed=self.cfg.seed)  # fmt: skip
+            except ValueError as err:
+                return {"unavailable": f"probes: {err}"}
 
         key = self._key("record_episodes", "horizon", "driver", "hooks", "site", "seed")
         return self._stage("probes", key, compute)
@@ -209,8 +227,27 @@ class Analysis:
         def compute() -> dict:
             recs = self.transcripts()
             model, fmt = self.session.bridge, self.session.fmt
-            out = mediation_summary(model, fmt, recs, n_pairs=self.cfg.n_pairs, seed=self.cfg.seed)
-            out["heatmap"] = example_heatmap(model, fmt, _example_record(recs))
+            text_fn = self.session.transcript_text  # chat-templated as the agent played
+            # No parsable rationale, no admissible edit, or arms that are not one token:
+            # the measurement is unavailable for this model, with the reason.
+            if not any(r.rationale_arm is not None for r in recs):
+                return {"unavailable": (
+                    f"patching: none of the {len(recs)} transcripts has a parsable rationale, "
+                    "and every edit changes one; analyse with --rationale scripted to ask "
+                    "whether the model acts on a rationale it is given."
+                )}  # fmt: skip
+            try:
+                out = mediation_summary(model, fmt, recs, n_pairs=self.cfg.n_pairs,
+                                        seed=self.cfg.seed, text_fn=text_fn)  # fmt: skip
+            except ValueError as err:
+                return {"unavailable": f"patching: {err}"}
+            out["heatmap"] = None  # an illustration: the first example record that gives one
+            for rec in _example_records(recs)[:_HEATMAP_TRIES]:
+                try:
+                    out["heatmap"] = example_heatmap(model, fmt, rec, text_fn=text_fn)
+                    break
+                except ValueError:
+                    continue
             return out
 
         key = self._key("record_episodes", "horizon", "driver", "n_pairs", "seed")
@@ -253,15 +290,22 @@ class Analysis:
         return model_entry(self.spec, results, self.cfg, self.timings)
 
     def _key(self, *names: str) -> dict:
-        return {"model": self.spec, **{n: getattr(self.cfg, n) for n in names}}
+        key = {"model": self.spec, **{n: getattr(self.cfg, n) for n in names}}
+        # The default adds nothing, so analyses of models writing their own rationale keep
+        # the stage keys (and cached stages) they always had.
+        if self.cfg.rationale != "model":
+            key["rationale"] = self.cfg.rationale
+        return key
 
 
-def _example_record(records: list[StepRecord]) -> StepRecord:
-    """A late step whose rationale parsed and whose action follows the model's decision."""
+#: Example records tried for the patching heatmap before it is left out.
+_HEATMAP_TRIES = 8
+
+
+def _example_records(records: list[StepRecord]) -> list[StepRecord]:
+    """Steps whose rationale parsed, latest step first (earliest episode first on ties)."""
     parsed = [r for r in records if r.rationale_arm is not None and r.completion]
-    if not parsed:
-        raise ValueError("no transcript with a parsed rationale: cannot build a patching pair.")
-    return max(parsed, key=lambda r: (r.step, -r.episode))
+    return sorted(parsed, key=lambda r: (-r.step, r.episode))
 
 
 def analyze(

@@ -17,7 +17,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedTokenizerBase
 
 from kdgap._checks import check_int
-from kdgap.agent.prompts import format_for
+from kdgap.agent.prompts import RATIONALES, check_rationale, format_for
 from kdgap.agent.text_agent import TextAgent
 from kdgap.envs.bandit import BanditConfig
 from kdgap.envs.transcript_format import TranscriptFormat
@@ -45,6 +45,9 @@ class Session:
         spec: the model spec (``organism:NAME``, a local folder, a ``.gguf``, a preset).
         device, dtype: where and how the model runs.
         knowing_doing: paper format only: ask for the ``<ucb_values>`` rationale.
+        rationale: ``"model"`` (the model writes its rationale) or ``"scripted"`` (kdgap
+            writes the correct one and the model only acts; see
+            :class:`~kdgap.agent.text_agent.TextAgent`).
         loaded: the :class:`~kdgap.models.LoadedModel`.
         fmt: the transcript format.
     """
@@ -53,12 +56,16 @@ class Session:
     device: str = "cpu"
     dtype: str = "float32"
     knowing_doing: bool = True
+    rationale: str = "model"
     loaded: LoadedModel = field(init=False, repr=False)
     fmt: TranscriptFormat = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.rationale not in RATIONALES:  # before the model loads
+            raise ValueError(f"rationale={self.rationale!r} is unknown; use one of {RATIONALES}.")
         self.loaded = load_model(self.spec, device=self.device, dtype=self.dtype)
         self.fmt = format_for(self.loaded, knowing_doing=self.knowing_doing)
+        check_rationale(self.rationale, "forced", self.fmt)
 
     @property
     def bridge(self) -> TransformerBridge:
@@ -104,8 +111,15 @@ class Session:
         return TextAgent(
             self.bridge, self.fmt, mode=mode, temperature=temperature, seed=seed,
             batch_size=batch_size, counterfactual=counterfactual, tokenizer=self.tokenizer,
-            **kwargs,
+            rationale=self.rationale, **kwargs,
         )  # fmt: skip
+
+    def transcript_text(self, prompt: str, rationale: str) -> str:
+        """``prompt`` (as the format renders it) and ``rationale`` joined as the model
+        sees them: chat-templated exactly as the agents of :meth:`agent` wrap prompts. The
+        patching pairs are built with it (``text_fn``), so an edited transcript is the
+        text the model would have seen."""
+        return self.agent().chat_prompt(prompt) + rationale
 
     def play(
         self,

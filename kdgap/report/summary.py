@@ -34,12 +34,12 @@ BASELINE_KEYS = (
 PROBE_KEYS = (
     "layers", "knowing_acc", "knowing_ci", "doing_acc", "doing_ci", "knowing_acc_disagree",
     "knowing_ci_disagree", "doing_acc_disagree", "doing_ci_disagree", "chance",
-    "divergence_layer", "n_disagree", "tracking", "definition",
+    "divergence_layer", "n_disagree", "tracking", "definition", "unavailable",
 )  # fmt: skip
 PATCHING_KEYS = (
     "mediated_fraction", "mediated_fraction_ci", "total_effect_fraction",
     "history_effect_fraction", "history_effect_fraction_ci", "layers", "layer_profile",
-    "layer_profile_ci", "n_pairs", "definition",
+    "layer_profile_ci", "n_pairs", "definition", "unavailable",
 )  # fmt: skip
 HEATMAP_KEYS = (
     "values", "tokens", "edited_tokens", "ld_clean", "ld_corrupt", "arms", "layers", "definition",

@@ -118,3 +118,51 @@ def test_edit_conclusion_errors_name_the_problem():
         fmt.edit_conclusion("<ucb_values>red: inf, green: inf</ucb_values>", 1, ARMS)
     with pytest.raises(ValueError, match="new_arm=9"):
         fmt.edit_conclusion("<ucb_values>red: 1</ucb_values>", 9, ARMS)
+
+
+def test_parse_history_inverts_render_prompt_also_inside_a_chat_template():
+    cfg = BanditConfig(n_arms=5, horizon=10, reward="gaussian")
+    acts, rews = [3, 0, 3, 4], [0.25, -1.5, 2.0, 0.0]
+    fmt = PaperFormat(knowing_doing=True)
+    prompt = fmt.render_prompt(cfg, acts, rews)
+    assert fmt.parse_history(prompt, cfg.arm_names) == (acts, rews)
+    templated = "<bos>user: " + prompt + "<eos><bos>assistant:"
+    assert fmt.parse_history(templated, cfg.arm_names) == (acts, rews)
+    assert fmt.parse_history(fmt.render_prompt(cfg, [], []), cfg.arm_names) == ([], [])
+
+
+def test_parse_history_refuses_other_prompts_and_arms():
+    cfg = BanditConfig(n_arms=5, horizon=10)
+    fmt = PaperFormat()
+    with pytest.raises(ValueError, match="not a paper-format prompt"):
+        fmt.parse_history("red1 green0 think", cfg.arm_names)
+    prompt = fmt.render_prompt(cfg, [0, 1], [1, 0])
+    with pytest.raises(ValueError, match="arm from"):
+        fmt.parse_history(prompt, ("a", "b", "c", "d", "e"))
+
+
+def test_write_rationale_hand_computed():
+    # t = 3 pulls; red: N=2, mean 0.5 -> 0.5 + 0.5 * sqrt(ln 3 / 2) = 0.8706;
+    # green: N=1, mean 1 -> 1 + 0.5 * sqrt(ln 3) = 1.5241; blue, yellow, orange untried.
+    cfg = BanditConfig(n_arms=5, horizon=10)
+    fmt = PaperFormat(knowing_doing=True)
+    text = fmt.write_rationale(cfg, [0, 0, 1], [1, 0, 1])
+    assert text == (
+        "<ucb_values>\nred: 0.87\ngreen: 1.52\nblue: inf\nyellow: inf\norange: inf\n</ucb_values>\n"
+    )
+    assert fmt.parse_rationale(text, cfg.arm_names) == 2  # ties at inf: the lowest arm
+    tried = fmt.write_rationale(cfg, [0, 0, 1, 2, 3, 4], [1, 0, 1, 0, 0, 0])
+    assert fmt.parse_rationale(tried, cfg.arm_names) == 1  # green has the highest UCB
+    with pytest.raises(ValueError, match="knowing_doing=True"):
+        PaperFormat().write_rationale(cfg, [0], [1])
+
+
+def test_write_rationale_adds_decimals_where_rounding_would_change_the_conclusion():
+    # Gaussian rewards, one pull each, t = 2: UCB = reward + 0.5 * sqrt(ln 2) = reward +
+    # 0.41628; red 0.88628, green 0.89028 both read "0.89" at two decimals (a tie the
+    # lowest arm, red, would win), so four decimals are written and green stays on top.
+    cfg = BanditConfig(n_arms=2, horizon=10, reward="gaussian")
+    fmt = PaperFormat(knowing_doing=True)
+    text = fmt.write_rationale(cfg, [0, 1], [0.47, 0.474])
+    assert fmt.parse_rationale(text, cfg.arm_names) == 1
+    assert "red: 0.8863\n" in text and "green: 0.8903\n" in text

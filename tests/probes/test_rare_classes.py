@@ -80,3 +80,18 @@ def test_summary_is_json_and_aligned(rare_store):
     assert one["layers"] == [1] and one["knowing_acc"] == s["knowing_acc"][1:]
     with pytest.raises(ValueError, match="hooks="):
         knowing_doing_summary(rare_store, hook="blocks.9.hook_resid_post")
+
+
+def test_knowing_doing_drops_again_when_the_other_labels_drop_leaves_a_class_rare():
+    # Arm 4 is the rationale on 14 steps, but 6 of them are steps whose action (arm 3, seen
+    # on those 6 only) is dropped as rare; the 8 steps of arm 4 that remain fall below
+    # min_class_count=10, so the knowing label drops arm 4 in a second round.
+    labels = bandit_labels(n_episodes=30, n_steps=20, mode="faithful", seed=3)
+    for col in ("action", "rationale_arm", "ucb_arm"):
+        labels[col] = labels[col].where(labels[col] < 3, 0)  # arms 3 and 4 never appear
+    labels.loc[0:5, "action"], labels.loc[0:13, "rationale_arm"] = 3, 4
+    store = SyntheticStore(labels, n_layers=2, d_model=16, plants=[Plant("action", 3.0)], seed=4)
+    rep = knowing_doing(store, rare_classes="drop", n_boot=50)
+    assert rep.dropped_classes == {"rationale_arm": {4: 8}, "action": {3: 6}}
+    with pytest.raises(ValueError, match=r"label='action'.*\{3: 6\}"):
+        knowing_doing(store, n_boot=50)  # "raise" stops at the first rare class

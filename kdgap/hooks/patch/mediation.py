@@ -49,6 +49,7 @@ from kdgap.hooks.patch.pairs import (
     CounterfactualPair,
     HistoryFn,
     RecordPair,
+    TextFn,
     pairs_from_records,
     tokenize_pairs,
 )
@@ -290,7 +291,7 @@ def mediation_summary(
     model: TransformerBridge, fmt: TranscriptFormat, records: Sequence[StepRecord], *,
     n_pairs: int = 32, seed: int = 0, n_boot: int = 1000,
     tokenizer: PreTrainedTokenizerBase | None = None, cfg: BanditConfig | None = None,
-    history_fn: HistoryFn | None = None,
+    history_fn: HistoryFn | None = None, text_fn: TextFn | None = None,
 ) -> dict:  # fmt: skip
     """The report layer's mediation numbers from played :class:`~kdgap.records.StepRecord` s.
 
@@ -303,7 +304,8 @@ def mediation_summary(
         model: a TransformerBridge in eval mode; fmt: the format the records were played in.
         records: StepRecords with ``prompt`` and ``completion``.
         n_pairs: pairs of each kind; seed: pair sampling and bootstrap; n_boot: resamples.
-        tokenizer: default ``model.tokenizer``; cfg, history_fn: see ``pairs_from_records``.
+        tokenizer: default ``model.tokenizer``; cfg, history_fn, text_fn: see
+            ``pairs_from_records`` (``text_fn`` chat-templates the prompts as the agent did).
 
     Returns:
         JSON-ready dict with ``mediated_fraction`` (+ ``_ci``), ``total_effect_fraction``,
@@ -312,7 +314,8 @@ def mediation_summary(
         the full ``conclusion`` / ``history`` / ``history_via_rationale`` breakdowns.
     """
     tokenizer = model_tokenizer(model, tokenizer)
-    kw = dict(n_pairs=n_pairs, seed=seed, cfg=cfg, history_fn=history_fn)
+    kw = dict(n_pairs=n_pairs, seed=seed, cfg=cfg, history_fn=history_fn, text_fn=text_fn,
+              tokenizer=tokenizer)  # fmt: skip
     conc = pairs_from_records(records, fmt, "conclusion", **kw)
     hist = pairs_from_records(records, fmt, "history", **kw)
     boot = dict(n_boot=n_boot, seed=seed)
@@ -334,6 +337,7 @@ def example_heatmap(
     model: TransformerBridge, fmt: TranscriptFormat, record: StepRecord, *,
     tokenizer: PreTrainedTokenizerBase | None = None, seed: int = 0,
     cfg: BanditConfig | None = None, history_fn: HistoryFn | None = None,
+    text_fn: TextFn | None = None,
 ) -> dict:  # fmt: skip
     """Noising ``resid_pre`` sweep of one conclusion edit, for the report's heatmap figure.
 
@@ -353,7 +357,8 @@ def example_heatmap(
     """
     tokenizer = model_tokenizer(model, tokenizer)
     made = pairs_from_records([record], fmt, "conclusion", n_pairs=1, seed=seed, cfg=cfg,
-                              history_fn=history_fn)  # fmt: skip
+                              history_fn=history_fn, text_fn=text_fn,
+                              tokenizer=tokenizer)  # fmt: skip
     if not made:
         raise ValueError(
             f"record (episode {record.episode}, step {record.step}) gives no conclusion edit: "

@@ -245,7 +245,9 @@ def tokenize_pairs(
     """Tokenise pairs and group them by length (patching needs unpadded equal lengths).
 
     The metric reads each arm's token after the action marker
-    (:func:`kdgap.models.tokens.arm_token`).
+    (:func:`kdgap.models.tokens.arm_token`). ``prepend_bos`` follows the agent's rule: no
+    BOS goes in front of a text that already starts with the BOS string (a chat template
+    that writes it).
 
     Raises:
         ValueError: a pair's clean and corrupt texts tokenise to different lengths, an arm
@@ -253,7 +255,11 @@ def tokenize_pairs(
     """
     groups: dict[int, list] = {}
     for i, p in enumerate(pairs):
-        tb = tokenize_batch(tokenizer, [p.clean, p.corrupt], prepend_bos=prepend_bos)
+        bos = tokenizer.bos_token
+        own_bos = bool(bos) and p.clean.startswith(bos) and p.corrupt.startswith(bos)
+        tb = tokenize_batch(
+            tokenizer, [p.clean, p.corrupt], prepend_bos=prepend_bos and not own_bos
+        )
         n_clean, n_corrupt = tb.lengths.tolist()
         if n_clean != n_corrupt:
             raise ValueError(
@@ -285,8 +291,8 @@ def tokenize_pairs(
 def format_history(fmt: TranscriptFormat, arm_names: Sequence[str]) -> HistoryFn:
     """``record -> (actions, rewards)`` read back from the record's prompt by the format.
 
-    The format must offer ``parse_history(prompt, arm_names)``
-    (:meth:`kdgap.organisms.transcript.OrganismFormat.parse_history` does); the history
+    The format reads it back (``parse_history(prompt, arm_names)`` of the
+    :class:`~kdgap.envs.transcript_format.TranscriptFormat` protocol); the history
     cannot come from the step records themselves, since in off-policy play a record's
     reward is the one the policy's arm would have paid, not the executed arm's.
 
@@ -304,6 +310,11 @@ def format_history(fmt: TranscriptFormat, arm_names: Sequence[str]) -> HistoryFn
     return lambda record: parse(record.prompt, names)
 
 
+def _equal_lengths(tokenizer: PreTrainedTokenizerBase, pair: CounterfactualPair) -> bool:
+    clean, corrupt = tokenizer([pair.clean, pair.corrupt], add_special_tokens=False)["input_ids"]
+    return len(clean) == len(corrupt)
+
+
 @dataclass(frozen=True)
 class RecordPair:
     """A pair built from a :class:`~kdgap.records.StepRecord`, with its episode (bootstrap unit)."""
@@ -316,7 +327,7 @@ class RecordPair:
 def pairs_from_records(
     records: Sequence[StepRecord], fmt: TranscriptFormat, kind: str, *, n_pairs: int = 32,
     seed: int = 0, cfg: BanditConfig | None = None, history_fn: HistoryFn | None = None,
-    text_fn: TextFn | None = None,
+    text_fn: TextFn | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> list[RecordPair]:  # fmt: skip
     """Up to ``n_pairs`` pairs of ``kind`` whose metric arms start from the *clean action*.
 
@@ -329,7 +340,10 @@ def pairs_from_records(
       (drawn among arms with a lower mean that are not the action).
 
     Records without prompt/completion/parsable conclusion, or with no admissible arm,
-    are skipped; the rest are sampled without replacement (seeded), spread over episodes.
+    are skipped; so are edits whose clean and corrupt texts tokenise to different lengths
+    when ``tokenizer`` is given (position-wise patching needs equal lengths: a
+    sub-word tokenizer can spell an edited value or arm name in more tokens). The rest are
+    sampled without replacement (seeded), spread over episodes.
 
     Args:
         records: :class:`~kdgap.records.StepRecord` list (``prompt``, ``completion``,
@@ -340,6 +354,7 @@ def pairs_from_records(
         history_fn: ``record -> (actions, rewards)`` (default: :func:`format_history`,
             the format reads it back from the record's prompt).
         text_fn: as in :func:`make_pair`.
+        tokenizer: when given, keep only pairs whose two texts have equal token counts.
     """
     if kind not in ("conclusion", "history"):
         raise ValueError(f"kind={kind!r}: pairs_from_records builds 'conclusion' or 'history'.")
@@ -374,6 +389,8 @@ def pairs_from_records(
         try:  # e.g. another arm ties with the old greedy arm and would win after the swap
             pair = make_pair(kind, fmt, cfg, acts, rews, rec.completion, new, text_fn=text_fn)
         except ValueError:
+            continue
+        if tokenizer is not None and not _equal_lengths(tokenizer, pair):
             continue
         out.append(RecordPair(replace(pair, arm_a=action, arm_b=new), int(rec.episode), rec.step))
         if len(out) == n_pairs:

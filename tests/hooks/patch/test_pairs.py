@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from kdgap.agent.prompts import PaperFormat
 from kdgap.envs.bandit import BanditConfig
 from kdgap.envs.stats import counts_and_sums, first_arm, greedy_arms
 from kdgap.hooks.patch.pairs import (
@@ -127,7 +128,7 @@ def test_history_is_read_back_by_the_format():
         FMT.parse_history("red7 think ", CFG.arm_names)
     # A format that cannot read its prompts back needs the caller's history_fn.
     with pytest.raises(ValueError, match="history_fn="):
-        format_history(PaperFormat(), CFG.arm_names)
+        format_history(SimpleNamespace(name="site-only"), CFG.arm_names)
     rec = _record(prompt, COMPLETION, 0)
     own = pairs_from_records([rec], FMT, "history", history_fn=lambda r: (ACTIONS, REWARDS))
     assert own == pairs_from_records([rec], FMT, "history")
