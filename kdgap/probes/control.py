@@ -26,8 +26,8 @@ site the position is the step (an organism's prompt is 21 tokens + one per step)
 position is linearly decodable from the residual stream: a step control is solved by
 reading the position, not by memorising. On the faithful organism a logistic probe
 decodes the step control almost perfectly at every layer, far above the reward-history
-control (per-cell accuracies of both: ``experiments/results/bench_probes_faithful.json``
-and ``bench_probes_faithful_step_control.json``). Selectivity against the step control
+control (per-cell accuracies of both: ``experiments/bench/probes.py`` with and without
+``--control-feature step``). Selectivity against the step control
 is therefore near 0 (or negative) wherever the position is encoded, whatever the probe
 decodes; ``tests/probes/test_splits_stats.py`` shows the step control is a function of
 the position and the reward history is not.

@@ -212,9 +212,9 @@ class Analysis:
         def compute() -> dict:
             # A label that cannot be probed (e.g. a model that always picks one arm) makes
             # the measurement unavailable, with the probes' own reason, not a failed run.
+            store = self.activations()
             try:
-                return knowing_doing_summary(self.activations(), site=self.cfg.site,
-                                             seed=self.cfg.seed)  # fmt: skip
+                return knowing_doing_summary(store, site=self.cfg.site, seed=self.cfg.seed)
             except ValueError as err:
                 return {"unavailable": f"probes: {err}"}
 
