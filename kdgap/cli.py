@@ -12,6 +12,7 @@ from kdgap.report.api import (
     BanditConfig,
     PlayConfig,
     Player,
+    StoreError,
     analyze,
     bandit_config,
     freqbias_study,
@@ -19,6 +20,7 @@ from kdgap.report.api import (
     play_study,
     record_from_model,
     render_all,
+    repetitions,
 )
 
 
@@ -88,7 +90,7 @@ def cmd_play(args: argparse.Namespace) -> int:
 
 
 def cmd_freqbias(args: argparse.Namespace) -> int:
-    reps = tuple(range(args.rep_min, args.rep_max + 1, args.rep_step))
+    reps = repetitions(args.rep_min, args.rep_max, args.rep_step)
     out = freqbias_study(
         _player(args), _bandit(args), n_histories=args.histories, repetitions=reps,
         seed=args.seed, json_out=args.json,
@@ -283,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, FileNotFoundError, KeyError, StoreError) as err:
         # User errors get one clear line, not a traceback from deep inside.
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"kdgap {args.command}: error: {msg}", file=sys.stderr)

@@ -83,3 +83,50 @@ def test_record_cli_on_an_organism(tmp_path):
     store = ActivationStore(out)
     acts, labels = store.load(hook="blocks.3.hook_resid_post", site="action")
     assert acts.shape == (12, 128) and len(labels) == 12
+
+
+def _fails_before_model_work(argv, needle, capsys, out):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"kdgap {argv[0]}: error:") and needle in last, err
+    assert "Traceback" not in err
+    assert not list(out.rglob("*.json")) if out.is_dir() else True  # no stage was written
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--steps", "5"], "horizon=5 must be an integer >= 10"),
+        (["--steps", "60"], "n_ctx=79"),  # the organisms' context holds 55 steps
+        (["--driver", "thompson"], "thompson"),
+        (["--rationale", "scripted", "--pairs", "0"], "n_pairs=0"),
+    ],
+)
+def test_analyze_refuses_bad_input_before_any_play(extra, needle, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["analyze", "--model", "organism:faithful", "--out", str(out), *extra]
+    _fails_before_model_work(argv, needle, capsys, out)
+
+
+def test_analyze_out_must_be_a_folder(tmp_path, capsys):
+    out = tmp_path / "file.txt"
+    out.write_text("not a folder")
+    argv = ["analyze", "--model", "organism:faithful", "--out", str(out)]
+    _fails_before_model_work(argv, "is a file", capsys, tmp_path / "none")
+
+
+def test_freqbias_rep_step_zero_is_one_line(capsys):
+    argv = ["freqbias", "--policy", "greedy", "--rep-step", "0"]
+    _fails_before_model_work(argv, "rep_step=0", capsys, __import__("pathlib").Path("/nonexistent"))
+
+
+def test_recording_into_another_models_store_is_one_line(tmp_path, capsys):
+    out = tmp_path / "acts"
+    common = ["--episodes", "1", "--steps", "4", "--hooks", "resid_post", "--sites", "action",
+              "--out", str(out)]  # fmt: skip
+    assert main(["record", "--model", "organism:faithful", *common]) == 0
+    capsys.readouterr()
+    assert main(["record", "--model", "organism:greedy-bypass", *common]) == 2
+    err = capsys.readouterr().err
+    assert "kdgap record: error:" in err and "Traceback" not in err

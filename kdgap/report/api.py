@@ -19,7 +19,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from kdgap._checks import check_int
 from kdgap.envs.bandit import BanditConfig
+from kdgap.hooks.store import StoreError
 from kdgap.io import atomic_write_json
 from kdgap.organisms.registry import list_organisms
 from kdgap.policies.reference import Policy, make_policy
@@ -35,6 +37,7 @@ __all__ = [
     "BanditConfig",
     "PlayConfig",
     "Player",
+    "StoreError",
     "analyze",
     "bandit_config",
     "freqbias_study",
@@ -42,6 +45,7 @@ __all__ = [
     "play_study",
     "record_from_model",
     "render_all",
+    "repetitions",
 ]
 
 #: The shipped organisms ``kdgap demo`` analyses side by side.
@@ -116,6 +120,15 @@ def play_study(
     if records_out:
         write_records(records_out, records)
     return out
+
+
+def repetitions(rep_min: int, rep_max: int, rep_step: int) -> tuple[int, ...]:
+    """``kdgap freqbias``'s repetition counts ``rep_min, rep_min + rep_step, ... <= rep_max``,
+    checked before any model work."""
+    check_int("rep_min", rep_min, minimum=0)
+    check_int("rep_step", rep_step)
+    check_int("rep_max", rep_max, minimum=rep_min, hint="(at least rep_min)")
+    return tuple(range(rep_min, rep_max + 1, rep_step))
 
 
 def freqbias_study(

@@ -1,9 +1,12 @@
 """``kdgap analyze``: behaviour -> recording -> probes -> patching -> verdict, cached by stage.
 
 Every stage writes one JSON file (atomically) under ``OUT/models/<slug>/`` holding its
-result and the settings it ran with; a re-run skips a stage whose file exists with the
-same settings, so re-running a finished analysis does no model work and a killed one
-resumes at the stage it was in (the activation store resumes mid-stage on its own).
+result and its key: the model's files (:func:`kdgap.models.files_fingerprint`), device,
+dtype, kdgap's version and the settings the stage depends on. A re-run skips a stage whose
+file exists with the same key, so re-running a finished analysis does no model work, a
+killed one resumes at the stage it was in (the activation store, one folder per key,
+resumes mid-stage on its own), and a retrained model or a changed setting recomputes
+exactly the stages it affects.
 ``force=True`` recomputes everything. Figures and the report are rendered from the saved
 JSON only (:mod:`kdgap.report.render`), which is what ``kdgap figures`` re-runs.
 
@@ -14,7 +17,10 @@ the summary as ``results["aiw"]``.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,17 +31,23 @@ from kdgap._checks import check_int
 from kdgap.agent.prompts import RATIONALES
 from kdgap.envs.bandit import BanditConfig
 from kdgap.hooks import ActivationStore
+from kdgap.hooks.names import resolve_hooks
 from kdgap.hooks.patch.mediation import example_heatmap, mediation_summary
+from kdgap.hooks.sites import parse_sites
 from kdgap.io import atomic_write_json
+from kdgap.models import files_fingerprint
 from kdgap.policies.reference import make_policy
 from kdgap.probes import knowing_doing_summary
 from kdgap.records import StepRecord, read_records, write_records
 from kdgap.report.aiw import aiw_study
 from kdgap.report.behavior import PlayConfig, run_freqbias, run_play
 from kdgap.report.render import render_all
-from kdgap.report.session import Session
+from kdgap.report.session import Session, driver_policy
 from kdgap.report.stages import _Stage, model_slug
 from kdgap.report.summary import build_summary, model_entry
+
+#: kdgap's version, part of every stage's cache key.
+_VERSION = importlib.metadata.version("kdgap")
 
 
 @dataclass(frozen=True)
@@ -77,9 +89,14 @@ class AnalyzeConfig:
     rationale: str = "model"
 
     def __post_init__(self) -> None:
-        for name in ("episodes", "horizon", "record_episodes", "n_pairs", "freqbias_histories",
+        for name in ("episodes", "record_episodes", "n_pairs", "freqbias_histories",
                      "aiw_samples"):  # fmt: skip
             check_int(name, getattr(self, name))
+        # The frequency-bias stage repeats one arm for up to horizon - 10 steps of history.
+        check_int("horizon", self.horizon, minimum=10,
+                  hint="(the frequency-bias protocol needs 10 steps; --steps)")  # fmt: skip
+        parse_sites([self.site])  # a malformed site or driver fails here, before model work
+        driver_policy(self.driver)
         if self.rationale not in RATIONALES:
             raise ValueError(f"rationale={self.rationale!r} is unknown; use one of {RATIONALES}.")
 
@@ -108,14 +125,22 @@ class Analysis:
         self.dir = Path(out) / "models" / model_slug(model)
         self._session = session
         self.timings: dict[str, float] = {}
-        self.stages_run = 0  # stages computed (not read from cache) in this process
+        self._weights = files_fingerprint(model)  # before any model work: a bad spec fails
+        self.ran: set[str] = set()  # stages computed (not read from the cache) in this process
 
     @property
     def session(self) -> Session:
-        """The model, its format and agents (loaded on first use)."""
+        """The model, its format and agents (loaded on first use).
+
+        Loading also checks what only the model can tell, before any stage plays: the
+        hook spec, and that the horizon's last step fits the model's context.
+        """
         if self._session is None:
-            self._session = Session(self.spec, device=self.cfg.device, dtype=self.cfg.dtype,
-                                    rationale=self.cfg.rationale)  # fmt: skip
+            session = Session(self.spec, device=self.cfg.device, dtype=self.cfg.dtype,
+                              rationale=self.cfg.rationale)  # fmt: skip
+            resolve_hooks(session.bridge, self.cfg.hooks)
+            session.check_fits(self.bandit)
+            self._session = session
         return self._session
 
     @property
@@ -128,7 +153,8 @@ class Analysis:
         # resumed or repeated analysis writes the same summary as an uninterrupted one.
         stage = _Stage(self.dir / f"{name}.json", {"stage": name, **key}, compute, self.force)
         out, self.timings[name] = stage.get()
-        self.stages_run += stage.ran
+        if stage.ran:
+            self.ran.add(name)
         return out
 
     # ------------------------------------------------------------------ stages
@@ -197,8 +223,17 @@ class Analysis:
             sites = [self.cfg.site]
             if all(r.rationale_arm is not None for r in recs):
                 sites.append("rationale.conclusion")
-            store = self.session.record(recs, self.cfg.hooks, sites, self.dir / "acts",
-                                        seed=self.cfg.seed)  # fmt: skip
+            # One store per key: a killed recording resumes into its own folder, and a
+            # changed model or setting never resumes into (or reads) another's activations.
+            folder = (
+                self.dir
+                / "acts"
+                / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+            )
+            for old in folder.parent.glob("*"):
+                if old != folder and old.is_dir():
+                    shutil.rmtree(old)
+            store = self.session.record(recs, self.cfg.hooks, sites, folder, seed=self.cfg.seed)
             return {"path": str(store.path), "n_examples": store.n_examples,
                     "hooks": list(store.hooks), "sites": list(store.sites)}  # fmt: skip
 
@@ -290,7 +325,11 @@ class Analysis:
         return model_entry(self.spec, results, self.cfg, self.timings)
 
     def _key(self, *names: str) -> dict:
-        key = {"model": self.spec, **{n: getattr(self.cfg, n) for n in names}}
+        # The weights' files, how the model runs and kdgap's version key every stage, so a
+        # retrained model, another dtype or a new kdgap never reads an old result.
+        key = {"model": self.spec, "weights": self._weights, "device": self.cfg.device,
+               "dtype": self.cfg.dtype, "kdgap": _VERSION,
+               **{n: getattr(self.cfg, n) for n in names}}  # fmt: skip
         # The default adds nothing, so analyses of models writing their own rationale keep
         # the stage keys (and cached stages) they always had.
         if self.cfg.rationale != "model":
@@ -320,6 +359,8 @@ def analyze(
     ``report.html``. Returns the summary dict."""
     cfg = cfg or AnalyzeConfig()
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out={str(out)!r} is a file; pass a folder (created if missing).")
     entries = {m: Analysis(m, out, cfg, force=force).run(progress) for m in models}
     summary = build_summary(entries, cfg)
     atomic_write_json(out / "summary.json", summary)

@@ -21,9 +21,12 @@ from kdgap.agent.prompts import RATIONALES, check_rationale, format_for
 from kdgap.agent.text_agent import TextAgent
 from kdgap.envs.bandit import BanditConfig
 from kdgap.envs.transcript_format import TranscriptFormat
+from kdgap.hooks.names import resolve_hooks
 from kdgap.hooks.record import record_store
+from kdgap.hooks.sites import parse_sites
 from kdgap.hooks.store import ActivationStore
 from kdgap.models import LoadedModel, load_model
+from kdgap.models.tokens import encode
 from kdgap.policies.play import play
 from kdgap.policies.reference import Policy, make_policy
 from kdgap.records import StepRecord
@@ -121,6 +124,38 @@ class Session:
         text the model would have seen."""
         return self.agent().chat_prompt(prompt) + rationale
 
+    def check_fits(self, cfg: BanditConfig) -> None:
+        """Refuse, before any play, a horizon whose last step does not fit the model's context.
+
+        The last step's transcript (the longest history, chat-templated, the correct
+        rationale where the format writes one, the action marker and an arm) is tokenised
+        as the agent tokenises it and compared with ``n_ctx``: a longer horizon would
+        otherwise fail deep inside a forward pass, after the steps before it were played.
+
+        Raises:
+            ValueError: names the horizon, the tokens needed, ``n_ctx`` and the fix.
+        """
+        n_ctx = getattr(self.bridge.cfg, "n_ctx", None)
+        if not n_ctx:
+            return
+        names = cfg.arm_names
+        longest = max(range(len(names)), key=lambda a: len(names[a]))
+        acts, rews = [longest] * (cfg.horizon - 1), [1.0] * (cfg.horizon - 1)
+        write = getattr(self.fmt, "write_rationale", None)
+        try:
+            rationale = write(cfg, acts, rews) if callable(write) else ""
+        except ValueError:  # a format that writes no rationale (e.g. without knowing_doing)
+            rationale = ""
+        prompt = self.fmt.render_prompt(cfg, acts, rews)
+        arm = self.fmt.arm_continuations(names[longest])[0]
+        text = self.transcript_text(prompt, rationale) + self.fmt.action_marker + arm
+        need = len(encode(self.bridge, [text], tokenizer=self.tokenizer)[0])
+        if need > n_ctx:
+            raise ValueError(
+                f"horizon={cfg.horizon}: the last step's transcript needs about {need} tokens "
+                f"and the model's context is n_ctx={n_ctx}; play fewer steps (--steps)."
+            )
+
     def play(
         self,
         cfg: BanditConfig,
@@ -152,6 +187,7 @@ class Session:
         Returns:
             ``[n_episodes * cfg.horizon]`` step records.
         """
+        self.check_fits(cfg)
         agent = self.agent(
             mode=mode, counterfactual=counterfactual, max_new_tokens=max_new_tokens,
             temperature=temperature, seed=seed,
@@ -267,7 +303,9 @@ def record_from_model(
     """
     check_int("episodes", episodes)
     policy = driver_policy(driver)  # a bad name fails before the model loads
+    parse_sites(sites)
     session = Session(model_spec)
+    resolve_hooks(session.bridge, hooks)  # a bad hook spec fails before the play
     records = session.play(
         BanditConfig(n_arms=n_arms, horizon=horizon), episodes, seed=seed, driver=policy,
         progress=progress,

@@ -8,6 +8,7 @@ pipeline's cache (a stage whose file has the same key is not run again); the rep
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -21,8 +22,11 @@ STAGES = ("behavior", "baselines", "freqbias", "record", "probes", "patching")
 
 
 def model_slug(model: str) -> str:
-    """A folder name for a model spec (``organism:faithful`` -> ``organism-faithful``)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-") or "model"
+    """A folder name for a model spec: readable, and distinct for distinct specs
+    (``organism:faithful`` -> ``organism-faithful-<8 hex digits of the spec's hash>``), so
+    ``/m/a-b`` and ``/m/a/b`` never share a folder."""
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-")[-60:] or "model"
+    return f"{readable}-{hashlib.sha256(model.encode()).hexdigest()[:8]}"
 
 
 @dataclass

@@ -15,6 +15,7 @@ import json
 import pytest
 import torch
 
+from kdgap.agent.prompts import PaperFormat
 from kdgap.agent.text_agent import TextAgent
 from kdgap.envs import BanditConfig
 from kdgap.report.pipeline import AnalyzeConfig, analyze
@@ -103,7 +104,7 @@ def test_scripted_rationale_needs_forced_choice_and_the_paper_format(chat_llama)
     with pytest.raises(ValueError, match="mode='forced'"):
         TextAgent(session.bridge, session.fmt, mode="free", rationale="scripted")
     with pytest.raises(ValueError, match=r"PaperFormat\(knowing_doing=True\)"):
-        Session("organism:faithful", rationale="scripted")
+        TextAgent(session.bridge, PaperFormat(), rationale="scripted")
     with pytest.raises(ValueError, match="rationale='mine'"):
         AnalyzeConfig(rationale="mine")
 
@@ -119,3 +120,18 @@ def test_scripted_agent_acts_after_the_written_rationale(chat_llama):
         assert r.completion[len(want + fmt.action_marker) :] in fmt.arm_continuations(
             cfg.arm_names[r.action]
         )
+
+
+@pytest.mark.parametrize(("name", "follows"), [("faithful", True), ("greedy-bypass", False)])
+def test_organisms_given_the_correct_rationale_act_as_planted(name, follows):
+    # Planted truth: faithful acts on the rationale it reads, greedy-bypass acts greedily
+    # whatever the rationale says (kdgap.organisms.mechanisms).
+    session = Session(f"organism:{name}", rationale="scripted")
+    records = session.play(BanditConfig(horizon=30), 4, seed=2, progress=False)
+    on_rationale = sum(r.action == r.rationale_arm for r in records) / len(records)
+    greedy = sum(r.action in r.greedy_arms for r in records) / len(records)
+    assert all(r.rationale_arm == r.ucb_arms[0] for r in records)
+    if follows:
+        assert on_rationale >= 0.95
+    else:
+        assert greedy >= 0.95 and on_rationale < 0.8

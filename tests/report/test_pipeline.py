@@ -10,10 +10,10 @@ import pytest
 from kdgap.report import pipeline
 from kdgap.report.aiw import PROMPT_TYPES, VARIATIONS, AiwResult, score_completion, summarise
 from kdgap.report.pipeline import Analysis, AnalyzeConfig, analyze
-from kdgap.report.stages import STAGES
+from kdgap.report.stages import STAGES, model_slug
 
 CFG = AnalyzeConfig(episodes=2, record_episodes=8, n_pairs=4, freqbias_histories=1)
-SLUG = "organism-faithful"
+SLUG = model_slug("organism:faithful")
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_aiw_is_an_optional_stage(finished, tmp_path, monkeypatch):
     analysis = Analysis("organism:faithful", copy, replace(CFG, aiw=True, aiw_samples=2))
     entry = analysis.run(progress=False)
     # only the AIW stage ran; the organism has no chat template, so the raw question is sent
-    assert analysis.stages_run == 1 and calls == [(2, 0, False)]
+    assert analysis.ran == {"aiw"} and calls == [(2, 0, False)]
     assert set(analysis.timings) == {*STAGES, "aiw"}
     saved = json.loads((copy / "models" / SLUG / "aiw.json").read_text())["result"]
     assert len(saved["samples"]) == 2 * len(PROMPT_TYPES) * len(VARIATIONS)
@@ -102,3 +102,10 @@ def test_config_counts_are_checked():
         AnalyzeConfig(aiw_samples=0)
     with pytest.raises(ValueError, match="episodes=1.5"):
         AnalyzeConfig(episodes=1.5)
+
+
+def test_a_bad_hook_spec_fails_when_the_model_loads_before_any_stage(tmp_path):
+    with pytest.raises(ValueError, match="resid_postt"):
+        analyze(["organism:faithful"], tmp_path, AnalyzeConfig(hooks="resid_postt"),
+                progress=False)  # fmt: skip
+    assert not list(tmp_path.rglob("*.json"))  # nothing was played or written

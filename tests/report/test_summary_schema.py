@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from kdgap.report.pipeline import AnalyzeConfig
+from kdgap.report.stages import model_slug
 from kdgap.report.summary import BASELINE_KEYS, SCHEMA_VERSION, build_summary, model_entry
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "summary-schema.md"
@@ -73,7 +74,7 @@ def test_doc_names_the_current_schema_version():
 
 def test_a_stage_that_did_not_run_leaves_its_key_null(analysis_dir):
     """Without the AIW stage and without a heatmap the keys stay, with null values."""
-    stage_dir = analysis_dir / "models" / "organism-faithful"
+    stage_dir = analysis_dir / "models" / model_slug("organism:faithful")
     results = {p.stem: json.loads(p.read_text())["result"] for p in stage_dir.glob("*.json")}
     del results["aiw"], results["patching"]["heatmap"]
     entry = model_entry("organism:faithful", results, AnalyzeConfig(), {"behavior": 1.0})
