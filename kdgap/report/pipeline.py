@@ -44,7 +44,7 @@ from kdgap.report.behavior import PlayConfig, run_freqbias, run_play
 from kdgap.report.render import render_all
 from kdgap.report.session import Session, driver_policy
 from kdgap.report.stages import _Stage, model_slug
-from kdgap.report.summary import build_summary, model_entry
+from kdgap.report.summary import SCHEMA_VERSION, build_summary, model_entry
 
 #: kdgap's version, part of every stage's cache key.
 _VERSION = importlib.metadata.version("kdgap")
@@ -347,6 +347,22 @@ def _example_records(records: list[StepRecord]) -> list[StepRecord]:
     return sorted(parsed, key=lambda r: (-r.step, r.episode))
 
 
+def _previous_entries(path: Path, *, exclude: list[str]) -> dict:
+    """The entries of models analysed into this folder before (other than ``exclude``), so a
+    second ``analyze`` into one folder adds its models to the summary and the report."""
+    if not path.exists():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path} is not valid JSON ({err}); delete it to start the folder's summary anew."
+        ) from err
+    if old.get("schema_version") != SCHEMA_VERSION:  # an older layout: start anew
+        return {}
+    return {m: e for m, e in old.get("models", {}).items() if m not in exclude}
+
+
 def analyze(
     models: list[str],
     out: str | Path,
@@ -361,7 +377,9 @@ def analyze(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out={str(out)!r} is a file; pass a folder (created if missing).")
-    entries = {m: Analysis(m, out, cfg, force=force).run(progress) for m in models}
+    analyses = [Analysis(m, out, cfg, force=force) for m in models]  # specs checked first
+    entries = _previous_entries(out / "summary.json", exclude=models)
+    entries.update({a.spec: a.run(progress) for a in analyses})
     summary = build_summary(entries, cfg)
     atomic_write_json(out / "summary.json", summary)
     render_all(out)

@@ -73,8 +73,8 @@ def model_entry(
         results: every stage's result by stage name: ``behavior``, ``baselines``,
             ``freqbias``, ``probes``, ``patching`` (``record`` is not read) and optionally
             ``aiw`` (None or absent when that stage did not run).
-        cfg: the analysis settings (unused: the settings are written once, by
-            :func:`build_summary`).
+        cfg: the analysis settings this model was analysed with (a dataclass, written
+            under ``config``).
         timings: seconds per stage.
 
     Returns:
@@ -98,6 +98,7 @@ def model_entry(
         "probes": probes,
         "patching": patching,
         "aiw": _aiw(results.get("aiw")),
+        "config": asdict(cfg),
         "verdict": verdict(behavior["counterfactual_flip_rate"], patching["mediated_fraction"]),
         "verdict_rule": RULE,
         "timings": {k: round(v, 3) for k, v in timings.items()},

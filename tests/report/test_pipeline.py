@@ -28,7 +28,7 @@ def _strip(summary: dict) -> dict:
 
 
 def _measured(entry: dict) -> dict:
-    return {k: v for k, v in entry.items() if k not in ("timings", "aiw")}
+    return {k: v for k, v in entry.items() if k not in ("timings", "aiw", "config")}
 
 
 def test_summary_schema_and_faithful_verdict(finished):

@@ -11,7 +11,7 @@ import pytest
 
 from kdgap.models import files_fingerprint
 from kdgap.organisms.registry import resolve_organism
-from kdgap.report.pipeline import Analysis, AnalyzeConfig
+from kdgap.report.pipeline import Analysis, AnalyzeConfig, analyze
 from kdgap.report.stages import STAGES, model_slug
 
 CFG = AnalyzeConfig(episodes=2, horizon=12, record_episodes=6, n_pairs=4, freqbias_histories=1)
@@ -62,3 +62,19 @@ def test_a_changed_setting_reruns_exactly_the_stages_that_depend_on_it(organism_
     assert _run(spec, out, replace(CFG, n_pairs=5, dtype="bfloat16")) == set(STAGES)
     (last,) = acts.iterdir()  # recorded afresh into its own store; the old ones removed
     assert last.name != first.name
+
+
+def test_a_second_model_analysed_into_the_folder_joins_the_summary(tmp_path):
+    first = analyze(["organism:faithful"], tmp_path, CFG, progress=False)
+    other = replace(CFG, n_pairs=5)
+    both = analyze(["organism:greedy-bypass"], tmp_path, other, progress=False)
+    assert list(both["models"]) == ["organism:faithful", "organism:greedy-bypass"]
+    assert both["models"]["organism:faithful"] == first["models"]["organism:faithful"]
+    assert both["models"]["organism:faithful"]["config"]["n_pairs"] == 4
+    assert both["models"]["organism:greedy-bypass"]["config"]["n_pairs"] == 5
+    assert both["config"]["n_pairs"] == 5  # the latest call's settings
+    page = (tmp_path / "report.html").read_text()
+    assert "organism:faithful" in page and "organism:greedy-bypass" in page
+    (tmp_path / "summary.json").write_text("{truncated")
+    with pytest.raises(ValueError, match="summary.json is not valid JSON"):
+        analyze(["organism:greedy-bypass"], tmp_path, other, progress=False)
