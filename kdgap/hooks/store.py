@@ -55,6 +55,17 @@ def tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
+def _read_manifest(path: Path) -> dict:
+    """The manifest, or a :class:`StoreError` naming the file when it is not valid JSON."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise StoreError(
+            f"{path} is not valid JSON ({err}): the manifest was cut off or edited; delete "
+            "the store folder and record again."
+        ) from err
+
+
 def file_sha256(path: Path) -> str:
     """sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
@@ -143,7 +154,7 @@ class StoreWriter:
         self.path = Path(path)
         mpath = self.path / MANIFEST
         if mpath.exists():
-            self.manifest = json.loads(mpath.read_text())
+            self.manifest = _read_manifest(mpath)
             _check_compatible(self.manifest, header, self.path)
             store = ActivationStore(self.path)
             store.verify()  # a resumed store must be sound before we build on it
@@ -262,7 +273,7 @@ class ActivationStore:
         mpath = self.path / MANIFEST
         if not mpath.exists():
             raise StoreError(f"{mpath} does not exist: path={str(path)!r} is not a store.")
-        self.manifest: dict = json.loads(mpath.read_text())
+        self.manifest: dict = _read_manifest(mpath)
         self._labels: pd.DataFrame | None = None
         for s in self.manifest["shards"]:
             f = self.path / s["file"]
@@ -305,6 +316,14 @@ class ActivationStore:
 
     def _read_labels(self, shard: dict) -> pd.DataFrame:
         p = self.path / shard["labels"]
+        # Label tables are small: their checksum is checked on every read, so a readable
+        # but altered table never loads silently.
+        want = shard.get("labels_sha256")
+        if want is not None and (not p.exists() or file_sha256(p) != want):
+            raise StoreError(
+                f"labels file {p} is missing or fails its sha256 checksum (it was altered or "
+                "is corrupt); record the store again."
+            )
         try:
             return pd.read_parquet(p)
         except Exception as e:  # pyarrow raises several types for damaged files

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -111,6 +112,20 @@ def test_corrupt_and_truncated_shards_are_named(tiny_native, tmp_path):
         st.verify()
     shard.write_bytes(bytes(data[:-100]))
     with pytest.raises(StoreError, match=f"{shard}.*truncated"):
+        ActivationStore(tmp_path / "s")
+
+
+def test_altered_labels_and_a_cut_manifest_are_named(tiny_native, tmp_path):
+    st = _record_texts(tiny_native, tmp_path / "s")
+    labels = tmp_path / "s" / st.manifest["shards"][0]["labels"]
+    table = pd.read_parquet(labels)
+    assert len(table) > 1
+    table.iloc[::-1].reset_index(drop=True).to_parquet(labels)  # readable, rows reordered
+    with pytest.raises(StoreError, match=f"{labels}.*checksum"):
+        _ = ActivationStore(tmp_path / "s").labels
+    manifest = tmp_path / "s" / "manifest.json"
+    manifest.write_text(manifest.read_text()[:50])
+    with pytest.raises(StoreError, match=f"{manifest} is not valid JSON"):
         ActivationStore(tmp_path / "s")
 
 
