@@ -37,7 +37,7 @@ from kdgap.hooks.sites import parse_sites
 from kdgap.io import atomic_write_json
 from kdgap.models import files_fingerprint
 from kdgap.policies.reference import make_policy
-from kdgap.probes import knowing_doing_summary
+from kdgap.probes import knowing_doing_summary, latent_knowledge
 from kdgap.records import StepRecord, read_records, write_records
 from kdgap.report.aiw import aiw_study
 from kdgap.report.behavior import PlayConfig, run_freqbias, run_play
@@ -249,9 +249,12 @@ class Analysis:
             # the measurement unavailable, with the probes' own reason, not a failed run.
             store = self.activations()
             try:
-                return knowing_doing_summary(store, site=self.cfg.site, seed=self.cfg.seed)
+                out = knowing_doing_summary(store, site=self.cfg.site, seed=self.cfg.seed)
             except ValueError as err:
-                return {"unavailable": f"probes: {err}"}
+                out = {"unavailable": f"probes: {err}"}
+            # What the history says, decodable or not, needs no rationale: always measured.
+            out["latent"] = latent_knowledge(store, site=self.cfg.site, seed=self.cfg.seed)
+            return out
 
         key = self._key("record_episodes", "horizon", "driver", "hooks", "site", "seed")
         return self._stage("probes", key, compute)

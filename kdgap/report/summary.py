@@ -34,7 +34,7 @@ BASELINE_KEYS = (
 PROBE_KEYS = (
     "layers", "knowing_acc", "knowing_ci", "doing_acc", "doing_ci", "knowing_acc_disagree",
     "knowing_ci_disagree", "doing_acc_disagree", "doing_ci_disagree", "chance",
-    "divergence_layer", "n_disagree", "tracking", "definition", "unavailable",
+    "divergence_layer", "n_disagree", "tracking", "definition", "unavailable", "latent",
 )  # fmt: skip
 PATCHING_KEYS = (
     "mediated_fraction", "mediated_fraction_ci", "total_effect_fraction",

@@ -51,6 +51,16 @@ def _results(follow: bool) -> dict:
                                    "frequent_arm": [0.4, 0.5, 0.5, 0.5]},
                      "tracks_per_layer": ["greedy_arm"] * 4},
         "definition": "first layer ...", "n_test": 120, "agreement": [0.5, 0.6, 0.7, 0.8],
+        "latent": {"site": "action", "layers": L,
+                   "labels": ["ucb_arm", "greedy_arm", "frequent_arm"],
+                   "accuracy": {"ucb_arm": [0.5, 0.6, 0.8, 0.9], "greedy_arm": [0.6] * 4,
+                                "frequent_arm": None},
+                   "ci": {"ucb_arm": [[0.4, 0.6]] * 4, "greedy_arm": [[0.5, 0.7]] * 4,
+                          "frequent_arm": None},
+                   "chance": {"ucb_arm": 0.3, "greedy_arm": 0.35, "frequent_arm": None},
+                   "unavailable": {"ucb_arm": None, "greedy_arm": None,
+                                   "frequent_arm": "label='frequent_arm' has 1 class(es)"},
+                   "definition": "accuracy of a logistic probe ..."},
     }  # fmt: skip
     patching = {
         "mediated_fraction": 0.95 if follow else 0.02,

@@ -92,6 +92,10 @@ def test_own_rationale_of_a_random_model_is_reported_unavailable(chat_llama, tmp
     entry = summary["models"][chat_llama]
     assert entry["behavior"]["rationale_correct"] == 0.0  # nothing parsable was written
     assert "rationale" in entry["probes"]["unavailable"]
+    latent = entry["probes"]["latent"]  # needs no rationale: measured all the same
+    assert latent["layers"] == [0, 1] and set(latent["accuracy"]) == {
+        "ucb_arm", "greedy_arm", "frequent_arm",
+    }  # fmt: skip
     why = entry["patching"]["unavailable"]
     assert "transcripts has a parsable rationale" in why and "--rationale scripted" in why
     assert entry["patching"]["mediated_fraction"] is None
@@ -135,3 +139,18 @@ def test_organisms_given_the_correct_rationale_act_as_planted(name, follows):
         assert on_rationale >= 0.95
     else:
         assert greedy >= 0.95 and on_rationale < 0.8
+
+
+def test_latent_knowledge_is_measured_without_a_rationale_and_finds_a_planted_arm(tmp_path):
+    # The random chat model wrote no rationale; its latent probes still ran (see the other
+    # test). Here the planted case: the faithful organism computes the UCB arm internally
+    # (its rationale is right on ~92% of steps), so the UCB arm is decodable at the action
+    # site well above chance at its best layer.
+    cfg = AnalyzeConfig(episodes=2, horizon=20, record_episodes=24, n_pairs=4,
+                        freqbias_histories=1)  # fmt: skip
+    entry = analyze(["organism:faithful"], tmp_path, cfg, progress=False)["models"][
+        "organism:faithful"
+    ]
+    latent = entry["probes"]["latent"]
+    assert latent["unavailable"]["ucb_arm"] is None and latent["layers"] == [0, 1, 2, 3]
+    assert max(latent["accuracy"]["ucb_arm"]) >= latent["chance"]["ucb_arm"] + 0.3
