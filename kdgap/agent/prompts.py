@@ -28,8 +28,6 @@ import re
 from collections.abc import Sequence
 from dataclasses import replace
 
-import numpy as np
-
 from kdgap.agent import parsing
 from kdgap.envs.bandit import BanditConfig
 from kdgap.envs.stats import counts_and_sums, first_arm, ucb_arms, ucb_values
@@ -174,10 +172,7 @@ class PaperFormat:
                 f"actions has {len(actions)} steps but rewards has {len(rewards)}; "
                 "pass the same episode's history for both."
             )
-        counts, sums = counts_and_sums(
-            np.asarray(actions, dtype=np.int64), np.asarray(rewards, dtype=np.float64),
-            cfg.n_arms,
-        )  # fmt: skip
+        counts, sums = counts_and_sums(actions, rewards, cfg.n_arms)
         values = ucb_values(counts, sums, c=cfg.ucb_c, bonus=cfg.ucb_bonus)
         best = int(first_arm(ucb_arms(counts, sums, c=cfg.ucb_c, bonus=cfg.ucb_bonus)))
         for digits in (2, 4, 8, 17):
@@ -362,11 +357,16 @@ def format_for(loaded: LoadedModel, *, knowing_doing: bool = True) -> Transcript
     return PaperFormat(knowing_doing=knowing_doing, use_chat_template=has_template)
 
 
+def check_rationale_name(rationale: str) -> None:
+    """Refuse a ``rationale`` that is not one of :data:`RATIONALES` (needs no model)."""
+    if rationale not in RATIONALES:
+        raise ValueError(f"rationale={rationale!r} is unknown; use one of {RATIONALES}.")
+
+
 def check_rationale(rationale: str, mode: str, fmt: TranscriptFormat) -> None:
     """Refuse a ``rationale`` setting that cannot work with ``mode`` and ``fmt``, before any
     model work (a ``ValueError`` that names the value and the fix)."""
-    if rationale not in RATIONALES:
-        raise ValueError(f"rationale={rationale!r} is unknown; use one of {RATIONALES}.")
+    check_rationale_name(rationale)
     if rationale != "scripted":
         return
     if mode != "forced":

@@ -25,8 +25,6 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-import numpy as np
-
 from kdgap.envs.bandit import BanditConfig
 from kdgap.envs.stats import counts_and_sums, first_arm, ucb_arms
 from kdgap.envs.transcript_format import SiteNotFound
@@ -101,10 +99,7 @@ class OrganismFormat:
         ``<name> <pulls> <wins>``, then ``ucb <arm>`` with the UCB arm of ``cfg``'s rule
         (lowest index on ties), and a trailing space before the action marker."""
         self.render_prompt(cfg, actions, rewards)  # the same checks of cfg and history
-        counts, sums = counts_and_sums(
-            np.asarray(actions, dtype=np.int64), np.asarray(rewards, dtype=np.float64),
-            cfg.n_arms,
-        )  # fmt: skip
+        counts, sums = counts_and_sums(actions, rewards, cfg.n_arms)
         best = int(first_arm(ucb_arms(counts, sums, c=cfg.ucb_c, bonus=cfg.ucb_bonus)))
         lang = OrganismLanguage(n_arms=cfg.n_arms, horizon=max(cfg.horizon, 1))
         return lang.rationale_text(counts, sums.round().astype(int), best) + " "

@@ -28,7 +28,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from kdgap._checks import check_int
-from kdgap.agent.prompts import RATIONALES
+from kdgap.agent.prompts import check_rationale_name
 from kdgap.envs.bandit import BanditConfig
 from kdgap.hooks import ActivationStore
 from kdgap.hooks.names import resolve_hooks
@@ -97,8 +97,7 @@ class AnalyzeConfig:
                   hint="(the frequency-bias protocol needs 10 steps; --steps)")  # fmt: skip
         parse_sites([self.site])  # a malformed site or driver fails here, before model work
         driver_policy(self.driver)
-        if self.rationale not in RATIONALES:
-            raise ValueError(f"rationale={self.rationale!r} is unknown; use one of {RATIONALES}.")
+        check_rationale_name(self.rationale)
 
 
 class Analysis:

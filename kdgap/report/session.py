@@ -17,7 +17,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedTokenizerBase
 
 from kdgap._checks import check_int
-from kdgap.agent.prompts import RATIONALES, check_rationale, format_for
+from kdgap.agent.prompts import check_rationale, check_rationale_name, format_for
 from kdgap.agent.text_agent import TextAgent
 from kdgap.envs.bandit import BanditConfig
 from kdgap.envs.transcript_format import TranscriptFormat
@@ -64,11 +64,12 @@ class Session:
     fmt: TranscriptFormat = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.rationale not in RATIONALES:  # before the model loads
-            raise ValueError(f"rationale={self.rationale!r} is unknown; use one of {RATIONALES}.")
+        check_rationale_name(self.rationale)  # before the model loads
         self.loaded = load_model(self.spec, device=self.device, dtype=self.dtype)
         self.fmt = format_for(self.loaded, knowing_doing=self.knowing_doing)
         check_rationale(self.rationale, "forced", self.fmt)
+        # Wraps prompts for transcript_text; one agent serves every call.
+        self._templater = self.agent()
 
     @property
     def bridge(self) -> TransformerBridge:
@@ -122,7 +123,7 @@ class Session:
         sees them: chat-templated exactly as the agents of :meth:`agent` wrap prompts. The
         patching pairs are built with it (``text_fn``), so an edited transcript is the
         text the model would have seen."""
-        return self.agent().chat_prompt(prompt) + rationale
+        return self._templater.chat_prompt(prompt) + rationale
 
     def check_fits(self, cfg: BanditConfig) -> None:
         """Refuse, before any play, a horizon whose last step does not fit the model's context.
