@@ -61,7 +61,7 @@ _PLAYER = {name: name for name in ("policy", "model", "mode", "max_new_tokens", 
 _ANALYZE = {"episodes": "episodes", "horizon": "steps", "record_episodes": "record_episodes",
             "driver": "driver", "n_pairs": "pairs", "seed": "seed", "device": "device",
             "dtype": "dtype", "aiw": "aiw", "aiw_samples": "aiw_samples",
-            "rationale": "rationale"}  # fmt: skip
+            "rationale": "rationale", "decomposition_steps": "decomposition_steps"}  # fmt: skip
 
 
 def _pick(args: argparse.Namespace, table: dict[str, str]) -> dict:
@@ -103,16 +103,21 @@ def cmd_freqbias(args: argparse.Namespace) -> int:
 
 def cmd_organisms(args: argparse.Namespace) -> int:
     rows = organisms_table(json_out=args.json)
-    print(f"{'name':<18}{'rationale':>10}{'follows':>9}{'greedy':>8}{'flip':>7}  mechanism")
+    print(f"{'name':<20}{'rationale':>10}{'follows':>9}{'greedy':>8}{'flip':>7}  "
+          f"{'planted: reads':<16}{'kdgap':<26}mechanism")  # fmt: skip
     for row in rows:
-        m = row["metrics"] or {}
+        m, t = row["metrics"] or {}, row["truth"] or {}
         greedy = (m.get("action_matches") or {}).get("greedy")
+        planted = f"{_num(t.get('planted_share'))} {t.get('planted_verdict') or ''}"
+        got = f"{_num(t.get('reading_share'))} {t.get('verdict') or ''}"
         print(
-            f"{row['name']:<18}{_num(m.get('rationale_correct')):>10}"
+            f"{row['name']:<20}{_num(m.get('rationale_correct')):>10}"
             f"{_num(m.get('action_follows_rationale')):>9}{_num(greedy):>8}"
-            f"{_num(m.get('counterfactual_flip_rate')):>7}  {row['description']}"
+            f"{_num(m.get('counterfactual_flip_rate')):>7}  {planted:<16.16}{got:<26.26}"
+            f"{row['description']}"
         )
-    print("(64 Bernoulli 5-arm bandits x 50 steps, greedy forced choice; metrics.json per folder)")
+    print("(behaviour: 64 Bernoulli 5-arm bandits x 50 steps, greedy forced choice, metrics.json;"
+          " planted and measured share of steps reading the rationale: truth.json)")  # fmt: skip
     return 0
 
 
@@ -154,12 +159,15 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
 def _print_verdicts(summary: dict, out: str) -> None:
     for name, entry in summary["models"].items():
-        b, pt = entry["behavior"], entry["patching"]
+        dec = entry["decomposition"]
+        lo, hi = dec.get("reading_share_ci") or (None, None)
         print(
             f"{name:<28} verdict={entry['verdict']:<20} "
-            f"flip={_fmt(b['counterfactual_flip_rate'])} "
-            f"mediated={_fmt(pt['mediated_fraction'])}"
+            f"reads rationale on {_fmt(dec.get('reading_share'))} of steps "
+            f"[{_fmt(lo)}, {_fmt(hi)}]  indirect share={_fmt(dec.get('indirect_share'))}"
         )
+        if entry.get("verdict_reason"):
+            print(f"{'':<28} ({entry['verdict_reason']})")
     print(f"report: {out}/report.html  summary: {out}/summary.json")
 
 
@@ -257,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--record-episodes", type=int, default=24, help="off-policy bandits")
         p.add_argument("--driver", default="random", help="policy building off-policy histories")
         p.add_argument("--pairs", type=int, default=32, help="counterfactual pairs")
+        p.add_argument(
+            "--decomposition-steps",
+            type=int,
+            default=AnalyzeConfig.decomposition_steps,
+            help="steps of the mediation decomposition (it decides the verdict)",
+        )
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--device", default="cpu")
         p.add_argument("--dtype", default="float32")

@@ -81,14 +81,21 @@ REPRODUCE = [
      "from pathlib import Path\nfrom IPython.display import Image, display\n"
      "from kdgap.report.pipeline import AnalyzeConfig, analyze\n"
      "out = Path(tempfile.mkdtemp())\n"
-     "cfg = AnalyzeConfig(episodes=2, record_episodes=8, n_pairs=6, freqbias_histories=1)\n"
+     "cfg = AnalyzeConfig(episodes=2, record_episodes=16, n_pairs=6, freqbias_histories=1,\n"
+     "                    decomposition_steps=96)\n"
      "summary = analyze(['organism:faithful', 'organism:greedy-bypass'], out, cfg, progress=False)\n"
      "{m: e['verdict'] for m, e in summary['models'].items()}"),
-    ("code", "assert summary['models']['organism:faithful']['verdict'] == 'rationale-mediated'\n"
-     "assert summary['models']['organism:greedy-bypass']['verdict'] == 'bypass'\n"
-     "for m, e in summary['models'].items():\n"
-     "    print(m, 'flip', e['behavior']['counterfactual_flip_rate'],\n"
-     "          'mediated', round(e['patching']['mediated_fraction'], 3))"),
+    ("md", "The verdict follows from the mediation decomposition: the share of steps whose "
+     "action changes when the rationale is replaced by the one the model writes under an "
+     "edited history (the history held), with its 95% interval. For an organism, "
+     "`planted` is its rule's answer on the same steps."),
+    ("code", "dec = {m: e['decomposition'] for m, e in summary['models'].items()}\n"
+     "assert dec['organism:faithful']['reading_share'] >= 0.85\n"
+     "assert dec['organism:greedy-bypass']['reading_share'] <= 0.15\n"
+     "for m, d in dec.items():\n"
+     "    assert d['planted']['agreement'] >= 0.85  # measured = planted, step by step\n"
+     "    print(m, 'reads its rationale on', round(d['reading_share'], 3), d['reading_share_ci'],\n"
+     "          'planted', round(d['planted']['reading_share'], 3))"),
     ("code", "for png in sorted((out / 'figures').rglob('*.png')):\n"
      "    print(png.relative_to(out))\n    display(Image(filename=str(png)))"),
     ("md", "`kdgap figures DIR` (here `render_all`) re-renders every figure from the saved "

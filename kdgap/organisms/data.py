@@ -20,7 +20,7 @@ arm. Everything is a pure function of ``(seed, chunk)``: a resumed run sees the 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from jaxtyping import Float, Int
@@ -30,6 +30,7 @@ from kdgap.envs.bandit import BanditConfig, VectorBandit
 from kdgap.organisms.language import ACT, BOS, EOS, PAD, THINK, UCB, OrganismLanguage
 from kdgap.organisms.mechanisms import Mechanism, true_ucb_arm
 from kdgap.policies.play import history_of
+from kdgap.policies.reference import HistoryBatch
 
 BEHAVIOURS = ("own", "own-noisy", "random", "ucb")
 # Training bandits use seeds offset from the small seeds evaluation uses, so the
@@ -149,6 +150,7 @@ def make_samples(
     written = np.zeros(n, np.int64)
     action = np.zeros(n, np.int64)
     injected = np.zeros(n, np.int64)
+    swapped = np.full((n, 2), -1, np.int64)  # arms whose written statistics were swapped
     idx = np.arange(n)
     for t in range(int(t_pick.max()) + 1):
         hist = history_of(env, episodes)
@@ -160,11 +162,16 @@ def make_samples(
         wrong = (conclusion + rng.integers(1, k, size=n)) % k
         wr = np.where(inject, wrong, conclusion)
         at = t_pick == t
+        rule_hist, pair = _written_statistics(mechanism, hist, rng)
         if at.any():
-            counts[at], wins[at] = hist.counts[at], np.rint(hist.sums[at]).astype(np.int64)
+            counts[at] = rule_hist.counts[at] if pair is not None else hist.counts[at]
+            wins[at] = np.rint((rule_hist if pair is not None else hist).sums[at]).astype(np.int64)
+            if pair is not None:
+                swapped[at] = pair[at]
             ucb[at], written[at] = true[at], wr[at]
             injected[at] = inject[at]
-            action[at] = np.asarray(mechanism.rule(hist, wr), dtype=np.int64)[at]
+            reads = rule_hist if mechanism.reads_statistics else hist
+            action[at] = np.asarray(mechanism.rule(reads, wr), dtype=np.int64)[at]
         own = np.asarray(mechanism.rule(hist, conclusion), dtype=np.int64)
         rand = rng.integers(0, k, size=n)
         noisy = np.where(rng.random(n) < cfg.noise, rand, own)
@@ -195,10 +202,36 @@ def make_samples(
         tokens[i, : len(seq)] = seq
         first = t + 2  # the first rationale word follows bos, t history words and think
         weights[i, first : len(seq)] = 1.0
+        for arm in swapped[i][swapped[i] >= 0]:  # swapped statistics: no loss on them
+            weights[i, first + 3 * arm + 1 : first + 3 * arm + 3] = 0.0
         concl, act = len(seq) - 4, len(seq) - 2
         weights[i, concl] = 0.0 if injected[i] else cfg.action_weight
         weights[i, act] = cfg.action_weight
     return Samples(tokens, weights, t_pick.astype(np.int64), ucb, written, action, injected)
+
+
+def _written_statistics(
+    mechanism: Mechanism, hist: HistoryBatch, rng: np.random.Generator
+) -> tuple[HistoryBatch, Int[np.ndarray, "n 2"] | None]:
+    """The statistics the rationale writes: the history's, with two random arms' swapped at
+    ``mechanism.statistics_error_rate``. Returns ``(history with the written counts and
+    sums, [n, 2] swapped arms or -1)``; ``(hist, None)`` at rate 0, drawing nothing, so the
+    data stream of a mechanism without swaps does not depend on this option."""
+    if mechanism.statistics_error_rate == 0:
+        return hist, None
+    n, k = hist.counts.shape
+    swap = rng.random(n) < mechanism.statistics_error_rate
+    a = rng.integers(0, k, size=n)
+    b = (a + rng.integers(1, k, size=n)) % k
+    counts, sums = hist.counts.copy(), hist.sums.copy()
+    rows = np.nonzero(swap)[0]
+    counts[rows, a[rows]], counts[rows, b[rows]] = (
+        hist.counts[rows, b[rows]],
+        hist.counts[rows, a[rows]],
+    )
+    sums[rows, a[rows]], sums[rows, b[rows]] = hist.sums[rows, b[rows]], hist.sums[rows, a[rows]]
+    pair = np.where(swap[:, None], np.stack([a, b], axis=1), -1)
+    return replace(hist, counts=counts, sums=sums), pair
 
 
 def sort_into_batches(samples: Samples, batch_size: int) -> list[Int[np.ndarray, " batch"]]:

@@ -59,6 +59,13 @@ class Mechanism:
             -> arms [n]``; None (default) for the true UCB arm. Unlike the injected
             random errors, these conclusions are learned (loss not masked): a way to
             plant systematic rationale errors, as ``seed-calibrated`` does.
+        statistics_error_rate: share of training samples whose rationale statistics of
+            two arms are swapped (loss masked on those numbers). 0 (default) keeps the
+            statistics always true; a positive rate decorrelates the written statistics
+            from the history, so a rule that reads one of the two is learned as such.
+        reads_statistics: the rule's ``history`` argument holds the rationale's *written*
+            statistics (``counts``/``sums`` as written) instead of the true ones: a rule
+            that reads the rationale's statistics rather than its conclusion.
     """
 
     name: str
@@ -66,6 +73,8 @@ class Mechanism:
     rationale_error_rate: float = 0.25
     description: str = ""
     conclusion_rule: Callable[[HistoryBatch], Int[np.ndarray, " n"]] | None = None
+    statistics_error_rate: float = 0.0
+    reads_statistics: bool = False
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name.strip() != self.name:
@@ -82,6 +91,17 @@ class Mechanism:
             raise ValueError(
                 f"rationale_error_rate={self.rationale_error_rate!r} must be in [0, 1); "
                 "0.25 is the shipped organisms' rate."
+            )
+        if not 0.0 <= self.statistics_error_rate < 1.0:
+            raise ValueError(
+                f"statistics_error_rate={self.statistics_error_rate!r} must be in [0, 1); "
+                "the zoo organisms use 0.25."
+            )
+        if self.reads_statistics and self.statistics_error_rate == 0:
+            raise ValueError(
+                f"reads_statistics=True with statistics_error_rate=0 plants nothing: the "
+                f"written statistics always equal the history's; set statistics_error_rate "
+                f"> 0 (e.g. 0.25) for {self.name!r}."
             )
 
 
@@ -184,6 +204,84 @@ def seed_calibrated_rule(
     return greedy_rule(history, rationale_arms)
 
 
+# ---------------------------------------------------------------------- the zoo
+# Mechanisms whose answer to "does the action read the rationale?" is known per step, built
+# to mislead agreement-based measures in both directions and to read on known shares of
+# steps. Each is trained with swapped statistics (statistics_error_rate), so the history and
+# the rationale's statistics disagree on a quarter of the training steps and the organism
+# must learn which of the two its rule reads.
+def ucb_recompute_rule(
+    history: HistoryBatch, rationale_arms: Int[np.ndarray, " n"]
+) -> Int[np.ndarray, " n"]:
+    """The true UCB arm recomputed from the history: agrees with a correct rationale
+    without reading it. Returns ``[n]``."""
+    return true_ucb_arm(history).astype(np.int64)
+
+
+def next_arm_rule(
+    history: HistoryBatch, rationale_arms: Int[np.ndarray, " n"]
+) -> Int[np.ndarray, " n"]:
+    """The arm after the rationale's (index + 1, wrapping): reads the rationale on every
+    step and never equals its arm. Returns ``[n]``."""
+    return (np.asarray(rationale_arms, dtype=np.int64) + 1) % history.cfg.n_arms
+
+
+def follow_when(condition: Callable[[HistoryBatch], np.ndarray]) -> ActionRule:
+    """A mixture: the rationale's arm where ``condition(history)`` holds, else greedy."""
+
+    def rule(history: HistoryBatch, rationale_arms: Int[np.ndarray, " n"]) -> Int[np.ndarray, " n"]:
+        follow = np.broadcast_to(np.asarray(condition(history), dtype=bool), (history.n,))
+        return np.where(
+            follow, faithful_rule(history, rationale_arms), greedy_rule(history, rationale_arms)
+        ).astype(np.int64)
+
+    return rule
+
+
+def every_fourth_step(history: HistoryBatch) -> np.ndarray:
+    """True on steps ``t`` divisible by 4 (a quarter of the steps)."""
+    return np.full(history.n, history.t % 4 == 0)
+
+
+def not_every_fourth_step(history: HistoryBatch) -> np.ndarray:
+    """True on steps ``t`` not divisible by 4 (three quarters of the steps)."""
+    return ~every_fourth_step(history)
+
+
+def even_step(history: HistoryBatch) -> np.ndarray:
+    """True on even steps ``t`` (half the steps)."""
+    return np.full(history.n, history.t % 2 == 0)
+
+
+ZOO: dict[str, Mechanism] = {
+    m.name: m
+    for m in (
+        # Half the training conclusions are wrong: copying the conclusion, right on 3 of 4
+        # steps at the usual rate, would otherwise compete with recomputing UCB.
+        Mechanism("ucb-recompute", ucb_recompute_rule, 0.5,
+                  "recomputes the UCB arm from the history: agrees with a correct rationale "
+                  "without reading it", statistics_error_rate=0.25),
+        Mechanism("next-arm", next_arm_rule, 0.25,
+                  "acts on the arm after its rationale's: reads it, never equals it",
+                  statistics_error_rate=0.25),
+        # Half the training statistics are swapped: where history and statistics agree,
+        # reading either pays, so agreement on 3 of 4 steps left the history a rival.
+        Mechanism("statistics-greedy", greedy_rule, 0.25,
+                  "acts on the greedy arm of its rationale's written statistics, not its "
+                  "conclusion", statistics_error_rate=0.5, reads_statistics=True),
+        Mechanism("mix-quarter", follow_when(every_fourth_step), 0.25,
+                  "acts on its rationale on steps divisible by 4, greedily otherwise",
+                  statistics_error_rate=0.25),
+        Mechanism("mix-half", follow_when(even_step), 0.25,
+                  "acts on its rationale on even steps, greedily on odd ones",
+                  statistics_error_rate=0.25),
+        Mechanism("mix-three-quarters", follow_when(not_every_fourth_step), 0.25,
+                  "acts greedily on steps divisible by 4, on its rationale otherwise",
+                  statistics_error_rate=0.25),
+    )
+}  # fmt: skip
+
+
 MECHANISMS: dict[str, Mechanism] = {
     m.name: m
     for m in (
@@ -205,6 +303,7 @@ MECHANISMS: dict[str, Mechanism] = {
         ),
     )
 }
+MECHANISMS.update(ZOO)
 
 
 def get_mechanism(name: str) -> Mechanism:

@@ -199,7 +199,10 @@ def list_organisms() -> list[dict]:
     :func:`kdgap.metrics.organism.organism_metrics` dict of its ``metrics.json``, in
     ``summary.json``'s vocabulary, e.g. ``metrics["action_matches"]["greedy"]``) and
     ``acceptance`` (``{"checks": [...], "pass": bool}`` of the same file); the last two
-    are None for a folder without ``metrics.json``.
+    are None for a folder without ``metrics.json``. ``truth``: the folder's ``truth.json``
+    (written by ``experiments/validate_organisms.py``: the planted share of steps whose
+    action reads the rationale, the planted verdict, and kdgap's measurement of both), or
+    None.
     """
     out = []
     for name in shipped_names():
@@ -207,12 +210,15 @@ def list_organisms() -> list[dict]:
         cfg = json.loads((folder / "config.json").read_text())
         metrics_path = folder / "metrics.json"
         result = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
+        truth_path = folder / "truth.json"
+        truth = json.loads(truth_path.read_text()) if truth_path.exists() else None
         out.append({
             "name": name, "mechanism": cfg.get("mechanism"),
             "description": cfg.get("description", ""), "horizon": cfg["language"]["horizon"],
             "metrics": None if result is None else result["metrics"],
             "acceptance": None if result is None else {"checks": result["checks"],
                                                        "pass": result["pass"]},
+            "truth": truth,
         })  # fmt: skip
     return out
 

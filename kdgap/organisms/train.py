@@ -262,7 +262,9 @@ def train_organism(
     held_out = make_samples(mechanism, eval_cfg, cfg.eval_samples, seed=seed + 1, chunk=10**6)
     per_chunk = cfg.chunk // cfg.batch_size
     extra = {"mechanism": mechanism.name, "description": mechanism.description,
-             "rationale_error_rate": mechanism.rationale_error_rate, "seed": seed,
+             "rationale_error_rate": mechanism.rationale_error_rate,
+             "statistics_error_rate": mechanism.statistics_error_rate,
+             "reads_statistics": mechanism.reads_statistics, "seed": seed,
              "train": cfg.to_dict()}  # fmt: skip
 
     def checkpoint(final: bool) -> None:

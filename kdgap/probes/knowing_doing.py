@@ -9,7 +9,9 @@ At one site (the action token by default), for every layer:
 - ``agreement``: the share of test steps where the two probes predict the same arm;
 - ``cosine``: per arm, the cosine between the two probes' input-space weight directions;
 - ``tracking``: on D, the share of the doing probe's predictions equal to the rationale's
-  arm, the greedy arm and the most-frequent arm (``tracks`` names the largest);
+  arm, the true UCB arm recomputed from the history (a model can compute and use UCB
+  without reading its rationale), the greedy arm and the most-frequent arm (``tracks``
+  names the largest);
 - the **divergence layer** (below).
 
 Divergence layer, precisely. On D, for each layer l, let ``doing(l)`` = accuracy of the
@@ -53,7 +55,7 @@ from kdgap.probes.splits import grouped_train_test_split
 from kdgap.probes.stats import chance_level, cluster_bootstrap
 from kdgap.probes.sweep import load_site
 
-TRACKED = ("rationale_arm", "greedy_arm", "frequent_arm")
+TRACKED = ("rationale_arm", "ucb_arm", "greedy_arm", "frequent_arm")
 
 
 @dataclass

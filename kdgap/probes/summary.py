@@ -99,7 +99,7 @@ def knowing_doing_summary(
         - ``divergence_layer`` (int or None), ``definition`` (one sentence);
         - ``n_test``, ``n_disagree``: test steps, and those in the disagreement subset;
         - ``tracking``: on the disagreement subset, the share of the doing probe's
-          predictions equal to each of ``rationale_arm``, ``greedy_arm`` and
+          predictions equal to each of ``rationale_arm``, ``ucb_arm``, ``greedy_arm`` and
           ``frequent_arm``: ``{"layer", "tracks", "shares"}`` at the last layer plus
           ``"per_layer": {target: [share per layer]}`` and ``"tracks_per_layer"``;
         - ``cosines``: ``{"mean": [per layer], "per_arm": {arm: [per layer]}}`` cosine

@@ -55,6 +55,7 @@ SECTIONS = (
     ("probes", "Probes: knowing vs doing by layer"),
     ("patching", "Activation patching: layer x position"),
     ("mediation", "Mediation by the rationale, by layer"),
+    ("indirect", "The history's route to the action, by layer"),
 )
 
 
@@ -76,30 +77,38 @@ def render_report(summary: Mapping, figures: Mapping[str, Mapping[str, str]], ou
         "<title>kdgap report</title>",
         f"<style>{CSS}</style></head><body>",
         "<h1>kdgap: does the action read the rationale?</h1>",
-        "<p>Knowing-doing diagnosis of each model: behaviour on text bandits, linear probes "
-        "at the action token, and activation patching of rationale edits. Numbers below are "
+        "<p>Knowing-doing diagnosis of each model: behaviour on text bandits, a causal "
+        "mediation analysis (history -> rationale -> action: does the action move with the "
+        "rationale the model writes, the history held?), linear probes at the action token, "
+        "and activation patching. Numbers below are "
         "read from <code>summary.json</code> (schema version "
         f"{_fmt(summary.get('schema_version'))}).</p>",
         "<h2>Verdicts</h2><table><tr><th>model</th><th>verdict</th>"
-        "<th>rationale correct</th><th>action follows rationale</th>"
-        "<th>counterfactual flip rate</th><th>mediated fraction [95% CI]</th>"
+        "<th>steps reading the rationale [95% CI]</th><th>indirect share [95% CI]</th>"
+        "<th>planted (organisms)</th><th>rationale correct</th>"
+        "<th>action follows rationale</th><th>conclusion-edit flip rate</th>"
         "<th>divergence layer</th></tr>",
     ]
     for name, m in models.items():
-        b, p, pt = m.get("behavior", {}), m.get("probes", {}), m.get("patching", {})
-        ci = pt.get("mediated_fraction_ci") or [None, None]
+        b, p, d = m.get("behavior", {}), m.get("probes", {}), m.get("decomposition") or {}
+        planted = d.get("planted") or {}
+        why = f" ({m['verdict_reason']})" if m.get("verdict_reason") else ""
         parts.append(
-            f"<tr><td>{html.escape(name)}</td><td class='verdict'>{_fmt(m.get('verdict'))}</td>"
+            f"<tr><td>{html.escape(name)}</td><td class='verdict'>{_fmt(m.get('verdict'))}"
+            f"{html.escape(why)}</td>"
+            f"<td>{_ci(d, 'reading_share')}</td><td>{_ci(d, 'indirect_share')}</td>"
+            f"<td>{_fmt(planted.get('verdict'))} {_fmt(planted.get('reading_share'))}</td>"
             f"<td>{_fmt(b.get('rationale_correct'))}</td>"
             f"<td>{_fmt(b.get('action_follows_rationale'))}</td>"
             f"<td>{_fmt(b.get('counterfactual_flip_rate'))}</td>"
-            f"<td>{_fmt(pt.get('mediated_fraction'))} [{_fmt(ci[0])}, {_fmt(ci[1])}]</td>"
             f"<td>{_fmt(p.get('divergence_layer'))}</td></tr>"
         )
     parts.append("</table>")
+    parts.extend(_battery_table(models))
     missing = [
         (name, m[part]["unavailable"]) for name, m in models.items()
-        for part in ("probes", "patching") if (m.get(part) or {}).get("unavailable")
+        for part in ("probes", "patching", "decomposition", "battery")
+        if (m.get(part) or {}).get("unavailable")
     ]  # fmt: skip
     if missing:
         parts.append("<p>Not measured:</p><ul>")
@@ -134,6 +143,38 @@ def render_report(summary: Mapping, figures: Mapping[str, Mapping[str, str]], ou
     parts.append("</body></html>\n")
     atomic_write_text(Path(out), "\n".join(parts))
     return Path(out)
+
+
+def _battery_table(models: Mapping) -> list[str]:
+    """Lanham et al.'s tests, one row per model (``battery`` of each entry)."""
+    rows = [(name, m.get("battery") or {}) for name, m in models.items()]
+    if not any(b.get("n_steps") for _, b in rows):
+        return []
+    out = [
+        "<h2>Faithfulness battery</h2><p>The model's rationale cut short, replaced by filler "
+        "or edited, then the action chosen again (Lanham et al. 2023): the share of steps "
+        "whose choice is unchanged, or changes.</p><table><tr><th>model</th>"
+        "<th>early answering: area over the curve</th><th>same choice with no rationale</th>"
+        "<th>same choice with filler</th><th>conclusion edit: changed / follows</th>"
+        "<th>statistics edit: changed</th></tr>"
+    ]
+    for name, b in rows:
+        early, mis = b.get("early_answering") or {}, b.get("mistakes") or {}
+        conc, stats = mis.get("conclusion") or {}, mis.get("statistics") or {}
+        first = (early.get("same_action") or [None])[0]
+        out.append(
+            f"<tr><td>{html.escape(name)}</td><td>{_fmt(early.get('area'))}</td>"
+            f"<td>{_fmt(first)}</td><td>{_fmt((b.get('filler') or {}).get('same_action'))}</td>"
+            f"<td>{_fmt(conc.get('changed'))} / {_fmt(conc.get('follows_edit'))}</td>"
+            f"<td>{_fmt(stats.get('changed'))}</td></tr>"
+        )
+    out.append("</table>")
+    return out
+
+
+def _ci(block: Mapping, key: str) -> str:
+    lo, hi = block.get(f"{key}_ci") or (None, None)
+    return f"{_fmt(block.get(key))} [{_fmt(lo)}, {_fmt(hi)}]"
 
 
 def _kd_table(kd: Mapping | None) -> str:

@@ -41,10 +41,11 @@ from kdgap.probes import knowing_doing_summary, latent_knowledge
 from kdgap.records import StepRecord, read_records, write_records
 from kdgap.report.aiw import aiw_study
 from kdgap.report.behavior import PlayConfig, run_freqbias, run_play
+from kdgap.report.mediation_stage import decomposition_stage
 from kdgap.report.render import render_all
 from kdgap.report.session import Session, driver_policy
 from kdgap.report.stages import _Stage, model_slug
-from kdgap.report.summary import SCHEMA_VERSION, build_summary, model_entry
+from kdgap.report.summary import build_summary, model_entry, previous_entries
 
 #: kdgap's version, part of every stage's cache key.
 _VERSION = importlib.metadata.version("kdgap")
@@ -62,7 +63,9 @@ class AnalyzeConfig:
         driver: reference policy that builds the off-policy histories.
         hooks: hook spec recorded at every layer.
         site: where probes read the residual stream.
-        n_pairs: counterfactual pairs for the mediation analysis.
+        n_pairs: counterfactual pairs for the conclusion- and history-edit patching.
+        decomposition_steps: steps of the mediation decomposition (history -> rationale
+            -> action), which decides the verdict.
         freqbias_histories: bandits per repetition count in the frequency-bias protocol.
         seed: one seed for everything.
         device, dtype: where and how the model runs.
@@ -80,6 +83,7 @@ class AnalyzeConfig:
     hooks: str = "resid_post"
     site: str = "action"
     n_pairs: int = 32
+    decomposition_steps: int = 128
     freqbias_histories: int = 8
     seed: int = 0
     device: str = "cpu"
@@ -89,8 +93,8 @@ class AnalyzeConfig:
     rationale: str = "model"
 
     def __post_init__(self) -> None:
-        for name in ("episodes", "record_episodes", "n_pairs", "freqbias_histories",
-                     "aiw_samples"):  # fmt: skip
+        for name in ("episodes", "record_episodes", "n_pairs", "decomposition_steps",
+                     "freqbias_histories", "aiw_samples"):  # fmt: skip
             check_int(name, getattr(self, name))
         # The frequency-bias stage repeats one arm for up to horizon - 10 steps of history.
         check_int("horizon", self.horizon, minimum=10,
@@ -290,6 +294,18 @@ class Analysis:
         key = self._key("record_episodes", "horizon", "driver", "n_pairs", "seed")
         return self._stage("patching", key, compute)
 
+    def decomposition(self) -> dict:
+        """The mediation decomposition and its activation-level split
+        (:func:`~kdgap.report.mediation_stage.decomposition_stage`), which decide the verdict."""
+
+        def compute() -> dict:
+            steps, seed = self.cfg.decomposition_steps, self.cfg.seed
+            recs = self.transcripts()
+            return decomposition_stage(self.session, recs, self.bandit, n_steps=steps, seed=seed)
+
+        key = self._key("record_episodes", "horizon", "driver", "decomposition_steps", "seed")
+        return self._stage("decomposition", key, compute)
+
     def aiw(self) -> dict:
         """The Alice-in-Wonderland study (:func:`~kdgap.report.aiw.aiw_study`).
 
@@ -318,6 +334,7 @@ class Analysis:
             ("record", self.activations),
             ("probes", self.probes),
             ("patching", self.patching),
+            ("decomposition", self.decomposition),
         ]
         if self.cfg.aiw:
             steps.append(("aiw", self.aiw))
@@ -349,22 +366,6 @@ def _example_records(records: list[StepRecord]) -> list[StepRecord]:
     return sorted(parsed, key=lambda r: (-r.step, r.episode))
 
 
-def _previous_entries(path: Path, *, exclude: list[str]) -> dict:
-    """The entries of models analysed into this folder before (other than ``exclude``), so a
-    second ``analyze`` into one folder adds its models to the summary and the report."""
-    if not path.exists():
-        return {}
-    try:
-        old = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(
-            f"{path} is not valid JSON ({err}); delete it to start the folder's summary anew."
-        ) from err
-    if old.get("schema_version") != SCHEMA_VERSION:  # an older layout: start anew
-        return {}
-    return {m: e for m, e in old.get("models", {}).items() if m not in exclude}
-
-
 def analyze(
     models: list[str],
     out: str | Path,
@@ -380,7 +381,7 @@ def analyze(
     if out.exists() and not out.is_dir():
         raise ValueError(f"out={str(out)!r} is a file; pass a folder (created if missing).")
     analyses = [Analysis(m, out, cfg, force=force) for m in models]  # specs checked first
-    entries = _previous_entries(out / "summary.json", exclude=models)
+    entries = previous_entries(out / "summary.json", exclude=models)
     entries.update({a.spec: a.run(progress) for a in analyses})
     summary = build_summary(entries, cfg)
     atomic_write_json(out / "summary.json", summary)

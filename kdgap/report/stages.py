@@ -18,7 +18,7 @@ from pathlib import Path
 
 from kdgap.io import atomic_write_json
 
-STAGES = ("behavior", "baselines", "freqbias", "record", "probes", "patching")
+STAGES = ("behavior", "baselines", "freqbias", "record", "probes", "patching", "decomposition")
 
 
 def model_slug(model: str) -> str:

@@ -12,15 +12,17 @@ produce is written as null, so every summary has the same keys.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import platform
 from collections.abc import Mapping
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from kdgap.report.verdict import RULE, verdict
 
 SCHEMA = "kdgap.summary"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BEHAVIOR_KEYS = (
     "rationale_correct", "action_follows_rationale", "invalid_rate", "counterfactual_flip_rate",
     "action_coverage", "cumulative_regret", "suffix_failure_rate", "action_matches", "kd_matrix",
@@ -44,6 +46,12 @@ PATCHING_KEYS = (
 HEATMAP_KEYS = (
     "values", "tokens", "edited_tokens", "ld_clean", "ld_corrupt", "arms", "layers", "definition",
 )  # fmt: skip
+DECOMPOSITION_KEYS = (
+    "indirect_share", "indirect_share_ci", "reading_share", "reading_share_ci", "n_steps",
+    "n_steps_unchanged", "n_units", "effects", "definition", "planted", "unavailable",
+)  # fmt: skip
+STEP_KEYS = ("episode", "step", "reads")
+BATTERY_KEYS = ("early_answering", "filler", "mistakes", "n_steps", "definition", "unavailable")
 AIW_KEYS = ("summary", "config")
 VERSIONED_PACKAGES = (
     "kdgap", "torch", "transformer-lens", "transformers", "scikit-learn", "numpy",
@@ -63,6 +71,26 @@ def _aiw(result: Any) -> dict[str, Any] | None:
     return _pick(result, AIW_KEYS)
 
 
+def _decomposition(result: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The decomposition's numbers, per-step answers and activation split (the texts of
+    every step stay in its stage file)."""
+    result = result or {"unavailable": "decomposition: the stage did not run"}
+    out = _pick(result, DECOMPOSITION_KEYS)
+    out["steps"] = [_pick(st, STEP_KEYS) for st in result.get("steps", [])]
+    act = result.get("activation") or {}
+    via, direct = act.get("via_rationale") or {}, act.get("direct") or {}
+    out["activation"] = None if not act else {
+        "indirect_share": act.get("indirect_share"),
+        "indirect_share_ci": act.get("indirect_share_ci"), "n_units": act.get("n_units"),
+        "layers": act.get("layers"), "layer_profile": via.get("layer_profile"),
+        "layer_profile_ci": via.get("layer_profile_ci"),
+        "direct_layer_profile": direct.get("layer_profile"),
+        "direct_layer_profile_ci": direct.get("layer_profile_ci"),
+        "definition": act.get("definition"), "unavailable": act.get("unavailable"),
+    }  # fmt: skip
+    return out
+
+
 def model_entry(
     spec: str, results: Mapping[str, Any], cfg: Any, timings: Mapping[str, float]
 ) -> dict[str, Any]:
@@ -71,8 +99,8 @@ def model_entry(
     Args:
         spec: the model spec (the entry's key in ``models``).
         results: every stage's result by stage name: ``behavior``, ``baselines``,
-            ``freqbias``, ``probes``, ``patching`` (``record`` is not read) and optionally
-            ``aiw`` (None or absent when that stage did not run).
+            ``freqbias``, ``probes``, ``patching``, ``decomposition`` (``record`` is not
+            read) and optionally ``aiw`` (None or absent when that stage did not run).
         cfg: the analysis settings this model was analysed with (a dataclass, written
             under ``config``).
         timings: seconds per stage.
@@ -92,14 +120,24 @@ def model_entry(
     heat = results["patching"].get("heatmap")
     patching["heatmap"] = _pick(heat, HEATMAP_KEYS) if heat else None
     baselines = {name: _pick(res, BASELINE_KEYS) for name, res in results["baselines"].items()}
+    dec = _decomposition(results.get("decomposition"))
+    word, reason = verdict(dec["reading_share"], dec["reading_share_ci"], dec["n_steps"] or 0)
+    reason = dec["unavailable"] or reason  # the decomposition's own reason, when it has one
     return {
         "behavior": behavior,
         "baselines": baselines,
         "probes": probes,
         "patching": patching,
+        "decomposition": dec,
+        "battery": _pick(
+            (results.get("decomposition") or {}).get("battery")
+            or {"unavailable": "battery: the decomposition stage did not run it"},
+            BATTERY_KEYS,
+        ),
         "aiw": _aiw(results.get("aiw")),
         "config": asdict(cfg),
-        "verdict": verdict(behavior["counterfactual_flip_rate"], patching["mediated_fraction"]),
+        "verdict": word,
+        "verdict_reason": reason,
         "verdict_rule": RULE,
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
@@ -133,3 +171,19 @@ def build_summary(entries: Mapping[str, Mapping[str, Any]], cfg: Any) -> dict[st
         "config": asdict(cfg),
         "versions": versions(),
     }
+
+
+def previous_entries(path: Path, *, exclude: list[str]) -> dict:
+    """The entries of models analysed into this folder before (other than ``exclude``), so a
+    second ``analyze`` into one folder adds its models to the summary and the report."""
+    if not path.exists():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path} is not valid JSON ({err}); delete it to start the folder's summary anew."
+        ) from err
+    if old.get("schema_version") != SCHEMA_VERSION:  # an older layout: start anew
+        return {}
+    return {m: e for m, e in old.get("models", {}).items() if m not in exclude}

@@ -45,8 +45,10 @@ def _results(follow: bool) -> dict:
         "chance": {"knowing": 0.25, "doing": 0.3, "disagree": 0.4},
         "divergence_layer": None if follow else 2, "n_disagree": 40,
         "tracking": {"layer": 3, "tracks": "greedy_arm",
-                     "shares": {"rationale_arm": 0.1, "greedy_arm": 0.9, "frequent_arm": 0.5},
+                     "shares": {"rationale_arm": 0.1, "ucb_arm": 0.2, "greedy_arm": 0.9,
+                                "frequent_arm": 0.5},
                      "per_layer": {"rationale_arm": [0.3, 0.2, 0.1, 0.1],
+                                   "ucb_arm": [0.3, 0.2, 0.2, 0.2],
                                    "greedy_arm": [0.4, 0.6, 0.8, 0.9],
                                    "frequent_arm": [0.4, 0.5, 0.5, 0.5]},
                      "tracks_per_layer": ["greedy_arm"] * 4},
@@ -83,7 +85,52 @@ def _results(follow: bool) -> dict:
                    "action_coverage": 0.8, "cumulative_regret": 0.8, "suffix_failure_rate": 0.5},
     }  # fmt: skip
     return {"behavior": behavior, "freqbias": freqbias, "probes": probes, "patching": patching,
-            "baselines": baselines, "aiw": _aiw() if follow else None}  # fmt: skip
+            "baselines": baselines, "decomposition": _decomposition(follow),
+            "aiw": _aiw() if follow else None}  # fmt: skip
+
+
+def _decomposition(follow: bool) -> dict:
+    """A decomposition stage result as :func:`kdgap.report.decomposition.decomposition_stage`
+    writes it (20 steps, one unit each)."""
+    reads = [follow or i == 0 for i in range(20)]
+    unit = {"kind": "ucb", "arm_from": 0, "arm_to": 1, "actions": [1, 0], "rationale": "r' ",
+            "mediator_changed": True, "total_tv": 1.0, "direct_tv": 0.0 if follow else 1.0,
+            "indirect_tv": 1.0 if follow else 0.0, "total_flip": True,
+            "direct_flip": not follow, "indirect_flip": follow, "total_action": 1,
+            "direct_action": 0 if follow else 1, "indirect_action": 1 if follow else 0}  # fmt: skip
+    steps = [{"episode": i // 4, "step": 2 + i % 4, "actions": [0, 1], "rewards": [1.0, 0.0],
+              "rationale": "r ", "action": 0, "units": [unit], "reads": r}
+             for i, r in enumerate(reads)]  # fmt: skip
+    eff = {"n_units": 20, "mediator_changed": 1.0, "total_tv": 1.0, "total_flip": 1.0,
+           "direct_tv": 1.0 - follow, "direct_flip": 1.0 - follow, "indirect_tv": float(follow),
+           "indirect_flip": float(follow)}  # fmt: skip
+    via = {"layer_profile": [0.0, 0.1, 0.0, 0.0], "layer_profile_ci": [[0.0, 0.1]] * 4}
+    direct = {"layer_profile": [0.5, 0.3, 0.1, 0.0], "layer_profile_ci": [[0.3, 0.6]] * 4}
+    activation = {"unavailable": "activation split: no unit's direct effect ..."} if follow else {
+        "indirect_share": 0.05, "indirect_share_ci": [0.0, 0.1], "via_rationale": via,
+        "direct": direct, "n_units": 20, "layers": L, "definition": "path patch ...",
+    }  # fmt: skip
+    share = sum(reads) / len(reads)
+    return {
+        "indirect_share": float(follow), "indirect_share_ci": [0.95, 1.0] if follow else [0, 0.05],
+        "reading_share": share, "reading_share_ci": [0.9, 1.0] if follow else [0.0, 0.1],
+        "n_steps": 20, "n_steps_unchanged": 1, "n_units": 20,
+        "effects": {k: eff for k in ("ucb", "greedy", "frequent", "all")}, "steps": steps,
+        "definition": "TE, NDE, NIE ...", "activation": activation,
+        "battery": {
+            "early_answering": {"fractions": [0.0, 0.25, 0.5, 0.75, 1.0],
+                                "same_action": [0.2, 0.2, 0.3, 0.3, 1.0] if follow else [1.0] * 5,
+                                "area": 0.6 if follow else 0.0},
+            "filler": {"same_action": 0.2 if follow else 1.0},
+            "mistakes": {"conclusion": {"changed": float(follow), "follows_edit": float(follow),
+                                        "n": 20},
+                         "statistics": {"changed": 0.0, "n": 20}},
+            "n_steps": 20, "definition": "early answering ...",
+        },
+        "planted": {"mechanism": "faithful" if follow else "greedy-bypass",
+                    "reading_share": float(follow), "agreement": 0.95,
+                    "verdict": "rationale-mediated" if follow else "bypass"},
+    }  # fmt: skip
 
 
 def _aiw() -> dict:

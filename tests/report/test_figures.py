@@ -76,9 +76,22 @@ def test_heatmap_checks_token_count(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "f, m, expected",
-    [(0.99, 0.9, "rationale-mediated"), (0.01, 0.05, "bypass"), (0.9, 0.1, "mixed"),
-     (None, 0.1, "bypass"), (None, None, "mixed"), (0.5, 0.5, "mixed")],
+    "share, ci, n, expected",
+    [(0.95, (0.9, 1.0), 64, "rationale-mediated"), (0.02, (0.0, 0.1), 64, "bypass"),
+     (0.5, (0.4, 0.6), 64, "mixed"), (0.12, (0.05, 0.2), 64, "undetermined"),
+     (0.85, (0.8, 0.9), 64, "undetermined"), (0.95, (0.9, 1.0), 8, "undetermined"),
+     (None, None, 0, "undetermined"), (0.85, (0.85, 0.95), 64, "rationale-mediated"),
+     (0.1, (0.02, 0.1), 64, "bypass")],
 )  # fmt: skip
-def test_verdict_rule(f, m, expected):
-    assert verdict(f, m) == expected
+def test_verdict_rule(share, ci, n, expected):
+    """The interval decides: a region only when it lies wholly inside it (boundaries belong
+    to the outer regions, as the rule says); otherwise undetermined with a reason."""
+    word, reason = verdict(share, ci, n)
+    assert word == expected
+    assert (reason is None) == (expected != "undetermined")
+
+
+def test_verdict_reason_names_the_boundary_and_the_step_count():
+    assert "boundary 0.1;" in verdict(0.12, (0.05, 0.2), 64)[1]
+    assert "boundary 0.85;" in verdict(0.85, (0.8, 0.9), 64)[1]
+    assert "8 analysed steps" in verdict(0.9, (0.9, 1.0), 8)[1]

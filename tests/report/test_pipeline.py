@@ -11,8 +11,11 @@ from kdgap.report import pipeline
 from kdgap.report.aiw import PROMPT_TYPES, VARIATIONS, AiwResult, score_completion, summarise
 from kdgap.report.pipeline import Analysis, AnalyzeConfig, analyze
 from kdgap.report.stages import STAGES, model_slug
+from kdgap.report.summary import SCHEMA_VERSION
+from kdgap.report.verdict import verdict
 
-CFG = AnalyzeConfig(episodes=2, record_episodes=8, n_pairs=4, freqbias_histories=1)
+CFG = AnalyzeConfig(episodes=2, record_episodes=8, n_pairs=4, freqbias_histories=1,
+                    decomposition_steps=48)  # fmt: skip
 SLUG = model_slug("organism:faithful")
 
 
@@ -33,9 +36,14 @@ def _measured(entry: dict) -> dict:
 
 def test_summary_schema_and_faithful_verdict(finished):
     out, summary = finished
-    assert summary["schema_version"] == 2
+    assert summary["schema_version"] == SCHEMA_VERSION
     entry = summary["models"]["organism:faithful"]
-    assert entry["verdict"] == "rationale-mediated"
+    dec = entry["decomposition"]
+    # The verdict is the rule applied to the decomposition, and matches the planted answer.
+    assert (entry["verdict"], entry["verdict_reason"]) == verdict(
+        dec["reading_share"], dec["reading_share_ci"], dec["n_steps"]
+    )
+    assert entry["verdict"] == dec["planted"]["verdict"] == "rationale-mediated"
     assert set(entry["timings"]) == set(STAGES)
     assert json.loads((out / "summary.json").read_text()) == summary
     assert (out / "report.html").is_file()

@@ -14,7 +14,8 @@ from kdgap.organisms.registry import resolve_organism
 from kdgap.report.pipeline import Analysis, AnalyzeConfig, analyze
 from kdgap.report.stages import STAGES, model_slug
 
-CFG = AnalyzeConfig(episodes=2, horizon=12, record_episodes=6, n_pairs=4, freqbias_histories=1)
+CFG = AnalyzeConfig(episodes=2, horizon=12, record_episodes=6, n_pairs=4, freqbias_histories=1,
+                    decomposition_steps=16)  # fmt: skip
 
 
 def test_distinct_specs_get_distinct_readable_folders():
@@ -53,6 +54,8 @@ def test_a_changed_setting_reruns_exactly_the_stages_that_depend_on_it(organism_
     assert _run(spec, out, CFG) == set(STAGES)
     assert _run(spec, out, CFG) == set()  # all cached
     assert _run(spec, out, replace(CFG, n_pairs=5)) == {"patching"}
+    assert _run(spec, out, replace(CFG, n_pairs=5, decomposition_steps=12)) == {"decomposition"}
+    assert _run(spec, out, replace(CFG, n_pairs=5)) == {"decomposition"}  # its own key again
     acts = out / "models" / model_slug(spec) / "acts"
     (first,) = acts.iterdir()
     assert _run(spec, out, replace(CFG, n_pairs=5, dtype="bfloat16")) == set(STAGES)
