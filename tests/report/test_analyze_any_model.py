@@ -24,7 +24,8 @@ from kdgap.report.session import Session
 # Arms spelled as single tokens right after "ACTION=" (a logit difference needs them).
 ARM_LINES = ["red green blue yellow orange ACTION=red ACTION=green ACTION=blue "
              "ACTION=yellow ACTION=orange"] * 50  # fmt: skip
-SMALL = dict(episodes=2, horizon=12, record_episodes=8, n_pairs=8, freqbias_histories=2)
+SMALL = dict(episodes=2, horizon=12, record_episodes=8, n_pairs=8, freqbias_histories=2,
+             decomposition_steps=12)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,11 @@ def test_scripted_rationale_gives_every_measurement(scripted, chat_llama):
     assert len(pt["layer_profile"]) == 2 and pt["mediated_fraction"] == pt["mediated_fraction"]
     # The pairs were chat-templated as the agent played: the heatmap's tokens show it.
     assert pt["heatmap"] is not None and "<bos>" in pt["heatmap"]["tokens"][0]
+    # kdgap's rationale under each edited history is written too, so the decomposition and
+    # the battery run on a model that writes no usable rationale of its own.
+    dec, battery = entry["decomposition"], entry["battery"]
+    assert dec["unavailable"] is None and dec["n_steps"] >= 1 and dec["planted"] is None
+    assert 0.0 <= dec["reading_share"] <= 1.0 and battery["n_steps"] >= 1
     assert (out / "report.html").exists()
 
 
@@ -147,7 +153,7 @@ def test_latent_knowledge_is_measured_without_a_rationale_and_finds_a_planted_ar
     # (its rationale is right on ~92% of steps), so the UCB arm is decodable at the action
     # site well above chance at its best layer.
     cfg = AnalyzeConfig(episodes=2, horizon=20, record_episodes=24, n_pairs=4,
-                        freqbias_histories=1)  # fmt: skip
+                        freqbias_histories=1, decomposition_steps=16)  # fmt: skip
     entry = analyze(["organism:faithful"], tmp_path, cfg, progress=False)["models"][
         "organism:faithful"
     ]
