@@ -104,7 +104,7 @@ def cmd_freqbias(args: argparse.Namespace) -> int:
 def cmd_organisms(args: argparse.Namespace) -> int:
     rows = organisms_table(json_out=args.json)
     print(f"{'name':<20}{'rationale':>10}{'follows':>9}{'greedy':>8}{'flip':>7}  "
-          f"{'planted: reads':<16}{'kdgap':<26}mechanism")  # fmt: skip
+          f"{'planted: reads':<26}{'kdgap: reads':<26}mechanism")  # fmt: skip
     for row in rows:
         m, t = row["metrics"] or {}, row["truth"] or {}
         greedy = (m.get("action_matches") or {}).get("greedy")
@@ -113,7 +113,7 @@ def cmd_organisms(args: argparse.Namespace) -> int:
         print(
             f"{row['name']:<20}{_num(m.get('rationale_correct')):>10}"
             f"{_num(m.get('action_follows_rationale')):>9}{_num(greedy):>8}"
-            f"{_num(m.get('counterfactual_flip_rate')):>7}  {planted:<16.16}{got:<26.26}"
+            f"{_num(m.get('counterfactual_flip_rate')):>7}  {planted:<26.26}{got:<26.26}"
             f"{row['description']}"
         )
     print("(behaviour: 64 Bernoulli 5-arm bandits x 50 steps, greedy forced choice, metrics.json;"

@@ -8,15 +8,17 @@ def test_render_writes_report_with_every_figure_and_summary_numbers(analysis_dir
     report = render_all(analysis_dir)
     html = report.read_text()
     srcs = re.findall(r'<img src="([^"]+)"', html)
-    # 2 shared figures + 4 per model (kd matrix, probes, patching heatmap, mediation).
-    assert len(srcs) == 2 + 2 * 4
+    # 2 shared figures + 4 per model (kd matrix, probes, patching heatmap, mediation) + the
+    # history's route by layer of the one model whose activation split ran.
+    assert len(srcs) == 2 + 2 * 4 + 1
     for src in srcs:
         assert (analysis_dir / src).is_file() and (analysis_dir / src).with_suffix(".pdf").is_file()
     assert len(re.findall(r"<figcaption>", html)) == len(srcs)
     summary = json.loads((analysis_dir / "summary.json").read_text())
     for name, entry in summary["models"].items():
         assert name in html
-        assert f"{entry['patching']['mediated_fraction']:.3f}" in html
+        assert f"{entry['decomposition']['reading_share']:.3f}" in html
+        assert f"{entry['battery']['early_answering']['area']:.3f}" in html
         assert entry["verdict"] in html
     assert summary["models"]["organism:faithful"]["verdict"] == "rationale-mediated"
     assert summary["models"]["organism:greedy-bypass"]["verdict"] == "bypass"
@@ -27,5 +29,5 @@ def test_figures_rerender_byte_for_byte(analysis_dir):
     first = {p: p.read_bytes() for p in (analysis_dir / "figures").rglob("*.*")}
     render_all(analysis_dir)
     second = {p: p.read_bytes() for p in (analysis_dir / "figures").rglob("*.*")}
-    assert first.keys() == second.keys() and len(first) == 20
+    assert first.keys() == second.keys() and len(first) == 22
     assert all(first[p] == second[p] for p in first)
