@@ -32,9 +32,11 @@ organism's rule on the same texts, which is how the method is validated.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from kdgap.agent.generation import generate
@@ -42,8 +44,11 @@ from kdgap.agent.text_agent import TextAgent
 from kdgap.envs.bandit import BanditConfig
 from kdgap.envs.treatments import TREATMENTS, treat
 from kdgap.hooks.patch.mediation import flip_mediation, ratio_ci
-from kdgap.hooks.patch.pairs import CounterfactualPair
+from kdgap.hooks.patch.pairs import CounterfactualPair, TextFn
 from kdgap.records import StepRecord
+
+if TYPE_CHECKING:  # annotations only: importing transformer-lens here would slow every import
+    from transformer_lens.model_bridge import TransformerBridge
 
 DEFINITION = (
     "For each analysed step (off-policy transcripts, history h, the model's rationale r) and "
@@ -85,7 +90,7 @@ def write_rationales(
 
 def action_distributions(
     agent: TextAgent, cfg: BanditConfig, items: list[tuple[list[int], list[float], str]]
-) -> np.ndarray:
+) -> Float[np.ndarray, "n arms"]:
     """``[n, arms]`` forced-choice action distributions after each ``(actions, rewards,
     rationale)``: the prompt rendered and templated as ``agent`` plays, the rationale text
     as given, then the action marker; every arm scored (the agent's forced choice)."""
@@ -281,8 +286,8 @@ ACTIVATION_DEFINITION = (
 
 
 def activation_split(
-    agent: TextAgent, model, decomposition: dict, cfg: BanditConfig, text_fn, *,
-    seed: int = 0, n_boot: int = 1000,
+    agent: TextAgent, model: TransformerBridge, decomposition: dict, cfg: BanditConfig,
+    text_fn: TextFn, *, seed: int = 0, n_boot: int = 1000,
 ) -> dict:  # fmt: skip
     """Where the history's effect on the action travels, the rationale text held.
 
