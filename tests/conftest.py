@@ -21,7 +21,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-ARCHS = ("gpt2", "llama", "qwen2")
+ARCHS = ("gpt2", "llama", "qwen2", "gemma2", "gemma3", "qwen3", "mistral", "phi3")
+#: Sliding-window length of the tiny Gemma / Mistral / Phi-3 models: shorter than the
+#: tests' prompts, so tokens outside the window are really masked.
+SLIDING_WINDOW = 8
 CHAT_TEMPLATE = (
     "{% for m in messages %}<bos>{{ m['role'] }}: {{ m['content'] }}<eos>{% endfor %}"
     "{% if add_generation_prompt %}<bos>assistant:{% endif %}"
@@ -126,21 +129,42 @@ def tiny_hf_bridge(tiny_hf_dir):
 
 
 def _arch_config(arch: str, tok):
-    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+    """A tiny random config of ``arch`` (2 layers, width 32, 4 heads of 8; 2 KV heads where
+    the architecture has grouped queries), with each architecture's own features switched
+    on: Gemma-2's attention and final logit soft-capping, sliding windows (small, so the
+    tests' prompts are longer than them), Gemma's scaled embeddings, Qwen-3's q/k norms."""
+    import transformers as tf
 
     ids = dict(
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )  # fmt: skip
     if arch == "gpt2":
-        return GPT2Config(vocab_size=len(tok), n_positions=1024, n_embd=32, n_layer=2,
-                          n_head=4, initializer_range=0.3, **ids)  # fmt: skip
-    cls = LlamaConfig if arch == "llama" else Qwen2Config
-    return cls(
+        return tf.GPT2Config(vocab_size=len(tok), n_positions=1024, n_embd=32, n_layer=2,
+                             n_head=4, initializer_range=0.3, **ids)  # fmt: skip
+    common = dict(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        initializer_range=0.3, tie_word_embeddings=arch == "qwen2", **ids,
+        initializer_range=0.3, **ids,
     )  # fmt: skip
+    if arch in ("llama", "qwen2"):
+        cls = tf.LlamaConfig if arch == "llama" else tf.Qwen2Config
+        return cls(tie_word_embeddings=arch == "qwen2", **common)
+    window = dict(sliding_window=SLIDING_WINDOW)
+    gemma = dict(head_dim=8, query_pre_attn_scalar=8, tie_word_embeddings=True,
+                 layer_types=["sliding_attention", "full_attention"], **window)  # fmt: skip
+    if arch == "gemma2":
+        return tf.Gemma2Config(attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                               **gemma, **common)  # fmt: skip
+    if arch == "gemma3":
+        return tf.Gemma3TextConfig(**gemma, **common)
+    if arch == "qwen3":
+        return tf.Qwen3Config(head_dim=8, tie_word_embeddings=True, **common)
+    if arch == "mistral":
+        return tf.MistralConfig(head_dim=8, **window, **common)
+    if arch == "phi3":
+        return tf.Phi3Config(**window, **common)
+    raise ValueError(f"arch={arch!r} is not one of {ARCHS}")
 
 
 def _save_and_load(tmp_path_factory, tokenizer_dir, *, prefix: str, seed: int,

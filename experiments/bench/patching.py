@@ -26,7 +26,11 @@ those of the first pair type, ``conclusion`` on an organism, and say so in
   default, ``skip_identical=True``: a cell whose source activation equals the base's bit for
   bit, e.g. every position before the first edited token, takes the base metric without a
   forward; exact). ``max_abs_diff``: the two sweeps' largest per-prompt difference.
+  Both run kdgap's default engine (``engine="auto"``: the native suffix engine on an
+  organism, :mod:`kdgap.hooks.patch.suffix`).
 - ``speedup_no_skip``: the same with ``skip_identical=False`` (every cell recomputed).
+- ``speedup_bridge_engine``: the same with ``engine="bridge"`` (batched hooked forwards of
+  the whole prompt through the TransformerBridge), to show what the engine contributes.
 - ``attribution_speedup``: exact patching / attribution patching of *the same cells*: every
   layer x position of ``resid_pre``, ``attn_out`` and ``mlp_out``, noising, all prompts.
   Exact = three ``patch_sweep`` calls with kdgap's default ``skip_identical=True``;
@@ -44,6 +48,8 @@ add up to ``--repeat-budget`` seconds), after one warm-up of every method on a s
 other processes on a shared host do not inflate (with several threads it sums them, so a
 ratio compares work, not latency; ``setup.threads`` says how many); ``wall`` (default on
 CUDA, where CPU time means nothing) is elapsed time with the device synchronised.
+``--threads`` (default 1 on CPU) sets torch's intra-op threads: with more threads than free
+cores, OpenMP's spinning workers add CPU time that is neither method's work.
 """
 
 from __future__ import annotations
@@ -176,6 +182,9 @@ def bench_pairs(model, clean, corrupt, metric, args) -> dict:
     t_no_skip, no_skip = run(
         lambda: patch_sweep(model, clean, corrupt, metric, memory_mb=mem, skip_identical=False)
     )
+    t_bridge, bridge = run(
+        lambda: patch_sweep(model, clean, corrupt, metric, memory_mb=mem, engine="bridge")
+    )
     _, cache = model.run_with_cache(clean)
     t_tl, ref = run(
         lambda: tlp.get_act_patch_resid_pre(
@@ -209,8 +218,10 @@ def bench_pairs(model, clean, corrupt, metric, args) -> dict:
     return {
         "speedup_vs_transformer_lens": t_tl / t_ours,
         "speedup_no_skip": t_tl / t_no_skip,
+        "speedup_bridge_engine": t_tl / t_bridge,
         "max_abs_diff": max_abs_diff,
         "max_abs_diff_no_skip": float((no_skip.values - ref.cpu()).abs().max()),
+        "max_abs_diff_bridge_engine": float((bridge.values - ref.cpu()).abs().max()),
         "attribution_speedup": t_exact / t_attr,
         "attribution_speedup_vs_exact_no_skip": t_exact_ns / t_attr,
         "attribution_spearman": float(spearmanr(est.numpy(), tru.numpy()).statistic),
@@ -227,6 +238,7 @@ def bench_pairs(model, clean, corrupt, metric, args) -> dict:
         "seconds": {
             "kdgap_resid_pre": t_ours,
             "kdgap_resid_pre_no_skip": t_no_skip,
+            "kdgap_resid_pre_bridge_engine": t_bridge,
             "transformer_lens_resid_pre": t_tl,
             "kdgap_exact_3_sites": t_exact,
             "kdgap_exact_3_sites_no_skip": t_exact_ns,
@@ -264,7 +276,15 @@ def main(argv=None) -> dict:
         default=None,
         help="what a time is: process CPU time or wall time (default: cpu on CPU, else wall)",
     )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: 1 on CPU, torch's own on CUDA)",
+    )
     args = ap.parse_args(argv)
+    if args.threads is not None or args.device == "cpu":
+        torch.set_num_threads(args.threads or 1)
     args.clock = args.clock or ("cpu" if args.device == "cpu" else "wall")
 
     if args.organism:

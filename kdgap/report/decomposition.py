@@ -274,27 +274,75 @@ def _effects(units: list[dict]) -> dict:
 
 # ---------------------------------------------------------------------- activation level
 ACTIVATION_DEFINITION = (
-    "Units of the decomposition whose direct effect moves the chosen arm (history edited, "
-    "rationale text held: p(h', r) vs p(h, r)). Metric LD = logit[clean action] - "
-    "logit[action under (h', r)] at the action position; full flip = 2*LD_clean. Noising "
-    "path patch of the clean run: the action position reads the edited run's keys/values "
-    "at the rationale positions (via_rationale: the route through the rationale's residual "
-    "streams) or at the history positions (direct: the action's own reads of the history), "
-    "at every layer or one layer at a time. indirect_share = via_rationale path effect / "
-    "total effect over units whose total effect is at least a quarter of a full flip."
+    "Two localisations by noising path patching of a clean run (metric LD = logit[clean "
+    "action] - logit[arm b] at the action position; full flip = 2*LD_clean; profiles are "
+    "path effects at one layer at a time over the full flip, with episode-bootstrap "
+    "intervals). read: units whose rationale text changed (history held, the rationale "
+    "written under the edited history: p(h, r') vs p(h, r)), arm b = the action under "
+    "(h, r') where it differs from the clean action, else the arm r' concludes with; the "
+    "action position reads the edited run's keys/values at the rationale positions: "
+    "read_layer_profile says at which layers the indirect effect enters the action (flat "
+    "near 0 when the action does not read its rationale). split: units whose direct effect "
+    "moves the chosen arm (history edited, rationale text held: p(h', r) vs p(h, r)), arm b "
+    "= the action under (h', r); the action position reads the edited run's keys/values at "
+    "the rationale positions (via_rationale: the route through the rationale's residual "
+    "streams) or at the history positions (direct: the action's own reads of the history). "
+    "indirect_share = via_rationale path effect / total effect over split units whose total "
+    "effect is at least a quarter of a full flip."
 )
+
+
+def _route_pairs(
+    agent: TextAgent, decomposition: dict, cfg: BanditConfig, text_fn: TextFn, route: str
+) -> tuple[list[CounterfactualPair], list[int]]:
+    """The equal-token-count path-patching pairs of one route (``"read"`` or ``"split"``,
+    see :data:`ACTIVATION_DEFINITION`) and their episodes (bootstrap clusters)."""
+    fmt, names, tok = agent.fmt, tuple(cfg.arm_names), agent.tokenizer
+    pairs, episodes = [], []
+    for st in decomposition["steps"]:
+        prompt = fmt.render_prompt(cfg, st["actions"], st["rewards"])
+        head = text_fn(prompt, "")
+        clean = text_fn(prompt, st["rationale"]) + fmt.action_marker
+        for u in st["units"]:
+            if route == "split":
+                if not u["direct_flip"]:
+                    continue
+                edited = fmt.render_prompt(cfg, u["actions"], st["rewards"])
+                corrupt = text_fn(edited, st["rationale"]) + fmt.action_marker
+                arm_b = u["direct_action"]
+            else:
+                if not u["mediator_changed"]:
+                    continue
+                corrupt = text_fn(prompt, u["rationale"]) + fmt.action_marker
+                arm_b = u["indirect_action"]
+                if arm_b == st["action"]:  # not moved: toward the arm r' concludes with
+                    arm_b = fmt.parse_rationale(u["rationale"], names)
+                if arm_b is None or arm_b == st["action"]:
+                    continue
+            ids = tok([clean, corrupt], add_special_tokens=False)["input_ids"]
+            if len(ids[0]) != len(ids[1]):
+                continue  # path patching aligns positions: equal token counts only
+            rat_chars = (len(head), len(head) + len(st["rationale"]))
+            pairs.append(CounterfactualPair(
+                "history", clean, corrupt, st["action"], int(arm_b), names, (0, len(head)),
+                rat_chars,
+            ))  # fmt: skip
+            episodes.append(st["episode"])
+    return pairs, episodes
 
 
 def activation_split(
     agent: TextAgent, model: TransformerBridge, decomposition: dict, cfg: BanditConfig,
     text_fn: TextFn, *, seed: int = 0, n_boot: int = 1000,
 ) -> dict:  # fmt: skip
-    """Where the history's effect on the action travels, the rationale text held.
+    """Where the decomposition's effects enter the action, layer by layer.
 
-    For the units of :func:`decompose` whose direct effect changes the chosen arm, path
-    patching (:func:`~kdgap.hooks.patch.mediation.flip_mediation`) splits the edit's effect
-    into the route through the rationale positions and the action's direct reads of the
-    history, per layer (see :data:`ACTIVATION_DEFINITION`).
+    Path patching (:func:`~kdgap.hooks.patch.mediation.flip_mediation`) localises, on the
+    units of :func:`decompose` (see :data:`ACTIVATION_DEFINITION`): ``read``, the layers at
+    which a changed rationale reaches the action (the indirect effect's layer profile, for
+    every model whose rationale changed under the edits); ``split``, for units whose direct
+    effect moves the action, the history's effect through the rationale positions vs the
+    action's own reads of the history, per layer.
 
     Args:
         agent: the model's agent (format, arm tokens); model: its bridge (eval mode).
@@ -304,45 +352,45 @@ def activation_split(
         seed, n_boot: bootstrap settings.
 
     Returns:
-        JSON-ready dict: ``indirect_share`` (+ ``_ci``), ``via_rationale`` and ``direct``
-        (the :func:`~kdgap.hooks.patch.mediation.flip_mediation` results: ``fraction``,
-        ``total_fraction``, ``layer_profile`` (+ ``_ci``) ...), ``n_units``, ``definition``;
-        or ``{"unavailable": reason}`` when no unit's direct effect moves the action, or
-        no pair keeps its token count.
+        JSON-ready dict: ``read`` (the ``flip_mediation`` result, ``fraction``,
+        ``layer_profile`` (+ ``_ci``) ...) and ``n_read_units``; ``indirect_share`` (+
+        ``_ci``), ``via_rationale`` and ``direct`` (``flip_mediation`` results) and
+        ``n_units``; ``layers``, ``definition``. A route with nothing to localise gives
+        ``read_unavailable`` / ``split_unavailable`` (its reason) instead; with neither,
+        ``{"unavailable": reason}``.
     """
-    fmt, names, tok = agent.fmt, tuple(cfg.arm_names), agent.tokenizer
-    pairs, episodes = [], []
-    for st in decomposition["steps"]:
-        for u in st["units"]:
-            if not u["direct_flip"]:
-                continue
-            prompt = fmt.render_prompt(cfg, st["actions"], st["rewards"])
-            edited = fmt.render_prompt(cfg, u["actions"], st["rewards"])
-            head = text_fn(prompt, "")
-            clean = text_fn(prompt, st["rationale"]) + fmt.action_marker
-            corrupt = text_fn(edited, st["rationale"]) + fmt.action_marker
-            rat_chars = (len(head), len(head) + len(st["rationale"]))
-            pair = CounterfactualPair(
-                "history", clean, corrupt, st["action"], u["direct_action"], names,
-                (0, len(head)), rat_chars,
-            )  # fmt: skip
-            ids = tok([clean, corrupt], add_special_tokens=False)["input_ids"]
-            if len(ids[0]) == len(ids[1]):
-                pairs.append(pair)
-                episodes.append(st["episode"])
-    if not pairs:
-        return {"unavailable": (
-            "activation split: no unit's direct effect (history edited, rationale held) moves "
-            "the chosen arm with equal token counts, so there is no effect to localise."
-        )}  # fmt: skip
-    kw = dict(episodes=episodes, n_boot=n_boot, seed=seed)
+    fmt, tok = agent.fmt, agent.tokenizer
+    kw = dict(n_boot=n_boot, seed=seed)
+    out: dict = {"layers": list(range(int(model.cfg.n_layers))),
+                 "definition": ACTIVATION_DEFINITION}  # fmt: skip
+    pairs, episodes = _route_pairs(agent, decomposition, cfg, text_fn, "read")
     try:
-        via = flip_mediation(model, pairs, tok, fmt, senders="rationale", **kw)
-        direct = flip_mediation(model, pairs, tok, fmt, senders="history", **kw)
+        if not pairs:
+            raise ValueError(
+                "no unit's rationale changed toward another arm with equal token counts"
+            )
+        read = flip_mediation(model, pairs, tok, fmt, senders="rationale", episodes=episodes,
+                              **kw)  # fmt: skip
+        out.update(read=read, n_read_units=len(pairs))
     except ValueError as err:
-        return {"unavailable": f"activation split: {err}"}
-    return {
-        "indirect_share": via["path_over_total"], "indirect_share_ci": via["path_over_total_ci"],
-        "via_rationale": via, "direct": direct, "n_units": len(pairs),
-        "layers": list(range(int(model.cfg.n_layers))), "definition": ACTIVATION_DEFINITION,
-    }  # fmt: skip
+        out["read_unavailable"] = f"activation read profile: {err}"
+    pairs, episodes = _route_pairs(agent, decomposition, cfg, text_fn, "split")
+    try:
+        if not pairs:
+            raise ValueError(
+                "no unit's direct effect (history edited, rationale held) moves the chosen "
+                "arm with equal token counts, so there is no direct route to separate"
+            )
+        via = flip_mediation(model, pairs, tok, fmt, senders="rationale", episodes=episodes,
+                             **kw)  # fmt: skip
+        direct = flip_mediation(model, pairs, tok, fmt, senders="history", episodes=episodes,
+                                **kw)  # fmt: skip
+        out.update(
+            indirect_share=via["path_over_total"], indirect_share_ci=via["path_over_total_ci"],
+            via_rationale=via, direct=direct, n_units=len(pairs),
+        )  # fmt: skip
+    except ValueError as err:
+        out["split_unavailable"] = f"activation split: {err}"
+    if "read" not in out and "via_rationale" not in out:
+        return {"unavailable": f"{out['read_unavailable']}; {out['split_unavailable']}."}
+    return out

@@ -31,12 +31,14 @@ CAPTIONS = {
     "position's attention to the rationale tokens (path patching of keys and values seen "
     "by the action position only), one layer at a time, with 95% bootstrap intervals over "
     "pairs; the title gives all layers together.",
-    "indirect": "Where the history's effect on the action travels, the rationale text held: "
-    "an edited history (two arms exchanged) is read by the action position either through "
-    "the rationale positions (hatched: path patching of the keys and values the action "
-    "position reads there) or directly at the history positions (white), one layer at a "
-    "time, as a share of a full flip, with 95% bootstrap intervals over episodes; the title "
-    "gives the share through the rationale over all layers.",
+    "indirect": "Where the mediation decomposition's effects enter the action, layer by "
+    "layer (path patching of the keys and values the action position reads; shares of a "
+    "full flip with 95% bootstrap intervals over episodes). Left: the indirect effect, the "
+    "history held and the rationale replaced by the one written under an edited history: "
+    "the layers at which the action reads it (flat near 0 when it does not). Right, where "
+    "the history's direct effect moves the action: an edited history, the rationale text "
+    "held, read through the rationale positions (hatched) or directly at the history "
+    "positions (white).",
     "kd_matrix": "Knowing-doing matrix: share of all steps by rationale correctness and action "
     "class (optimal wins ties with greedy). The seed paper's Gemma2 27B values are shown in "
     "brackets.",
@@ -154,36 +156,55 @@ def mediation_profile(data: Mapping, stem: str | Path, *, title: str = "") -> li
 
 
 def indirect_profile(data: Mapping, stem: str | Path, *, title: str = "") -> list[Path]:
-    """Per layer, the history edit's effect (rationale text held) through the rationale
-    positions and through the action's direct reads of the history, with intervals.
+    """Per layer, where the rationale reaches the action (the indirect effect's layer
+    profile) and, where the history's direct effect moves the action, that effect through
+    the rationale positions vs the action's own reads of the history; with intervals.
 
     Args:
-        data: the summary's ``decomposition.activation``: ``layers``, ``layer_profile``
-            (+ ``_ci``), ``direct_layer_profile`` (+ ``_ci``), ``indirect_share`` (+ ``_ci``).
+        data: the summary's ``decomposition.activation``: ``layers``, ``read_layer_profile``
+            (+ ``_ci``), ``read_fraction`` (+ ``_ci``), ``layer_profile`` (+ ``_ci``),
+            ``direct_layer_profile`` (+ ``_ci``), ``indirect_share`` (+ ``_ci``); a panel
+            whose profile is None is left out.
     """
     layers = np.asarray(data["layers"])
+    panels = [
+        p
+        for p in ("read", "split")
+        if data.get("read_layer_profile" if p == "read" else "layer_profile") is not None
+    ]
+    if not panels:
+        raise ValueError("data has neither read_layer_profile nor layer_profile to plot.")
     with paper_style():
-        fig, ax = plt.subplots(figsize=(3.8, 2.6))
-        series = (("layer_profile", "via rationale", "//", -0.18),
-                  ("direct_layer_profile", "direct (history)", "", 0.18))  # fmt: skip
-        for key, label, hatch, dx in series:
-            prof = np.asarray(data[key], dtype=float)
-            ci = np.asarray(data[f"{key}_ci"], dtype=float)
-            face = "0.55" if hatch else "white"
-            ax.bar(layers + dx, prof, width=0.36, color=face, edgecolor="black", hatch=hatch,
-                   label=label)  # fmt: skip
-            yerr = np.clip([prof - ci[:, 0], ci[:, 1] - prof], 0, None)
-            ax.errorbar(layers + dx, prof, yerr=yerr, fmt="none", ecolor="black", capsize=2)
-        share, ci = data.get("indirect_share"), data.get("indirect_share_ci")
-        sub = "indirect share: n/a" if share is None else (
-            f"indirect share: {share:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
-        )  # fmt: skip
-        ax.set_title(f"{title}\n{sub}")
-        ax.set_xlabel("layer")
-        ax.set_ylabel("share of a full flip")
-        ax.set_xticks(layers)
-        ax.axhline(0, color="black", linewidth=0.8)
-        ax.legend(frameon=False, fontsize=7)
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 2.6), squeeze=False)
+        for ax, panel in zip(axes[0], panels):
+            if panel == "read":
+                series = (("read_layer_profile", "rationale -> action", "", 0.0, 0.6),)
+                share, ci, name = (data.get("read_fraction"), data.get("read_fraction_ci"),
+                                   "indirect effect read, all layers")  # fmt: skip
+                ax.set_ylabel("share of a full flip")
+            else:
+                series = (
+                    ("layer_profile", "via rationale", "//", -0.18, 0.36),
+                    ("direct_layer_profile", "direct (history)", "", 0.18, 0.36),
+                )
+                share, ci, name = (data.get("indirect_share"), data.get("indirect_share_ci"),
+                                   "history edit: indirect share")  # fmt: skip
+            for key, label, hatch, dx, width in series:
+                prof = np.asarray(data[key], dtype=float)
+                band = np.asarray(data[f"{key}_ci"], dtype=float)
+                face = "white" if label.startswith("direct") else "0.55"
+                ax.bar(layers + dx, prof, width=width, color=face, edgecolor="black",
+                       hatch=hatch, label=label)  # fmt: skip
+                yerr = np.clip([prof - band[:, 0], band[:, 1] - prof], 0, None)
+                ax.errorbar(layers + dx, prof, yerr=yerr, fmt="none", ecolor="black", capsize=2)
+            sub = f"{name}: n/a" if share is None else (
+                f"{name}: {share:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+            )  # fmt: skip
+            ax.set_title(f"{title}\n{sub}")
+            ax.set_xlabel("layer")
+            ax.set_xticks(layers)
+            ax.axhline(0, color="black", linewidth=0.8)
+            ax.legend(frameon=False, fontsize=7)
         return save(fig, stem)
 
 

@@ -113,7 +113,7 @@ def render_all(out: str | Path) -> Path:
             mine["mediation"] = rel(F.mediation_profile(patching, fdir / slug / "mediation",
                                                         title=model))  # fmt: skip
         act = (entry.get("decomposition") or {}).get("activation") or {}
-        if act.get("layer_profile") is not None:
+        if act.get("read_layer_profile") is not None or act.get("layer_profile") is not None:
             mine["indirect"] = rel(F.indirect_profile(act, fdir / slug / "indirect", title=model))
         figs[model] = mine
     return render_report(summary, figs, out / "report.html")

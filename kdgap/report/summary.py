@@ -79,13 +79,19 @@ def _decomposition(result: Mapping[str, Any] | None) -> dict[str, Any]:
     out["steps"] = [_pick(st, STEP_KEYS) for st in result.get("steps", [])]
     act = result.get("activation") or {}
     via, direct = act.get("via_rationale") or {}, act.get("direct") or {}
+    read = act.get("read") or {}
     out["activation"] = None if not act else {
+        "read_fraction": read.get("fraction"), "read_fraction_ci": read.get("fraction_ci"),
+        "read_layer_profile": read.get("layer_profile"),
+        "read_layer_profile_ci": read.get("layer_profile_ci"),
+        "n_read_units": act.get("n_read_units"), "read_unavailable": act.get("read_unavailable"),
         "indirect_share": act.get("indirect_share"),
         "indirect_share_ci": act.get("indirect_share_ci"), "n_units": act.get("n_units"),
         "layers": act.get("layers"), "layer_profile": via.get("layer_profile"),
         "layer_profile_ci": via.get("layer_profile_ci"),
         "direct_layer_profile": direct.get("layer_profile"),
         "direct_layer_profile_ci": direct.get("layer_profile_ci"),
+        "split_unavailable": act.get("split_unavailable"),
         "definition": act.get("definition"), "unavailable": act.get("unavailable"),
     }  # fmt: skip
     return out

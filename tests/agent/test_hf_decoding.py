@@ -112,7 +112,7 @@ def test_forced_agent_is_the_same_with_the_fast_path(hf_models, hf_arch, monkeyp
     def run():
         agent = TextAgent(bridge, PaperFormat(knowing_doing=True), mode="forced",
                           max_new_tokens=8, seed=2, counterfactual=True)  # fmt: skip
-        return play(agent, cfg, n_episodes=3, seed=1, progress=False)
+        return play(agent, cfg, n_episodes=2, seed=1, progress=False)
 
     fast = run()
     monkeypatch.setattr(twins, "fast_model", lambda bridge, **kw: None)

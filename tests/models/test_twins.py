@@ -21,11 +21,18 @@ PROMPTS = [
     "ACTION= the quick brown fox jumps over the unknown mean of green",
 ]
 SPELLINGS = ["red", " red", "Red", " Red", "orange", " Orange", "yellow", " green"]
+#: Architectures with no SDPA twin: Gemma-2 soft-caps attention logits, which only eager
+#: attention computes, so the wrapped model must be served.
+NO_TWIN = ("gemma2",)
 
 
 def test_twin_shares_the_bridge_tensors_and_uses_sdpa(hf_models, hf_arch):
     bridge = hf_models[hf_arch].bridge
     twin = twins.fast_model(bridge)
+    if hf_arch in NO_TWIN:
+        assert twin is bridge.original_model  # withheld: the eager model runs
+        assert bridge.original_model.config._attn_implementation == "eager"
+        return
     assert twin is not bridge.original_model
     assert twin.config._attn_implementation == "sdpa"
     assert bridge.original_model.config._attn_implementation == "eager"  # untouched

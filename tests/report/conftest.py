@@ -106,10 +106,15 @@ def _decomposition(follow: bool) -> dict:
            "indirect_flip": float(follow)}  # fmt: skip
     via = {"layer_profile": [0.0, 0.1, 0.0, 0.0], "layer_profile_ci": [[0.0, 0.1]] * 4}
     direct = {"layer_profile": [0.5, 0.3, 0.1, 0.0], "layer_profile_ci": [[0.3, 0.6]] * 4}
-    activation = {"unavailable": "activation split: no unit's direct effect ..."} if follow else {
-        "indirect_share": 0.05, "indirect_share_ci": [0.0, 0.1], "via_rationale": via,
-        "direct": direct, "n_units": 20, "layers": L, "definition": "path patch ...",
-    }  # fmt: skip
+    read = {"fraction": 0.9 if follow else 0.02, "fraction_ci": [0.8, 1.0] if follow else [0, 0.05],
+            "layer_profile": [0.0, 0.6, 0.3, 0.0] if follow else [0.01, 0.0, 0.01, 0.0],
+            "layer_profile_ci": [[0.0, 0.7]] * 4}  # fmt: skip
+    activation = {"read": read, "n_read_units": 20, "layers": L, "definition": "path patch ..."}
+    if follow:
+        activation["split_unavailable"] = "activation split: no unit's direct effect ..."
+    else:
+        activation |= {"indirect_share": 0.05, "indirect_share_ci": [0.0, 0.1],
+                       "via_rationale": via, "direct": direct, "n_units": 20}  # fmt: skip
     share = sum(reads) / len(reads)
     return {
         "indirect_share": float(follow), "indirect_share_ci": [0.95, 1.0] if follow else [0, 0.05],

@@ -1,5 +1,5 @@
 """The mediation decomposition: a hand-computed example of its arithmetic, the planted answers
-of shipped organisms, and the activation split against a direct path patch."""
+of shipped organisms, and the activation-level routes of organisms with planted ones."""
 
 import numpy as np
 import pytest
@@ -109,3 +109,28 @@ def test_verdict_on_organisms_that_fool_agreement(name):
     planted = planted_answer(s, cfg, d["steps"])
     assert verdict(d["reading_share"], d["reading_share_ci"], d["n_steps"])[0] == planted["verdict"]
     assert planted["verdict"] == ("rationale-mediated" if name == "next-arm" else "bypass")
+
+
+def test_activation_localises_the_planted_routes(sessions, decompositions):
+    """Planted ground truth at the activation level: the faithful organism's action reads
+    the rationale that replaced its own (the read profile carries most of a full flip, and
+    its history edits reach the action only through the rationale: no split); the greedy
+    organism reads none of it, and its history edits travel the direct route."""
+    from kdgap.report.decomposition import activation_split
+
+    cfg = BanditConfig(horizon=30)
+    out = {}
+    for name, s in sessions.items():
+        out[name] = activation_split(s.agent(), s.bridge, decompositions[name], cfg,
+                                     s.transcript_text, seed=1, n_boot=200)  # fmt: skip
+    faithful, greedy = out["faithful"], out["greedy-bypass"]
+    assert faithful["read"]["fraction"] >= 0.8 and faithful["n_read_units"] >= 10
+    assert len(faithful["read"]["layer_profile"]) == len(faithful["layers"])
+    assert "via_rationale" not in faithful and "split_unavailable" in faithful
+    assert abs(greedy["read"]["fraction"]) <= 0.1
+    assert max(abs(v) for v in greedy["read"]["layer_profile"]) <= 0.1
+    # The greedy organism's history edits move its action (total near a full flip), partly
+    # through its own reads of the history; the rest passes through the rationale
+    # positions' residual streams, which carry the history too. That route is not a read
+    # of the rationale *text*: the read profile above, not the split, answers that.
+    assert greedy["direct"]["total_fraction"] >= 0.8 and greedy["direct"]["fraction"] >= 0.2

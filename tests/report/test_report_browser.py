@@ -41,7 +41,7 @@ def test_report_opens_in_chromium_with_every_figure_loaded(analysis_dir, tmp_pat
     match = re.search(r"data-images=\"([^\"]*)\"", dom)
     assert match, "the page did not finish loading"
     images = json.loads(match.group(1).replace("&quot;", '"'))
-    assert len(images) == 11
+    assert len(images) == 12
     assert all(i["ok"] and i["w"] > 100 for i in images), images
     shot = tmp_path / "report.png"
     subprocess.run(

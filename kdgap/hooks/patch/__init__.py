@@ -4,7 +4,10 @@
   activations), the setters :func:`set_at` / :func:`edit_at` (write them at chosen entries),
   :func:`run_rows` (many patched rows per forward) and the metric :class:`LogitDiff`.
 - :mod:`~kdgap.hooks.patch.sweep`: :func:`patch_sweep`, layer x position [x head] patching,
-  exact against ``transformer_lens.patching``.
+  exact against ``transformer_lens.patching``, on one of :data:`ENGINES`.
+- :mod:`~kdgap.hooks.patch.suffix`: the native engine: a patched row of a native model
+  (``boot_native``, the organisms) recomputed from its layer and position only, with the
+  base run's keys and values for the prefix (:data:`SUFFIX_SITES`).
 - :mod:`~kdgap.hooks.patch.path`: :func:`path_patch`, sender -> receiver attention paths.
 - :mod:`~kdgap.hooks.patch.attribution`: :func:`attribution_sweep`, the gradient screen,
   and :func:`verify_top_k`.
@@ -47,13 +50,16 @@ from kdgap.hooks.patch.pairs import (
     tokenize_pairs,
 )
 from kdgap.hooks.patch.path import PathResult, path_patch
-from kdgap.hooks.patch.sweep import DIRECTIONS, PatchResult, make_cells, patch_sweep
+from kdgap.hooks.patch.suffix import SUFFIX_SITES
+from kdgap.hooks.patch.sweep import DIRECTIONS, ENGINES, PatchResult, make_cells, patch_sweep
 
 __all__ = [
     "DEFINITION",
     "DIRECTIONS",
+    "ENGINES",
     "PAIR_KINDS",
     "PATCH_SITES",
+    "SUFFIX_SITES",
     "Attribution",
     "CounterfactualPair",
     "LogitDiff",

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Float, Int
 
+from kdgap.hooks.patch import suffix
 from kdgap.hooks.patch.core import (
     PATCH_SITES,
     HookFn,
@@ -40,7 +41,8 @@ from kdgap.hooks.patch.core import (
     hook_name,
     narrow_to,
 )
-from kdgap.hooks.patch.sweep import DIRECTIONS, patch_sweep
+from kdgap.hooks.patch.suffix import native_model
+from kdgap.hooks.patch.sweep import DIRECTIONS, check_engine, patch_sweep
 from kdgap.models.runtime import model_device, require_eval
 
 if TYPE_CHECKING:  # annotations only: importing transformer-lens here would slow every import
@@ -72,6 +74,7 @@ class Attribution:
 def attribution_sweep(
     model: TransformerBridge, clean_tokens: Tokens, corrupt_tokens: Tokens, metric: LogitDiff,
     sites: Sequence[str] = ("resid_pre", "attn_out", "mlp_out"), *, direction: str = "noise",
+    engine: str = "auto",
 ) -> Attribution:  # fmt: skip
     """Gradient x activation-difference estimate of every patch of ``sites``.
 
@@ -81,6 +84,10 @@ def attribution_sweep(
         metric: the logit difference at the action position.
         sites: any of :data:`~kdgap.hooks.patch.core.PATCH_SITES`; ``z`` gives per-head cells.
         direction: ``"noise"`` (linearise at clean, patch in corrupt) or ``"denoise"``.
+        engine: as in :func:`~kdgap.hooks.patch.sweep.patch_sweep`: ``"native"`` runs the
+            native model's own modules (native bridges, no hooks, every site in
+            ``SUFFIX_SITES``), ``"bridge"`` the bridge's hooks, ``"auto"`` the first that
+            applies.
 
     Returns:
         :class:`Attribution` with ``effects[site]`` ``[batch layer pos (head)]``; it
@@ -98,9 +105,41 @@ def attribution_sweep(
     )
     dev, n_layers = model_device(model), int(model.cfg.n_layers)
     names = [hook_name(s, layer) for s in sites for layer in range(n_layers)]
-    # Source run: activations only (it stops early and skips the pos x vocab logits).
-    src_acts, _ = capture(model, source.to(dev), names, logits=False)
+    nm = None if engine == "bridge" else native_model(model, sites)
+    check_engine(engine, nm, sites, model)
+    if nm is not None:
+        src_acts, acts, grads, ld = _native_grads(nm, base.to(dev), source.to(dev), metric, sites)
+    else:
+        src_acts, acts, grads, ld = _bridge_grads(model, base.to(dev), source.to(dev), metric,
+                                                  names)  # fmt: skip
+    effects: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for site in sites:
+            per_layer = []
+            for layer in range(n_layers):
+                name = hook_name(site, layer)
+                g, a = grads[name], acts[name]
+                # Sum over the feature axis: d_model, or d_head for per-head z.
+                per_layer.append(
+                    a.new_zeros(a.shape[:-1])
+                    if g is None
+                    else torch.linalg.vecdot(src_acts[name] - a, g)
+                )
+            effects[site] = torch.stack(per_layer, 1).cpu()
+    return Attribution(effects, ld.detach().cpu(), direction)
 
+
+#: ``(source activations, base activations, gradients, base metric)``, keyed by hook name.
+Grads = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor | None],
+              torch.Tensor]  # fmt: skip
+
+
+def _bridge_grads(
+    model: TransformerBridge, base: Tokens, source: Tokens, metric: LogitDiff, names: list[str]
+) -> Grads:
+    """Activations of both runs and the metric's gradients, through the bridge's hooks."""
+    # Source run: activations only (it stops early and skips the pos x vocab logits).
+    src_acts, _ = capture(model, source, names, logits=False)
     zeros: dict[str, torch.Tensor] = {}
     acts: dict[str, torch.Tensor] = {}
 
@@ -117,24 +156,37 @@ def attribution_sweep(
     # Base run with gradients; the unembedding sees the metric's position only.
     hooks = [(n, tap(n)) for n in names] + [("unembed.hook_in", narrow_to(metric.position))]
     with torch.enable_grad():
-        logits = model.run_with_hooks(base.to(dev), fwd_hooks=hooks)
+        logits = model.run_with_hooks(base, fwd_hooks=hooks)
         ld = metric.at(logits, torch.arange(base.shape[0]))
         grads = torch.autograd.grad(ld.sum(), [zeros[n] for n in names], allow_unused=True)
-    effects: dict[str, torch.Tensor] = {}
+    return src_acts, acts, dict(zip(names, grads, strict=True)), ld
+
+
+def _native_grads(
+    nm: torch.nn.Module, base: Tokens, source: Tokens, metric: LogitDiff, sites: Sequence[str]
+) -> Grads:
+    """The same on a native bridge's own modules (:mod:`~kdgap.hooks.patch.suffix`), with
+    no hook points: the bridge's per-sub-step hooks are most of a small model's time."""
     with torch.no_grad():
-        for site in sites:
-            per_layer = []
-            for layer in range(n_layers):
-                name = hook_name(site, layer)
-                g, a = grads[names.index(name)], acts[name]
-                # Sum over the feature axis: d_model, or d_head for per-head z.
-                per_layer.append(
-                    a.new_zeros(a.shape[:-1])
-                    if g is None
-                    else torch.linalg.vecdot(src_acts[name] - a, g)
-                )
-            effects[site] = torch.stack(per_layer, 1).cpu()
-    return Attribution(effects, ld.detach().cpu(), direction)
+        src = suffix.run(nm, source, metric, sites)
+    acts: dict[str, torch.Tensor] = {}
+    zeros: dict[str, torch.Tensor] = {}
+    layer = {s: 0 for s in sites}
+
+    def tap(site: str, act: torch.Tensor) -> torch.Tensor:
+        if site not in layer:
+            return act
+        name, layer[site] = hook_name(site, layer[site]), layer[site] + 1
+        acts[name] = act.detach()
+        zeros[name] = torch.zeros_like(act, requires_grad=True)
+        return act + zeros[name]
+
+    with torch.enable_grad():
+        ld = suffix.run(nm, base, metric, tap=tap).metric
+        names = list(zeros)
+        grads = torch.autograd.grad(ld.sum(), [zeros[n] for n in names], allow_unused=True)
+    src_acts = {hook_name(s, i): a for s in sites for i, a in enumerate(src.acts[s])}
+    return src_acts, acts, dict(zip(names, grads, strict=True)), ld
 
 
 @dataclass

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 from jaxtyping import Float, Int
 
+from kdgap.hooks.patch import suffix
 from kdgap.hooks.patch.core import (
     HookList,
     LogitDiff,
@@ -39,12 +40,15 @@ from kdgap.hooks.patch.core import (
     run_rows,
     set_at,
 )
+from kdgap.hooks.patch.suffix import SUFFIX_SITES, native_model
 from kdgap.models.runtime import model_device, require_eval
 
 if TYPE_CHECKING:  # annotations only: importing transformer-lens here would slow every import
     from transformer_lens.model_bridge import TransformerBridge
 
 DIRECTIONS = ("denoise", "noise")
+#: Row engines of :func:`patch_sweep` (see its ``engine`` argument).
+ENGINES = ("auto", "native", "bridge")
 
 
 @dataclass
@@ -83,6 +87,20 @@ class PatchResult:
         return (self.mean() - lx) / (lc - lx)
 
 
+def check_engine(
+    engine: str, nm: torch.nn.Module | None, sites: Sequence[str], model: TransformerBridge
+) -> None:
+    """Raise unless ``engine`` is known, and ``"native"`` only where it applies (``nm``)."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r} is unknown; use one of {ENGINES}.")
+    if engine == "native" and nm is None:
+        raise ValueError(
+            f"engine='native' needs a causal native bridge (boot_native) with no hooks "
+            f"attached and sites in {SUFFIX_SITES}, got sites={list(sites)!r} on "
+            f"{type(getattr(model, 'original_model', model)).__name__}; use engine='auto'."
+        )
+
+
 def make_cells(
     n_layers: int,
     n_pos: int,
@@ -111,6 +129,7 @@ def patch_sweep(
     cells: Int[torch.Tensor, "cell idx"] | None = None, layers: Sequence[int] | None = None,
     positions: Sequence[int] | None = None, memory_mb: float = 256.0,
     max_rows: int | None = None, grow: bool = True, skip_identical: bool = True,
+    engine: str = "auto",
 ) -> PatchResult:  # fmt: skip
     """Patch ``site`` at every (layer, pos[, head]) cell, many cells per forward pass.
 
@@ -129,6 +148,11 @@ def patch_sweep(
         grow: rows join at their layer (exact; ``False`` recomputes early layers).
         skip_identical: rows whose patch changes nothing (bit for bit) take the base
             metric without a forward (exact; e.g. positions before the first edit).
+        engine: ``"native"`` runs each row from its layer and position only, on the
+            native model's own modules (:mod:`~kdgap.hooks.patch.suffix`; native bridges,
+            no hooks attached, sites in ``SUFFIX_SITES``); ``"bridge"`` runs rows through
+            the bridge's hooks (:func:`~kdgap.hooks.patch.core.run_rows`, any model and
+            site); ``"auto"`` (default) takes ``"native"`` where it applies.
 
     Returns:
         :class:`PatchResult` with ``values`` ``[batch layer pos (head)]`` or ``[batch cell]``.
@@ -138,6 +162,8 @@ def patch_sweep(
     if direction not in DIRECTIONS:
         raise ValueError(f"direction={direction!r} is unknown; use one of {DIRECTIONS}.")
     hook_name(site, 0)  # validates site
+    nm = None if engine == "bridge" else native_model(model, site)
+    check_engine(engine, nm, [site], model)
     n_layers, (batch, n_pos) = int(model.cfg.n_layers), clean_tokens.shape
     heads = int(model.cfg.n_heads) if site == "z" else None
     grid = cells is None
@@ -154,8 +180,15 @@ def patch_sweep(
     )
     dev = model_device(model)
     names = sorted({hook_name(site, int(layer)) for layer in cells[:, 0].unique()})
-    src_acts, src_logits = capture(model, source.to(dev), names)
-    ld_source = metric.at(src_logits, torch.arange(batch))
+    if nm is not None:  # the suffix engine's own full runs give both sides' activations
+        with torch.no_grad():
+            pair = (("src", source), ("base", base))
+            runs = {k: suffix.run(nm, t.to(dev), metric, [site]) for k, t in pair}
+        src_acts = {hook_name(site, i): a for i, a in enumerate(runs["src"].acts[site])}
+        ld_source = runs["src"].metric
+    else:
+        src_acts, src_logits = capture(model, source.to(dev), names)
+        ld_source = metric.at(src_logits, torch.arange(batch))
     order = torch.argsort(cells[:, 0], stable=True)
     sorted_cells = cells[order]
     # Row r = (cell r // batch, prompt r % batch), sorted by layer.
@@ -163,8 +196,12 @@ def patch_sweep(
     row_prompt = torch.arange(batch).repeat(len(cells))
     ld_base, all_prompt = None, row_prompt
     if skip_identical:
-        base_acts, base_logits = capture(model, base.to(dev), names)
-        ld_base = metric.at(base_logits, torch.arange(batch))
+        if nm is not None:
+            base_acts = {hook_name(site, i): a for i, a in enumerate(runs["base"].acts[site])}
+            ld_base = runs["base"].metric
+        else:
+            base_acts, base_logits = capture(model, base.to(dev), names)
+            ld_base = metric.at(base_logits, torch.arange(batch))
         differs = torch.zeros(len(row_cell), dtype=torch.bool)
         for layer in row_cell[:, 0].unique().tolist():
             sel, name = torch.nonzero(row_cell[:, 0] == layer).flatten(), hook_name(site, layer)
@@ -186,9 +223,16 @@ def patch_sweep(
         return hooks
 
     max_rows = max_rows or default_max_rows(model, n_pos, memory_mb)
-    flat, ld_run = run_rows(
-        model, base, row_prompt, row_cell[:, 0], make_hooks, metric, max_rows=max_rows, grow=grow
-    )
+    if nm is not None:
+        with torch.no_grad():
+            flat = suffix.suffix_rows(
+                nm, runs["base"], runs["src"], site, row_prompt, row_cell[:, 0],
+                row_cell[:, 1], metric, max_rows=max_rows,
+            )  # fmt: skip
+        ld_run = runs["base"].metric
+    else:
+        flat, ld_run = run_rows(model, base, row_prompt, row_cell[:, 0], make_hooks, metric,
+                                max_rows=max_rows, grow=grow)  # fmt: skip
     if ld_base is None:
         ld_base = ld_run
     else:  # skipped rows keep the base metric
