@@ -8,6 +8,7 @@ import sys
 
 from kdgap.report.api import (
     DEMO_MODELS,
+    EXECUTORS,
     AnalyzeConfig,
     BanditConfig,
     PlayConfig,
@@ -16,6 +17,7 @@ from kdgap.report.api import (
     analyze,
     bandit_config,
     freqbias_study,
+    make_executor,
     organisms_table,
     play_study,
     record_from_model,
@@ -147,7 +149,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     """``analyze`` (one ``--model``) and ``demo`` (several ``--models``) share this."""
 
     models = list(args.models) if getattr(args, "models", None) else [args.model]
-    summary = analyze(models, args.out, _analyze_config(args), force=args.force)
+    cfg = _analyze_config(args)  # settings are checked before Ray or any model starts
+    executor = make_executor(args.executor, workers=args.workers, address=args.ray_address,
+                             gpus_per_worker=args.gpus_per_worker)  # fmt: skip
+    try:
+        summary = analyze(models, args.out, cfg, force=args.force, executor=executor)
+    finally:
+        executor.close()
     _print_verdicts(summary, args.out)
     return 0
 
@@ -282,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="model: the model writes its rationale; scripted: kdgap writes the correct "
             "UCB rationale (paper format) and the model only acts",
         )  # fmt: skip
+        g = p.add_argument_group("executor (same results on any executor)")
+        g.add_argument("--executor", default="local", choices=EXECUTORS,
+                       help="local: this process; ray: plays split across Ray actors")  # fmt: skip
+        g.add_argument("--workers", type=int, default=2, help="ray: actors per model")
+        g.add_argument("--ray-address", default=None, help="ray: a cluster (default: local)")
+        g.add_argument("--gpus-per-worker", type=float, default=0.0, help="ray: GPUs per actor")
         p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("figures", help="re-render figures and report.html from saved results")
@@ -299,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError, StoreError) as err:
+    except (ValueError, FileNotFoundError, KeyError, StoreError, ImportError) as err:
         # User errors get one clear line, not a traceback from deep inside.
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"kdgap {args.command}: error: {msg}", file=sys.stderr)

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 
 from kdgap.agent.decoding import Decoding, decode_loop
+from kdgap.models.runtime import causal_native
+from kdgap.models.twins import native_twin
 
 try:  # the native source exists in transformer-lens 4.x; guard for other versions
     from transformer_lens.model_bridge.sources.native.model import NativeModel, apply_softcap
@@ -32,12 +34,8 @@ if TYPE_CHECKING:
 KVCache = list
 
 
-def supports(model: TransformerBridge) -> bool:
-    """True when ``model`` wraps a causal ``NativeModel`` this loop can run."""
-    nm = getattr(model, "original_model", None)
-    if NativeModel is None or not isinstance(nm, NativeModel):
-        return False
-    return all(getattr(block.attn, "causal", True) for block in nm.layers)
+#: True when a model wraps a causal ``NativeModel`` this loop can run.
+supports = causal_native
 
 
 def _forward(
@@ -112,7 +110,10 @@ def generate(
         ``[batch, new]`` generated ids on CPU (``new <= how.max_new_tokens``); finished
         rows are filled with ``how.fill_id``.
     """
-    nm = model.original_model
+    # The plain twin runs the same blocks without the bridge's wrapper components (and
+    # their per-call overhead, most of a small model's decoding time); the wrapped model
+    # where no twin is served.
+    nm = native_twin(model) or model.original_model
     gen = torch.Generator(device=tokens.device).manual_seed(int(how.seed))
     cache: KVCache = [None] * len(nm.layers)
     capacity = tokens.shape[1] + how.max_new_tokens

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pandas as pd
 import torch
@@ -23,8 +23,9 @@ from tqdm.auto import tqdm
 from kdgap._checks import check_int
 from kdgap.envs.transcript_format import TranscriptFormat
 from kdgap.hooks.recorder import Recorder, dtype_name
-from kdgap.hooks.store import ActivationStore, StoreWriter, model_fingerprint, tensor_key
+from kdgap.hooks.store import ActivationStore, StoreWriter, tensor_key, write_shard_files
 from kdgap.metrics.knowing_doing import action_class
+from kdgap.models.fingerprint import model_fingerprint
 from kdgap.models.runtime import model_tokenizer
 from kdgap.records import StepRecord, read_records
 
@@ -128,6 +129,7 @@ def record_store(
     truncate: bool = True,
     fast: bool = True,
     model_identity: dict | None = None,
+    map_shards: MapShards | None = None,
 ) -> ActivationStore:
     """Record ``hooks`` at ``sites`` for every transcript into the store at ``out``.
 
@@ -170,6 +172,11 @@ def record_store(
             Face model, plain NativeModel of a native bridge; see
             :class:`~kdgap.hooks.recorder.Recorder`); False always runs the bridge.
         model_identity: provenance stored in the manifest (``LoadedModel.identity``).
+        map_shards: who records the missing shards: ``map_shards(ranges)`` yields, range
+            by range in order, what :func:`record_shards` returns for it, e.g. workers
+            each running :func:`record_shards` on the same inputs and options (a shard's
+            bytes depend only on its range). Default: this process, shard after shard.
+            This process lists each shard in the manifest as its result arrives.
 
     Returns:
         The :class:`~kdgap.hooks.store.ActivationStore` at ``out``.
@@ -177,43 +184,119 @@ def record_store(
     Raises:
         StoreError: ``out`` holds a store of another model, hooks, sites, dtype or inputs.
     """
-    check_int("batch_size", batch_size)
-    check_int("shard_size", shard_size)
-    tok = model_tokenizer(model, tokenizer)
-    texts, records = _inputs(transcripts_or_records)
-    rec = Recorder(
-        model, fmt, hooks, sites, tokenizer=tok, dtype=dtype, prepend_bos=prepend_bos,
-        on_missing=on_missing, max_batch_tokens=max_batch_tokens, pad_multiple=pad_multiple,
-        truncate=truncate, fast=fast,
+    options = dict(
+        batch_size=batch_size, dtype=dtype, shard_size=shard_size, model_id=model_id, seed=seed,
+        tokenizer=tokenizer, prepend_bos=prepend_bos, on_missing=on_missing,
+        max_batch_tokens=max_batch_tokens, sort_by_length=sort_by_length,
+        pad_multiple=pad_multiple, truncate=truncate, fast=fast, model_identity=model_identity,
     )  # fmt: skip
-    model_id = model_id or getattr(model.cfg, "model_name", None) or type(model).__name__
-    header = {
-        "model": {"id": model_id, "fingerprint": model_fingerprint(model),
-                  "n_layers": int(model.cfg.n_layers), "d_model": int(model.cfg.d_model),
-                  "identity": dict(model_identity or {})},
-        "hooks": rec.hooks, "sites": rec.sites, "dtype": dtype_name(rec.dtype),
-        "shard_size": shard_size,
-        "config": {"format": getattr(fmt, "name", type(fmt).__name__), "seed": seed,
-                   "prepend_bos": "agent" if rec.prepend_bos is None else rec.prepend_bos,
-                   "batch_size": batch_size, "sort_by_length": sort_by_length,
-                   "on_missing": on_missing},
-    }  # fmt: skip
-    writer = StoreWriter(out, header)
-    inputs_sha = _inputs_sha256(texts)
-    done = _segment(writer, inputs_sha, len(texts), out)
-    bar = tqdm(total=len(texts), initial=done, desc="record", disable=not progress)
-    bufs: dict[str, torch.Tensor] = {}  # one set of shard buffers, reused by every shard
-    for start in range(done, len(texts), shard_size):
-        stop = min(start + shard_size, len(texts))
-        # A shard's activations and labels are dropped before the next shard is recorded:
-        # memory does not grow with the number of shards.
-        shard = _record_shard(rec, texts, start, stop, bufs, batch_size, sort_by_length, bar)
-        _write_shard(writer, records, start, stop, shard, model_id=model_id, seed=seed)
-        del shard
+    job = _Job(model, fmt, transcripts_or_records, hooks, sites, options)
+    writer = StoreWriter(out, job.header)
+    n = len(job.texts)
+    done = _segment(writer, _inputs_sha256(job.texts), n, out)
+    ranges = [(a, min(a + shard_size, n)) for a in range(done, n, shard_size)]
+    bar = tqdm(total=n, initial=done, desc="record", disable=not progress)
+    if map_shards is None:
+        results = (job.record(out, [r], bar)[0] for r in ranges)
+    else:
+        results = map_shards(ranges)
+    for (start, stop), (entry, skipped) in zip(ranges, results):
+        writer.commit(entry, skipped)
+        if map_shards is not None:
+            bar.update(stop - start)
     bar.close()
     writer.manifest["complete"] = True
     writer.save_manifest()
     return ActivationStore(out)
+
+
+#: ``map_shards(ranges)`` of :func:`record_store`: one :func:`record_shards` result per
+#: ``(start, stop)`` range, in order.
+MapShards = Callable[[list[tuple[int, int]]], Iterable[tuple[dict, list[int]]]]
+
+
+def record_shards(
+    model: TransformerBridge,
+    fmt: TranscriptFormat,
+    transcripts_or_records: Sequence[StepRecord] | Sequence[str] | str | os.PathLike,
+    hooks: str | Sequence[str],
+    sites: str | Sequence[str],
+    out: str | os.PathLike,
+    ranges: Sequence[tuple[int, int]],
+    **options: Any,
+) -> list[tuple[dict, list[int]]]:
+    """Record the shards ``ranges`` of the store :func:`record_store` builds at ``out`` and
+    write their files, without listing them: a worker's half of a recording split across
+    processes (:func:`record_store`'s ``map_shards``). Same arguments and ``options`` as
+    :func:`record_store`.
+
+    Returns:
+        Per range, ``(manifest entry, skipped input ids)`` for
+        :meth:`~kdgap.hooks.store.StoreWriter.commit`.
+    """
+    job = _Job(model, fmt, transcripts_or_records, hooks, sites, options)
+    return job.record(out, ranges, None)
+
+
+class _Job:
+    """One recording's inputs, recorder and store header (shared by the process that
+    lists shards and by the processes that record them)."""
+
+    def __init__(self, model, fmt, inputs, hooks, sites, options: dict) -> None:
+        o = {**_DEFAULTS, **options}
+        check_int("batch_size", o["batch_size"])
+        check_int("shard_size", o["shard_size"])
+        self.texts, self.records = _inputs(inputs)
+        self.rec = Recorder(
+            model, fmt, hooks, sites, tokenizer=model_tokenizer(model, o["tokenizer"]),
+            dtype=o["dtype"], prepend_bos=o["prepend_bos"], on_missing=o["on_missing"],
+            max_batch_tokens=o["max_batch_tokens"], pad_multiple=o["pad_multiple"],
+            truncate=o["truncate"], fast=o["fast"],
+        )  # fmt: skip
+        rec, self.options = self.rec, o
+        self.model_id = (
+            o["model_id"] or getattr(model.cfg, "model_name", None) or type(model).__name__
+        )
+        self.header = {
+            "model": {"id": self.model_id, "fingerprint": model_fingerprint(model),
+                      "n_layers": int(model.cfg.n_layers), "d_model": int(model.cfg.d_model),
+                      "identity": dict(o["model_identity"] or {})},
+            "hooks": rec.hooks, "sites": rec.sites, "dtype": dtype_name(rec.dtype),
+            "shard_size": o["shard_size"],
+            "config": {"format": getattr(fmt, "name", type(fmt).__name__), "seed": o["seed"],
+                       "prepend_bos": "agent" if rec.prepend_bos is None else rec.prepend_bos,
+                       "batch_size": o["batch_size"], "sort_by_length": o["sort_by_length"],
+                       "on_missing": o["on_missing"]},
+        }  # fmt: skip
+
+    def record(self, out, ranges, bar: tqdm | None) -> list[tuple[dict, list[int]]]:
+        """Record and write each range's shard files; their entries and skipped ids."""
+        o, out_list = self.options, []
+        bufs: dict[str, torch.Tensor] = {}  # one set of shard buffers, reused by every shard
+        for start, stop in ranges:
+            # A shard's activations and labels are dropped before the next shard is
+            # recorded: memory does not grow with the number of shards.
+            shard = _record_shard(self.rec, self.texts, start, stop, bufs, o["batch_size"],
+                                  o["sort_by_length"], bar)  # fmt: skip
+            rows = []
+            for i, n_tok in zip(shard.kept.tolist(), shard.n_tokens.tolist()):
+                row = {"example": i, "model": self.model_id, "seed": o["seed"], "n_tokens": n_tok}
+                if self.records is not None:
+                    row.update(record_labels(self.records[i]))
+                rows.append(row)
+            labels = _labels_frame(rows, self.records is not None)
+            entry = write_shard_files(out, self.header, start, stop, shard.acts, labels)
+            out_list.append((entry, shard.skipped))
+            del shard
+        return out_list
+
+
+#: record_store's defaults, for record_shards' options.
+_DEFAULTS = dict(
+    batch_size=256, dtype="float32", shard_size=256, model_id=None, seed=None, tokenizer=None,
+    prepend_bos=None, on_missing="raise", max_batch_tokens=2048, sort_by_length=True,
+    pad_multiple=4, truncate=True, fast=True, model_identity=None,
+)  # fmt: skip
 
 
 class _Shard(NamedTuple):
@@ -227,27 +310,6 @@ class _Shard(NamedTuple):
     skipped: list[int]
 
 
-def _write_shard(
-    writer: StoreWriter,
-    records: list[StepRecord] | None,
-    start: int,
-    stop: int,
-    shard: _Shard,
-    *,
-    model_id: str,
-    seed: int | None,
-) -> None:
-    """Write the recording of inputs ``[start, stop)``, with their labels, as one shard."""
-    acts, kept, n_tokens, skipped = shard
-    rows = []
-    for i, n_tok in zip(kept.tolist(), n_tokens.tolist()):
-        row = {"example": i, "model": model_id, "seed": seed, "n_tokens": n_tok}
-        if records is not None:
-            row.update(record_labels(records[i]))
-        rows.append(row)
-    writer.write_shard(start, stop, acts, _labels_frame(rows, records is not None), skipped)
-
-
 def _record_shard(
     rec: Recorder,
     texts: list[str],
@@ -256,7 +318,7 @@ def _record_shard(
     bufs: dict[str, torch.Tensor],
     batch_size: int,
     sort_by_length: bool,
-    bar: tqdm,
+    bar: tqdm | None,
 ) -> _Shard:
     """Record inputs ``[start, stop)`` in batches; results in input order.
 
@@ -290,7 +352,8 @@ def _record_shard(
         keep[local] = True
         n_tokens[local] = res.n_tokens[res.kept]
         skipped.extend(res.skipped)
-        bar.update(len(ids))
+        if bar is not None:
+            bar.update(len(ids))
         del res  # not alive during the next batch's forwards
     keys = [tensor_key(h, s) for h in rec.hooks for s in rec.sites]
     full = bool(keep.all())

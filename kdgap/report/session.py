@@ -22,7 +22,7 @@ from kdgap.agent.text_agent import TextAgent
 from kdgap.envs.bandit import BanditConfig
 from kdgap.envs.transcript_format import TranscriptFormat
 from kdgap.hooks.names import resolve_hooks
-from kdgap.hooks.record import record_store
+from kdgap.hooks.record import record_shards, record_store
 from kdgap.hooks.sites import parse_sites
 from kdgap.hooks.store import ActivationStore
 from kdgap.models import LoadedModel, load_model
@@ -170,6 +170,7 @@ class Session:
         mode: str = "forced",
         max_new_tokens: int | None = None,
         temperature: float = 0.0,
+        first_episode: int = 0,
     ) -> list[StepRecord]:
         """Play ``n_episodes`` bandits of family ``cfg`` with :meth:`agent` (seeded ``seed``).
 
@@ -184,6 +185,8 @@ class Session:
             counterfactual, mode, max_new_tokens, temperature: the agent (see :meth:`agent`).
             progress: progress bar.
             batch_size: episodes stepped together (None: all).
+            first_episode: index of the first episode (a range of a larger run, see
+                :func:`kdgap.policies.play.play`).
 
         Returns:
             ``[n_episodes * cfg.horizon]`` step records.
@@ -195,7 +198,7 @@ class Session:
         )  # fmt: skip
         return play(
             agent, cfg, n_episodes=n_episodes, seed=seed, batch_size=batch_size,
-            progress=progress, driver=driver_policy(driver),
+            progress=progress, driver=driver_policy(driver), first_episode=first_episode,
         )  # fmt: skip
 
     def record(
@@ -217,6 +220,25 @@ class Session:
         """
         return record_store(
             self.bridge, self.fmt, records, hooks, sites, out, model_id=self.model_id,
+            tokenizer=self.tokenizer, model_identity={**self.identity, **(provenance or {})},
+            **options,
+        )  # fmt: skip
+
+    def record_shards(
+        self,
+        records: Sequence[StepRecord] | Sequence[str] | str | os.PathLike,
+        hooks: str | Sequence[str],
+        sites: str | Sequence[str],
+        out: str | os.PathLike,
+        ranges: Sequence[tuple[int, int]],
+        *,
+        provenance: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> list[tuple[dict, list[int]]]:
+        """A worker's share of :meth:`record` (same arguments): the shards ``ranges``
+        recorded and written, not listed (:func:`kdgap.hooks.record.record_shards`)."""
+        return record_shards(
+            self.bridge, self.fmt, records, hooks, sites, out, ranges, model_id=self.model_id,
             tokenizer=self.tokenizer, model_identity={**self.identity, **(provenance or {})},
             **options,
         )  # fmt: skip

@@ -18,6 +18,7 @@ from kdgap.hooks import store as store_mod
 from kdgap.hooks.record import record_store
 from kdgap.hooks.recorder import record_batch
 from kdgap.hooks.store import ActivationStore, StoreError
+from kdgap.models import fingerprint as fingerprint_mod
 from kdgap.records import StepRecord
 from kdgap.testing.texts import demo_format, demo_texts
 
@@ -270,9 +271,9 @@ def test_model_fingerprint_ignores_thread_count_but_not_weights(tiny_native):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = store_mod.model_fingerprint(tiny_native)
+        one = fingerprint_mod.model_fingerprint(tiny_native)
         torch.set_num_threads(max(2, before))
-        many = store_mod.model_fingerprint(tiny_native)
+        many = fingerprint_mod.model_fingerprint(tiny_native)
     finally:
         torch.set_num_threads(before)
     assert one == many
@@ -284,10 +285,10 @@ def test_model_fingerprint_ignores_thread_count_but_not_weights(tiny_native):
             old = flat[index].clone()
             flat[index] += 1e-3
             try:
-                assert store_mod.model_fingerprint(tiny_native) != one, (name, index)
+                assert fingerprint_mod.model_fingerprint(tiny_native) != one, (name, index)
             finally:
                 flat[index] = old
-    assert store_mod.model_fingerprint(tiny_native) == one
+    assert fingerprint_mod.model_fingerprint(tiny_native) == one
 
 
 def test_model_fingerprint_indexes_large_tensors_exactly():
@@ -301,9 +302,9 @@ def test_model_fingerprint_indexes_large_tensors_exactly():
 
     m = Big()
     m.w.data[-1] = 1.0
-    a = store_mod.model_fingerprint(m)
+    a = fingerprint_mod.model_fingerprint(m)
     m.w.data[-1] = 2.0
-    assert store_mod.model_fingerprint(m) != a
+    assert fingerprint_mod.model_fingerprint(m) != a
 
 
 def test_labels_are_written_through_the_system_pool_and_the_default_comes_back(tmp_path):

@@ -29,9 +29,8 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 
-from kdgap.agent.native_decoding import apply_softcap
-from kdgap.agent.native_decoding import supports as _causal_native
 from kdgap.hooks.patch.core import LogitDiff
+from kdgap.models.runtime import causal_native as _causal_native
 from kdgap.models.runtime import has_hooks
 from kdgap.models.twins import native_twin
 
@@ -125,6 +124,14 @@ def block(
     if not blk.cfg.attn_only:
         h = h + at("mlp_out", blk.mlp(blk.ln2(h)))
     return at("resid_post", h), kh, vh
+
+
+def apply_softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """transformer-lens's native soft cap (imported on first use: importing transformer-lens
+    would slow down ``import kdgap.hooks``)."""
+    from transformer_lens.model_bridge.sources.native.model import apply_softcap as softcap
+
+    return softcap(x, cap)
 
 
 def logits_at(nm: torch.nn.Module, h: Float[torch.Tensor, "row 1 d"]) -> torch.Tensor:
