@@ -191,6 +191,36 @@ def _save_and_load(tmp_path_factory, tokenizer_dir, *, prefix: str, seed: int,
 
 
 @pytest.fixture(scope="session")
+def paper_tokenizer(chat_template):
+    """A byte-level BPE chat tokenizer (``chat_template``) for random models playing the
+    paper's prompt: as in real tokenizers, every spelling of an arm name (``red``, `` red``,
+    ``Red``, `` Red``) is one token, so an action is scored in one pass and patched at one
+    position; trained on the paper's own prompts and rationales too, which keeps them short
+    (attention and the patching heatmap grow with length)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from kdgap.agent.prompts import PaperFormat
+    from kdgap.envs import BanditConfig
+
+    fmt, cfg = PaperFormat(knowing_doing=True), BanditConfig(horizon=10)
+    histories = [([a, (a + 1) % 5, (a + 3) % 5], [1.0, 0.0, 1.0]) for a in range(5)]
+    turns = [fmt.render_prompt(cfg, *h) + fmt.write_rationale(cfg, *h) for h in histories]
+    arms = " ".join(f"ACTION={n} ACTION={n.capitalize()} {n} {n.capitalize()}"
+                    for n in cfg.arm_names)  # fmt: skip
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<pad>", "<bos>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(CORPUS * 4 + [arms] * 50 + turns, trainer=trainer)
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                     pad_token="<pad>")  # fmt: skip
+    hf_tok.chat_template = chat_template
+    return hf_tok
+
+
+@pytest.fixture(scope="session")
 def chat_template() -> str:
     """The chat template ``chat_models`` are saved with."""
     return CHAT_TEMPLATE

@@ -21,29 +21,15 @@ from kdgap.envs import BanditConfig
 from kdgap.report.pipeline import AnalyzeConfig, analyze
 from kdgap.report.session import Session
 
-# Arms spelled as single tokens right after "ACTION=" (a logit difference needs them).
-ARM_LINES = ["red green blue yellow orange ACTION=red ACTION=green ACTION=blue "
-             "ACTION=yellow ACTION=orange"] * 50  # fmt: skip
 SMALL = dict(episodes=2, horizon=12, record_episodes=8, n_pairs=8, freqbias_histories=2,
              decomposition_steps=12)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def chat_llama(tmp_path_factory, chat_template):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+def chat_llama(tmp_path_factory, paper_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tests.conftest import CORPUS
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<bos>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
-    tok.train_from_iterator(CORPUS * 4 + ARM_LINES, trainer=trainer)
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                     pad_token="<pad>")  # fmt: skip
-    hf_tok.chat_template = chat_template
+    hf_tok = paper_tokenizer
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -21,11 +21,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdgap.agent.prompts import PaperFormat
-from kdgap.envs import BanditConfig
 from kdgap.report.pipeline import AnalyzeConfig, analyze
 from kdgap.report.stages import model_slug
-from tests.conftest import ARCHS, CORPUS, _arch_config
+from tests.conftest import ARCHS, _arch_config
 from tests.report.test_summary_schema import DOC, documented_paths, written_paths
 
 # The smallest sizes every stage accepts (probes need 5 recorded episodes: one held out,
@@ -37,38 +35,13 @@ RATES = ("rationale_correct", "action_follows_rationale", "invalid_rate",
 ENTRY = "models.<model>."
 
 
-def _chat_tokenizer(chat_template: str):
-    """A byte-level BPE chat tokenizer in which, as in real ones, every spelling of an arm
-    name (``red``, `` red``, ``Red``, `` Red``) is one token, so an action is scored in one
-    pass and patched at one position. It is trained on the analysis' own prompts and
-    rationales too, which keeps them short (attention and the heatmap grow with length)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    fmt, cfg = PaperFormat(knowing_doing=True), BanditConfig(horizon=TINY["horizon"])
-    histories = [([a, (a + 1) % 5, (a + 3) % 5], [1.0, 0.0, 1.0]) for a in range(5)]
-    turns = [fmt.render_prompt(cfg, *h) + fmt.write_rationale(cfg, *h) for h in histories]
-    arms = " ".join(f"ACTION={n} ACTION={n.capitalize()} {n} {n.capitalize()}"
-                    for n in cfg.arm_names)  # fmt: skip
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<pad>", "<bos>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
-    tok.train_from_iterator(CORPUS * 4 + [arms] * 50 + turns, trainer=trainer)
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                     pad_token="<pad>")  # fmt: skip
-    hf_tok.chat_template = chat_template
-    return hf_tok
-
-
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory, chat_template) -> dict[str, str]:
+def zoo(tmp_path_factory, paper_tokenizer) -> dict[str, str]:
     """``{arch: spec}``: a local folder per architecture of ``ARCHS``, and ``"gguf"``: the
     same Llama written as a GGUF file (absent without the gguf package)."""
     from transformers import AutoModelForCausalLM
 
-    tok = _chat_tokenizer(chat_template)
+    tok = paper_tokenizer
     specs = {}
     for i, arch in enumerate(ARCHS):
         torch.manual_seed(i)

@@ -150,7 +150,7 @@ def test_a_worker_killed_mid_recording_leaves_the_same_complete_store(ray_local,
 
 def test_more_workers_than_the_cluster_holds_is_refused(ray_local, faithful):
     ex = RayExecutor(5)  # the local instance has 2 CPUs: Ray would queue for ever
-    with pytest.raises(ValueError, match="workers=5 need 5 CPUs and the Ray cluster has 2 free"):
+    with pytest.raises(ValueError, match="workers=5 need 5 CPUs and the Ray cluster has"):
         ex.play(faithful, BanditConfig(horizon=2), 5)
 
 
