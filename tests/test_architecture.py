@@ -33,6 +33,7 @@ ALLOWED: dict[str, set[str]] = {
     "kdgap.agent": GROUND | {"kdgap.policies", "kdgap.organisms", "kdgap.models"},
     "kdgap.hooks": GROUND | {"kdgap.policies", "kdgap.models"},
     "kdgap.probes": GROUND | {"kdgap.policies", "kdgap.models", "kdgap.hooks"},
+    "kdgap.training": GROUND | {"kdgap.policies", "kdgap.organisms", "kdgap.models", "kdgap.agent"},
     "kdgap.report": GROUND
     | {
         "kdgap.policies",
@@ -41,6 +42,7 @@ ALLOWED: dict[str, set[str]] = {
         "kdgap.agent",
         "kdgap.hooks",
         "kdgap.probes",
+        "kdgap.training",
     },
     "kdgap.cli": {"kdgap.report.api"},
 }
