@@ -7,15 +7,18 @@ import json
 import sys
 
 from kdgap.report.api import (
+    CLONING,
     DEMO_MODELS,
     EXECUTORS,
     AnalyzeConfig,
     BanditConfig,
+    CloneConfig,
     PlayConfig,
     Player,
     StoreError,
     analyze,
     bandit_config,
+    finetune,
     freqbias_study,
     make_executor,
     organisms_table,
@@ -160,6 +163,17 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    cfg = CloneConfig(method=args.method, episodes=args.episodes, horizon=args.steps,
+                      updates=args.updates, batch_size=args.batch_size, lr=args.lr,
+                      seed=args.seed)  # fmt: skip
+    res = finetune(args.model, args.out, cfg, device=args.device)
+    matches = res["curves"]["action_matches_expert"]
+    print(f"{args.method}: {res['step']} updates, action matches the expert "
+          f"{matches[0]:.2f} -> {matches[-1]:.2f}; model: {res['model']}")  # fmt: skip
+    return 0
+
+
 def cmd_figures(args: argparse.Namespace) -> int:
     print(f"wrote {render_all(args.dir)}")
     return 0
@@ -297,6 +311,19 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--ray-address", default=None, help="ray: a cluster (default: local)")
         g.add_argument("--gpus-per-worker", type=float, default=0.0, help="ray: GPUs per actor")
         p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("finetune", help="fine-tune a model toward the UCB expert; save it")
+    p.add_argument("--method", required=True, choices=CLONING)
+    p.add_argument("--model", required=True, help="organism:NAME | local HF folder | ...")
+    p.add_argument("--out", required=True, help="folder: run/ (checkpoints), model/, curves")
+    p.add_argument("--episodes", type=int, default=CloneConfig.episodes, help="expert bandits")
+    p.add_argument("--steps", type=int, default=CloneConfig.horizon, help="horizon")
+    p.add_argument("--updates", type=int, default=CloneConfig.updates)
+    p.add_argument("--batch-size", type=int, default=CloneConfig.batch_size)
+    p.add_argument("--lr", type=float, default=CloneConfig.lr)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("figures", help="re-render figures and report.html from saved results")
     p.add_argument("dir", help="a folder written by analyze or demo")

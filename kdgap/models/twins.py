@@ -61,7 +61,9 @@ def supports(bridge: TransformerBridge) -> bool:
     return _hf_model(bridge) is not None
 
 
-def _strip(name: str) -> str:
+def strip_bridge_name(name: str) -> str:
+    """A parameter name of a bridge-wrapped module under its original name (the bridge
+    inserts ``_original_component`` segments)."""
     return name.replace("._original_component", "").replace("_original_component.", "")
 
 
@@ -98,7 +100,7 @@ def bind_shared(twin: torch.nn.Module, source: torch.nn.Module) -> Built:
         source.named_buffers(remove_duplicate=False)
     )
     for name, t in named:
-        key = _strip(name)
+        key = strip_bridge_name(name)
         if key in src and src[key].data_ptr() != t.data_ptr():
             return None, []  # two different tensors claim one name: the mapping is ambiguous
         src.setdefault(key, t)

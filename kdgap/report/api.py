@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from kdgap._checks import check_int
@@ -30,18 +31,23 @@ from kdgap.report.behavior import PlayConfig, run_freqbias, run_play
 from kdgap.report.executor import EXECUTORS, make_executor
 from kdgap.report.pipeline import AnalyzeConfig, analyze
 from kdgap.report.render import render_all
-from kdgap.report.session import make_agent, record_from_model
+from kdgap.report.session import Session, make_agent, record_from_model
+from kdgap.training import CLONING, CloneConfig, clone
+from kdgap.training.export import save_finetuned
 
 __all__ = [
+    "CLONING",
     "DEMO_MODELS",
     "EXECUTORS",
     "AnalyzeConfig",
     "BanditConfig",
+    "CloneConfig",
     "PlayConfig",
     "Player",
     "StoreError",
     "analyze",
     "bandit_config",
+    "finetune",
     "freqbias_study",
     "make_executor",
     "organisms_table",
@@ -159,3 +165,23 @@ def organisms_table(*, json_out: str | os.PathLike | None = None) -> list[dict[s
     if json_out:
         atomic_write_json(json_out, rows)
     return rows
+
+
+def finetune(
+    model: str, out: str | os.PathLike, cfg: CloneConfig, *, device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """``kdgap finetune``: fine-tune ``model`` by ``cfg.method`` (resuming from
+    ``out/run/checkpoint``), save it to ``out/model`` where kdgap loads models from, and
+    write the curves to ``out/curves.json``. Returns ``{"model": spec of the result,
+    "curves": ..., "step": ...}``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out={str(out)!r} is a file; pass a folder (created if missing).")
+    session = Session(model, device=device)
+    state = clone(session.agent(seed=cfg.seed), cfg, out / "run", progress=progress)
+    spec = save_finetuned(session.bridge, session.tokenizer, model, out / "model",
+                          {"method": cfg.method, "updates": state["step"]})  # fmt: skip
+    result = {"model": spec, **state}
+    atomic_write_json(out / "curves.json", result)
+    return result

@@ -5,6 +5,8 @@
   :func:`expert_examples`, :func:`action_match_rate`.
 - :mod:`~kdgap.training.checkpoint`: :func:`save_checkpoint`, :func:`load_checkpoint`
   (safetensors + JSON, sha256-checked, no pickle), :class:`CheckpointError`.
+- :mod:`~kdgap.training.export`: :func:`save_finetuned`, the result where kdgap loads
+  models from.
 """
 
 from kdgap.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -15,6 +17,7 @@ from kdgap.training.cloning import (
     clone,
     expert_examples,
 )
+from kdgap.training.export import save_finetuned
 
 __all__ = [
     "CLONING",
@@ -25,4 +28,5 @@ __all__ = [
     "expert_examples",
     "load_checkpoint",
     "save_checkpoint",
+    "save_finetuned",
 ]
