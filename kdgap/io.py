@@ -1,7 +1,9 @@
-"""Atomic file writes: a file appears whole or not at all, with the umask's mode."""
+"""Atomic file writes (a file appears whole or not at all, with the umask's mode) and file
+checksums."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -62,3 +64,12 @@ def _json_default(o: object) -> int | float | list:
     if isinstance(o, np.ndarray):
         return o.tolist()
     raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -10,6 +10,7 @@ missing shard and produces the same bytes as an uninterrupted run.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -253,7 +254,7 @@ class _Job:
             max_batch_tokens=o["max_batch_tokens"], pad_multiple=o["pad_multiple"],
             truncate=o["truncate"], fast=o["fast"],
         )  # fmt: skip
-        rec, self.options = self.rec, o
+        rec, self.options = self.rec, o  # rec: the header below reads it
         self.model_id = (
             o["model_id"] or getattr(model.cfg, "model_name", None) or type(model).__name__
         )
@@ -291,12 +292,13 @@ class _Job:
         return out_list
 
 
-#: record_store's defaults, for record_shards' options.
-_DEFAULTS = dict(
-    batch_size=256, dtype="float32", shard_size=256, model_id=None, seed=None, tokenizer=None,
-    prepend_bos=None, on_missing="raise", max_batch_tokens=2048, sort_by_length=True,
-    pad_multiple=4, truncate=True, fast=True, model_identity=None,
-)  # fmt: skip
+#: record_store's keyword defaults: record_shards fills in the options it is not given
+#: from the same place, so the two cannot drift apart.
+_DEFAULTS = {
+    name: p.default
+    for name, p in inspect.signature(record_store).parameters.items()
+    if p.kind is p.KEYWORD_ONLY and name not in ("progress", "map_shards")
+}
 
 
 class _Shard(NamedTuple):

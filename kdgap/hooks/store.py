@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from kdgap.io import atomic_write as _atomic_write  # module global: tests wrap it
-from kdgap.io import atomic_write_json
+from kdgap.io import atomic_write_json, file_sha256
 from kdgap.models.runtime import release_free_memory
 
 FORMAT = "kdgap-activation-store"
@@ -64,15 +64,6 @@ def _read_manifest(path: Path) -> dict:
             f"{path} is not valid JSON ({err}): the manifest was cut off or edited; delete "
             "the store folder and record again."
         ) from err
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_labels(labels: pd.DataFrame, path: str | os.PathLike) -> None:

@@ -13,7 +13,6 @@ while writing leaves the previous one intact.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from kdgap.io import atomic_write, atomic_write_json
+from kdgap.io import atomic_write, atomic_write_json, file_sha256
 
 STATE = "checkpoint.json"
 WEIGHTS = "weights.safetensors"
@@ -31,14 +30,6 @@ OPTIMIZER = "optimizer.safetensors"
 
 class CheckpointError(ValueError):
     """A checkpoint is unreadable, altered or belongs to another run."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_checkpoint(
@@ -66,7 +57,7 @@ def save_checkpoint(
         **state,
         "optimizer_groups": opt["param_groups"],
         "optimizer_scalars": scalars,
-        "sha256": {WEIGHTS: _sha256(folder / WEIGHTS), OPTIMIZER: _sha256(folder / OPTIMIZER)},
+        "sha256": {name: file_sha256(folder / name) for name in (WEIGHTS, OPTIMIZER)},
     }
     atomic_write_json(folder / STATE, meta)
     return folder
@@ -88,7 +79,7 @@ def load_checkpoint(
     try:
         meta = json.loads((folder / STATE).read_text())
         for name, digest in meta["sha256"].items():
-            if _sha256(folder / name) != digest:
+            if file_sha256(folder / name) != digest:
                 raise CheckpointError(
                     f"checkpoint {folder}: {name} does not match its sha256 (altered or "
                     "truncated); delete the folder to start over."

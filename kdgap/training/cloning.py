@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from kdgap._checks import check_int
 from kdgap.agent.text_agent import TextAgent
 from kdgap.envs.bandit import BanditConfig
-from kdgap.models.tokens import encode
+from kdgap.models.tokens import _pad_id, encode
 from kdgap.organisms.train import sequence_loss
 from kdgap.policies.play import play
 from kdgap.policies.reference import make_policy
@@ -144,8 +144,7 @@ def clone(
     examples = expert_examples(agent, bandit, cfg.episodes, seed=cfg.seed,
                                rationale=cfg.method == "thought-cloning")  # fmt: skip
     ids, starts = _tokens(agent, examples)
-    pad = agent.tokenizer.pad_token_id
-    pad = int(pad if pad is not None else agent.tokenizer.eos_token_id or 0)
+    pad = _pad_id(agent.tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt = Path(out) / "checkpoint"
