@@ -10,11 +10,14 @@ from kdgap.report.api import (
     CLONING,
     DEMO_MODELS,
     EXECUTORS,
+    ActivationStore,
     AnalyzeConfig,
     BanditConfig,
     CloneConfig,
+    LocalExecutor,
     PlayConfig,
     Player,
+    RayExecutor,
     StoreError,
     analyze,
     bandit_config,
@@ -69,6 +72,20 @@ _ANALYZE = {"episodes": "episodes", "horizon": "steps", "record_episodes": "reco
             "rationale": "rationale", "decomposition_steps": "decomposition_steps"}  # fmt: skip
 
 
+def _add_executor_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("executor (same results on any executor)")
+    g.add_argument("--executor", default="local", choices=EXECUTORS,
+                   help="local: this process; ray: the work spread over Ray actors")  # fmt: skip
+    g.add_argument("--workers", type=int, default=2, help="ray: actors per model")
+    g.add_argument("--ray-address", default=None, help="ray: a cluster (default: local)")
+    g.add_argument("--gpus-per-worker", type=float, default=0.0, help="ray: GPUs per actor")
+
+
+def _executor(args: argparse.Namespace) -> LocalExecutor | RayExecutor:
+    return make_executor(args.executor, workers=args.workers, address=args.ray_address,
+                         gpus_per_worker=args.gpus_per_worker)  # fmt: skip
+
+
 def _pick(args: argparse.Namespace, table: dict[str, str]) -> dict:
     return {param: getattr(args, arg) for param, arg in table.items()}
 
@@ -89,7 +106,14 @@ def cmd_play(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         counterfactual=args.counterfactual,
     )
-    out = play_study(_player(args), cfg, json_out=args.json, records_out=args.records)
+    player = _player(args)
+    executor = _executor(args) if player.model else None  # policies always play here
+    try:
+        out = play_study(player, cfg, json_out=args.json, records_out=args.records,
+                         executor=executor)  # fmt: skip
+    finally:
+        if executor is not None:
+            executor.close()
     _print_table(out)
     return 0
 
@@ -127,7 +151,17 @@ def cmd_organisms(args: argparse.Namespace) -> int:
 
 
 def cmd_record(args: argparse.Namespace) -> int:
-    store = record_from_model(
+    executor = _executor(args)
+    try:
+        store = _record(args, executor)
+    finally:
+        executor.close()
+    print(f"recorded {store.n_examples} examples -> {store.path}")
+    return 0
+
+
+def _record(args: argparse.Namespace, executor: LocalExecutor | RayExecutor) -> ActivationStore:
+    return record_from_model(
         args.model,
         episodes=args.episodes,
         seed=args.seed,
@@ -139,9 +173,8 @@ def cmd_record(args: argparse.Namespace) -> int:
         dtype=args.store_dtype,
         horizon=args.steps,
         n_arms=args.arms,
+        executor=executor,
     )
-    print(f"recorded {store.n_examples} examples -> {store.path}")
-    return 0
 
 
 def _analyze_config(args: argparse.Namespace) -> AnalyzeConfig:
@@ -153,8 +186,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     models = list(args.models) if getattr(args, "models", None) else [args.model]
     cfg = _analyze_config(args)  # settings are checked before Ray or any model starts
-    executor = make_executor(args.executor, workers=args.workers, address=args.ray_address,
-                             gpus_per_worker=args.gpus_per_worker)  # fmt: skip
+    executor = _executor(args)
     try:
         summary = analyze(models, args.out, cfg, force=args.force, executor=executor)
     finally:
@@ -235,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--counterfactual", action="store_true", help="edit rationales, act again")
     p.add_argument("--json", help="write the metrics JSON here")
     p.add_argument("--records", help="write step records (JSON lines) here")
+    _add_executor_args(p)
     p.set_defaults(func=cmd_play)
 
     p = sub.add_parser("freqbias", help="run the frequency-bias protocol")
@@ -266,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--store-dtype", default="float32", help="float32 | float16 | bfloat16")
     p.add_argument("--out", required=True, help="store folder")
+    _add_executor_args(p)
     p.set_defaults(func=cmd_record)
 
     for name, helptext in (
@@ -294,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="steps of the mediation decomposition (it decides the verdict)",
         )
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--device", default="cpu")
+        p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (all GPUs)")
         p.add_argument("--dtype", default="float32")
         p.add_argument("--force", action="store_true", help="recompute every stage")
         p.add_argument("--aiw", action="store_true", help="also run the Alice-in-Wonderland study")
@@ -304,12 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="model: the model writes its rationale; scripted: kdgap writes the correct "
             "UCB rationale (paper format) and the model only acts",
         )  # fmt: skip
-        g = p.add_argument_group("executor (same results on any executor)")
-        g.add_argument("--executor", default="local", choices=EXECUTORS,
-                       help="local: this process; ray: plays split across Ray actors")  # fmt: skip
-        g.add_argument("--workers", type=int, default=2, help="ray: actors per model")
-        g.add_argument("--ray-address", default=None, help="ray: a cluster (default: local)")
-        g.add_argument("--gpus-per-worker", type=float, default=0.0, help="ray: GPUs per actor")
+        _add_executor_args(p)
         p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("finetune", help="fine-tune a model toward the UCB expert; save it")

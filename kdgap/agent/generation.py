@@ -113,6 +113,20 @@ def check_generation_args(max_new_tokens: int, temperature: float, batch_size: i
     check_int("batch_size", batch_size, optional=True, hint="(None: all at once)")
 
 
+def _room(model: TransformerBridge, prompt_len: int, max_new_tokens: int) -> int:
+    """``max_new_tokens``, cut so that no position passes the model's context ``n_ctx``
+    (a sampled completion that never stops would otherwise fail inside a forward)."""
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if not n_ctx:
+        return max_new_tokens
+    if prompt_len >= n_ctx:
+        raise ValueError(
+            f"a prompt of {prompt_len} tokens fills the model's context n_ctx={n_ctx}; "
+            "play fewer steps (--steps) or use a model with a longer context."
+        )
+    return min(max_new_tokens, n_ctx - prompt_len)
+
+
 def generate(
     model: TransformerBridge,
     prompts: Sequence[str],
@@ -166,7 +180,8 @@ def generate(
         rows = order[start : start + bs]
         tokens, mask = left_pad([ids[i] for i in rows], _pad_id(tok), model.cfg.device)
         stop = TextStop(tok, stop_strings, tokens.shape[1]) if stop_strings else None
-        how = replace(base, seed=seed + b, stop=stop)
+        how = replace(base, seed=seed + b, stop=stop,
+                      max_new_tokens=_room(model, tokens.shape[1], max_new_tokens))  # fmt: skip
         if native:
             gen = native_decoding.generate(model, tokens, mask, how)
         elif lm is not None:

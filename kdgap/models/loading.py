@@ -114,7 +114,8 @@ def _load_hf(
         # torch.load(weights_only=True) by default and we never turn that off.
         model_kwargs["use_safetensors"] = files[0].suffix == ".safetensors"
     if device != "cpu":
-        model_kwargs["device_map"] = device  # straight to the GPU, no full host copy
+        # Straight to the GPU(s), no full host copy; "auto" spreads the layers over them.
+        model_kwargs["device_map"] = device
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_folder, **kwargs)
     except (OSError, ValueError) as exc:
@@ -187,7 +188,9 @@ def load_model(
     Args:
         spec: ``organism:NAME`` / ``organism:PATH``, a local Hugging Face folder, a ``.gguf``
             file, a preset (``smollm2``) or a hub id (see :func:`parse_model_spec`).
-        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, or ``"auto"``: a Hugging Face model
+            spread over every visible GPU (accelerate's ``device_map="auto"``, for models
+            larger than one GPU); organisms and GGUF files then load on ``"cuda"``.
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         trust_remote_code: allow a folder's own modelling code to run (off by default).
         check_memory_first: estimate memory from file headers and refuse if it will not fit.
@@ -218,8 +221,9 @@ def load_model(
     path: Path | None = None
     files: list[Path] = []
     arch = None
+    one_device = "cuda" if device == "auto" else device  # where single-device loaders go
     if spec.kind == "organism":
-        bridge, tokenizer = _load_organism(spec, device)
+        bridge, tokenizer = _load_organism(spec, one_device)
         bridge = bridge.eval()
         path, files = _organism_files(spec)
     else:
@@ -232,10 +236,12 @@ def load_model(
         elif spec.kind in ("gguf", "preset"):
             path = Path(spec.target)
             files = [path]
-            hf_model, tokenizer, arch = load_gguf(path, torch_dtype, device)
+            hf_model, tokenizer, arch = load_gguf(path, torch_dtype, one_device)
         else:
             hf_model, tokenizer = _load_hub(spec, torch_dtype, device, trust_remote_code)
-        bridge = _wrap(spec, hf_model, tokenizer, device, torch_dtype)
+        # "auto": accelerate placed the layers; the bridge reads where from the model.
+        bridge = _wrap(spec, hf_model, tokenizer, None if device == "auto" else device,
+                       torch_dtype)  # fmt: skip
 
     identity = {
         "name": spec.label,
@@ -267,10 +273,11 @@ def _wrap(
     spec: ModelSpec,
     hf_model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    device: str,
+    device: str | None,
     torch_dtype: torch.dtype,
 ) -> TransformerBridge:
-    """Wrap a loaded HF model; tokenizer= always, or the bridge goes to the hub."""
+    """Wrap a loaded HF model; tokenizer= always, or the bridge goes to the hub. ``device``
+    None: the model is already placed by a device map (the bridge reads it from there)."""
     from transformer_lens.model_bridge import TransformerBridge
 
     try:

@@ -66,18 +66,22 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def parse_device(device: str | torch.device) -> str:
-    """``"cpu"``, ``"cuda"`` or ``"cuda:N"``; checks that CUDA exists when asked for."""
+    """``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (a Hugging Face model spread over
+    every visible GPU by accelerate's ``device_map="auto"``); checks that CUDA exists when
+    asked for."""
     name = str(device).lower()
     if name == "cpu":
         return name
-    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+    if name in ("cuda", "auto") or (name.startswith("cuda:") and name[5:].isdigit()):
         if not torch.cuda.is_available():
             raise ModelLoadError(
                 f"device={device!r} but torch sees no CUDA GPU (torch {torch.__version__}); "
                 "pass device='cpu', or install a CUDA build of torch on a GPU machine."
             )
         return name
-    raise ModelLoadError(f"device={device!r} is not supported; pass 'cpu', 'cuda' or 'cuda:N'.")
+    raise ModelLoadError(
+        f"device={device!r} is not supported; pass 'cpu', 'cuda', 'cuda:N' or 'auto' (every GPU)."
+    )
 
 
 def _safetensors_params(path: Path) -> int:
@@ -165,7 +169,9 @@ def available_host_bytes() -> int:
 
 
 def available_device_bytes(device: str) -> int:
-    """Free memory on a CUDA device in bytes."""
+    """Free memory on a CUDA device in bytes (``"auto"``: on every visible GPU together)."""
+    if device == "auto":
+        return sum(int(torch.cuda.mem_get_info(i)[0]) for i in range(torch.cuda.device_count()))
     return int(torch.cuda.mem_get_info(torch.device(device))[0])
 
 

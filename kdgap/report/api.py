@@ -16,27 +16,34 @@ command names. Each function is usable from Python as well:
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kdgap._checks import check_int
 from kdgap.envs.bandit import BanditConfig
-from kdgap.hooks.store import StoreError
+from kdgap.hooks.names import resolve_hooks
+from kdgap.hooks.sites import parse_sites
+from kdgap.hooks.store import ActivationStore, StoreError
 from kdgap.io import atomic_write_json
 from kdgap.organisms.registry import list_organisms
 from kdgap.policies.reference import Policy, make_policy
 from kdgap.records import write_records
-from kdgap.report.behavior import PlayConfig, run_freqbias, run_play
-from kdgap.report.executor import EXECUTORS, make_executor
+from kdgap.report.behavior import PlayConfig, play_summary, run_freqbias, run_play
+from kdgap.report.executor import EXECUTORS, LocalExecutor, RayExecutor, make_executor
 from kdgap.report.pipeline import AnalyzeConfig, analyze
 from kdgap.report.render import render_all
-from kdgap.report.session import Session, make_agent, record_from_model
+from kdgap.report.session import Session, driver_policy, make_agent
 from kdgap.training import CLONING, CloneConfig, clone
 from kdgap.training.export import save_finetuned
 
 __all__ = [
     "CLONING",
+    "ActivationStore",
+    "LocalExecutor",
+    "RayExecutor",
     "DEMO_MODELS",
     "EXECUTORS",
     "AnalyzeConfig",
@@ -116,19 +123,90 @@ def play_study(
     *,
     json_out: str | os.PathLike | None = None,
     records_out: str | os.PathLike | None = None,
+    executor: LocalExecutor | RayExecutor | None = None,
 ) -> dict[str, Any]:
     """``kdgap play``: the behaviour study's JSON (:func:`~kdgap.report.behavior.run_play`).
 
     Writes the JSON to ``json_out`` and the step records (JSON lines) to ``records_out``
-    when given.
+    when given. A model's episodes are played on ``executor`` when one is given (the same
+    records on any executor; reference policies always play here).
     """
-    policy = player.build(seed=cfg.seed, counterfactual=cfg.counterfactual)
-    out, records = run_play(policy, cfg)
+    if player.model and executor is not None:
+        session = Session(player.model, device=player.device, dtype=player.dtype)
+        how = dict(mode=player.mode, max_new_tokens=player.max_new_tokens,
+                   temperature=player.temperature, counterfactual=cfg.counterfactual)  # fmt: skip
+        name = session.agent(seed=cfg.seed, **how).name
+        t0 = time.perf_counter()
+        records = executor.play(session, cfg.bandit, cfg.n_episodes, seed=cfg.seed,
+                                batch_size=cfg.batch_size, **how)  # fmt: skip
+        out = play_summary(name, records, cfg, time.perf_counter() - t0)
+    else:
+        policy = player.build(seed=cfg.seed, counterfactual=cfg.counterfactual)
+        out, records = run_play(policy, cfg)
     if json_out:
         atomic_write_json(json_out, out)
     if records_out:
         write_records(records_out, records)
     return out
+
+
+def record_from_model(
+    model_spec: str,
+    *,
+    episodes: int,
+    seed: int,
+    hooks: str | Sequence[str],
+    sites: str | Sequence[str],
+    out: str | os.PathLike,
+    driver: str = "random",
+    batch_size: int = 256,
+    dtype: str = "float32",
+    horizon: int = 50,
+    n_arms: int = 5,
+    progress: bool = True,
+    executor: LocalExecutor | RayExecutor | None = None,
+) -> ActivationStore:
+    """Load a model, play bandit episodes with it, and record the transcripts (``kdgap record``).
+
+    The model plays as a forced-mode text agent in its own format (:class:`Session`); every
+    step record (``episodes * horizon`` of them) is then recorded, labels included.
+
+    Args:
+        model_spec: anything :func:`kdgap.models.load_model` reads, e.g. ``"organism:faithful"``.
+        episodes: episodes to play (>= 1).
+        seed: fixes the bandits, rewards and the driver; stored as a label column.
+        hooks: hook specs, e.g. ``"resid_post"``.
+        sites: site specs, e.g. ``"action,rationale.conclusion"`` or a list.
+        out: store directory (resumed when it holds the same recording).
+        driver: reference policy whose arms build the histories (off-policy play, see
+            :func:`kdgap.policies.play.play`): ``"random"``, ``"ucb"``, ...; ``"own"`` lets the
+            model's own actions build them (on-policy).
+        batch_size: transcripts recorded together (see :func:`record_store`).
+        dtype: stored dtype.
+        horizon, n_arms: the Bernoulli bandit family (colour buttons).
+        progress: progress bars.
+        executor: where the play and the recording run (default: this process; the same
+            store on any executor).
+
+    Returns:
+        The :class:`~kdgap.hooks.store.ActivationStore` at ``out``; ``[episodes * horizon]``
+        examples, model id ``model_spec`` (e.g. ``"organism:faithful"``).
+    """
+    check_int("episodes", episodes)
+    policy = driver_policy(driver)  # a bad name fails before the model loads
+    parse_sites(sites)
+    session = Session(model_spec)
+    resolve_hooks(session.bridge, hooks)  # a bad hook spec fails before the play
+    executor = executor or LocalExecutor()
+    records = executor.play(
+        session, BanditConfig(n_arms=n_arms, horizon=horizon), episodes, seed=seed,
+        driver=policy, progress=progress,
+    )  # fmt: skip
+    provenance = {"driver": driver, "episodes": episodes, "horizon": horizon, "n_arms": n_arms}
+    return executor.record(
+        session, records, hooks, sites, out, provenance=provenance, batch_size=batch_size,
+        dtype=dtype, seed=seed, progress=progress,
+    )  # fmt: skip
 
 
 def repetitions(rep_min: int, rep_max: int, rep_step: int) -> tuple[int, ...]:

@@ -24,8 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from kdgap._checks import check_int
 from kdgap.envs.bandit import BanditConfig
@@ -62,16 +66,85 @@ def episode_ranges(n_episodes: int, workers: int) -> list[tuple[int, int]]:
     return out
 
 
+def pack_plays(sizes: Sequence[int], workers: int) -> list[list[tuple[int, int, int]]]:
+    """Plays of ``sizes`` episodes shared by ``workers``: one list of
+    ``(play index, first episode, count)`` pieces per worker (idle workers left out).
+
+    With at least as many plays as workers, every play stays whole (the largest first, to
+    the least loaded worker): a play's cost per step has a part that does not shrink with
+    its episodes (one batched forward per step), which a split play pays twice. With
+    fewer plays, the plays' episodes, end to end, are cut into :func:`episode_ranges`.
+    """
+    sizes = [check_int("sizes", n, minimum=0) for n in sizes]
+    workers = check_int("workers", workers)
+    if len(sizes) >= workers:
+        chunks: list[list[tuple[int, int, int]]] = [[] for _ in range(workers)]
+        loads = [0] * workers
+        for i in sorted((i for i in range(len(sizes)) if sizes[i]), key=lambda i: -sizes[i]):
+            w = loads.index(min(loads))
+            chunks[w].append((i, 0, sizes[i]))
+            loads[w] += sizes[i]
+        return [sorted(c) for c in chunks if c]
+    ends = np.cumsum([0, *sizes])
+    chunks = []
+    for start, count in episode_ranges(int(ends[-1]), workers):
+        pieces, stop = [], start + count
+        for i, (lo, hi) in enumerate(zip(ends[:-1], ends[1:])):
+            a, b = max(start, lo), min(stop, hi)
+            if a < b:
+                pieces.append((i, int(a - lo), int(b - a)))
+        chunks.append(pieces)
+    return chunks
+
+
+#: A play to run: ``(bandit family, episodes, Session.play keyword arguments)``.
+PlaySpec = tuple[BanditConfig, int, dict]
+
+
+def play_pieces(session: Session, plays: Sequence[PlaySpec], pieces: list) -> list:
+    """``[records]`` of each ``(play index, first, count)`` piece of ``plays``."""
+    out = []
+    for i, first, count in pieces:
+        cfg, _, kwargs = plays[i]
+        out.append(session.play(cfg, count, **{**kwargs, "progress": False,
+                                               "first_episode": first}))  # fmt: skip
+    return out
+
+
+def record_shard(session: Session, args: tuple, options: dict, shard: tuple[int, int]) -> tuple:
+    """One shard of :meth:`Session.record` (``args``: its positional arguments)."""
+    return session.record_shards(*args, [shard], **options)[0]
+
+
+def _assemble(plays: Sequence[PlaySpec], chunks: list, results: Iterable[list]) -> list:
+    parts: list[list[StepRecord]] = [[] for _ in plays]
+    for pieces, got in zip(chunks, results):
+        for (i, _, _), records in zip(pieces, got):
+            parts[i].extend(records)
+    return [sorted(p, key=lambda r: (r.episode, r.step)) for p in parts]
+
+
 class LocalExecutor:
-    """Plays in this process, on the analysis's own :class:`Session`."""
+    """Runs everything in this process, on the analysis's own :class:`Session`."""
 
     name = "local"
+    workers = 1
+
+    def map(
+        self, session: Session, fn: Callable, items: Iterable[tuple], shared: tuple = ()
+    ) -> Iterator:
+        """``fn(session, *shared, *item)`` for each item, in order (lazily)."""
+        return (fn(session, *shared, *item) for item in items)
+
+    def play_many(self, session: Session, plays: Sequence[PlaySpec]) -> list[list[StepRecord]]:
+        """:meth:`Session.play` of each ``(cfg, n_episodes, kwargs)``, one after another."""
+        return [session.play(cfg, n, **kwargs) for cfg, n, kwargs in plays]
 
     def play(
         self, session: Session, cfg: BanditConfig, n_episodes: int, **kwargs: Any
     ) -> list[StepRecord]:
         """:meth:`Session.play` (``kwargs``: its keyword arguments)."""
-        return session.play(cfg, n_episodes, **kwargs)
+        return self.play_many(session, [(cfg, n_episodes, kwargs)])[0]
 
     def record(
         self, session: Session, records: list[StepRecord], hooks: str, sites: list[str],
@@ -93,11 +166,9 @@ class _Worker:
         torch.set_num_threads(threads)  # a CPU slice: workers must not oversubscribe cores
         self.session = Session(**settings)
 
-    def play(self, cfg: BanditConfig, n_episodes: int, kwargs: dict) -> list[StepRecord]:
-        return self.session.play(cfg, n_episodes, progress=False, **kwargs)
-
-    def record_shards(self, args: tuple, ranges: list, options: dict) -> list:
-        return self.session.record_shards(*args, ranges, **options)
+    def call(self, fn: Callable, *args: Any) -> Any:
+        """``fn(session, *args)`` on this actor's model."""
+        return fn(self.session, *args)
 
     def pid(self) -> int:
         """The actor's process id (to watch or stop it)."""
@@ -105,13 +176,15 @@ class _Worker:
 
 
 class RayExecutor:
-    """Splits a play by episode ranges across ``workers`` Ray actors per model.
+    """Spreads plays, recording shards and patching across ``workers`` Ray actors per model.
 
     Args:
         workers: actors per model (each loads the model once).
         address: a running cluster's address (``ray.init(address=...)``); None starts or
             joins a local instance.
-        gpus_per_worker: GPUs each actor reserves (0 on CPU; fractions share a GPU).
+        gpus_per_worker: GPUs each actor reserves (0 on CPU; fractions share a GPU; more
+            than one: the actor's GPUs are one placement-group bundle on one node and the
+            model is spread over them, see :func:`actor_options`).
         threads: torch threads per actor on CPU (1: ``workers`` actors on ``workers``
             cores).
         max_restarts: times Ray restarts a dead actor (its task is retried as often).
@@ -137,63 +210,91 @@ class RayExecutor:
             kw: dict = {"include_dashboard": False, "log_to_driver": False}
             self.ray.init(address=address, **kw)
         self._cpus, self._gpus = (self.threads if gpus_per_worker == 0 else 1), gpus_per_worker
-        self._remote = self.ray.remote(
-            num_cpus=self._cpus, num_gpus=self._gpus, max_restarts=max_restarts,
-            max_task_retries=max_restarts,
-        )(_Worker)  # fmt: skip
+        self._max_restarts = max_restarts
         self._actors: dict[tuple, list] = {}
+        self._next = 0  # round-robin position: successive submissions interleave
+        self._lock = threading.Lock()  # models analysed concurrently share the executor
 
     def _pool(self, session: Session) -> list:
-        # Actors are built once per model and settings, and reused by every later play.
+        # Actors are built once per model and settings, and reused by every later call.
         settings = {f.name: getattr(session, f.name)
                     for f in dataclasses.fields(session) if f.init}  # fmt: skip
         key = tuple(sorted(settings.items()))
-        if key not in self._actors:
-            self._check_resources()
-            self._actors[key] = [
-                self._remote.remote(settings, self.threads) for _ in range(self.workers)
-            ]
-        return self._actors[key]
+        with self._lock:
+            if key not in self._actors:
+                self._check_resources(self.workers)
+                self._actors[key] = [self._start(settings) for _ in range(self.workers)]
+            return self._actors[key]
 
-    def _check_resources(self) -> None:
+    def _start(self, settings: dict) -> Any:
+        opts = actor_options(self.ray, self._cpus, self._gpus, self._max_restarts)
+        if self._gpus > 1:
+            settings = {**settings, "device": "auto"}  # spread over the bundle's GPUs
+        return self.ray.remote(_Worker).options(**opts).remote(settings, self.threads)
+
+    def fits(self, n_models: int) -> bool:
+        """Whether ``n_models`` pools of ``workers`` actors fit the cluster's free resources
+        (beside the pools already started)."""
+        try:
+            self._check_resources(self.workers * n_models)
+        except ValueError:
+            return False
+        return True
+
+    def _check_resources(self, actors: int) -> None:
         # Ray queues an actor it cannot place and waits for ever: refuse instead.
         free = self.ray.available_resources()
         for name, each in (("CPU", self._cpus), ("GPU", self._gpus)):
-            need, have = self.workers * each, free.get(name, 0.0)
+            need, have = actors * each, free.get(name, 0.0)
             if need > have:
                 raise ValueError(
                     f"workers={self.workers} need {need:g} {name}s and the Ray cluster has "
                     f"{have:g} free; lower --workers (or --gpus-per-worker), or add nodes."
                 )
 
+    def map(
+        self, session: Session, fn: Callable, items: Iterable[tuple], shared: tuple = ()
+    ) -> Iterator:
+        """``fn(session, *shared, *item)`` for each item on the actors (round robin, all
+        submitted at once); results in order. ``shared`` is sent to the cluster once."""
+        actors = self._pool(session)
+        refs = [self.ray.put(x) for x in shared]
+        futures = []
+        with self._lock:
+            for item in items:
+                actor = actors[self._next % len(actors)]
+                self._next += 1
+                futures.append(actor.call.remote(fn, *refs, *item))
+        return (self.ray.get(f) for f in futures)
+
+    def play_many(self, session: Session, plays: Sequence[PlaySpec]) -> list[list[StepRecord]]:
+        """:meth:`Session.play` of each ``(cfg, n_episodes, kwargs)``: the episodes of all
+        of them packed onto the actors (:func:`pack_plays`), the records reassembled."""
+        chunks = pack_plays([n for _, n, _ in plays], len(self._pool(session)))
+        plays = [(cfg, n, {k: v for k, v in kw.items() if k != "progress"})
+                 for cfg, n, kw in plays]  # fmt: skip
+        results = self.map(session, play_pieces, [(c,) for c in chunks], shared=(plays,))
+        return _assemble(plays, chunks, results)
+
     def play(
         self, session: Session, cfg: BanditConfig, n_episodes: int, **kwargs: Any
     ) -> list[StepRecord]:
         """:meth:`Session.play`'s records, each actor playing one range of episodes."""
-        kwargs.pop("progress", None)
-        actors = self._pool(session)
-        futures = [
-            actor.play.remote(cfg, count, {**kwargs, "first_episode": first})
-            for actor, (first, count) in zip(actors, episode_ranges(n_episodes, len(actors)))
-        ]
-        records = [r for part in self.ray.get(futures) for r in part]
-        return sorted(records, key=lambda r: (r.episode, r.step))
+        return self.play_many(session, [(cfg, n_episodes, kwargs)])[0]
 
     def record(
         self, session: Session, records: list[StepRecord], hooks: str, sites: list[str],
         out: str | Path, **options: Any,
     ) -> ActivationStore:  # fmt: skip
-        """:meth:`Session.record`, the shards recorded by the actors round-robin and listed
-        here in order (the store's folder must be reachable from every actor)."""
+        """:meth:`Session.record`, the shards recorded by the actors and listed here in
+        order (the store's folder must be reachable from every actor)."""
         options.pop("progress", None)
-        actors = self._pool(session)
-        args = self.ray.put((records, hooks, sites, str(out)))
+        args = (records, hooks, sites, str(out))
 
         def map_shards(ranges: list[tuple[int, int]]):
-            futures = [actors[i % len(actors)].record_shards.remote(args, [r], options)
-                       for i, r in enumerate(ranges)]  # fmt: skip
-            for future in futures:  # in order: the manifest lists shards contiguously
-                yield self.ray.get(future)[0]
+            # In order: the manifest lists shards contiguously.
+            return self.map(session, record_shard, [(r,) for r in ranges],
+                            shared=(args, options))  # fmt: skip
 
         return session.record(records, hooks, sites, out, map_shards=map_shards, **options)
 
@@ -203,6 +304,26 @@ class RayExecutor:
             for actor in actors:
                 self.ray.kill(actor)
         self._actors.clear()
+
+
+def actor_options(ray: Any, cpus: float, gpus: float, max_restarts: int) -> dict:
+    """Ray actor options of one worker: its CPUs and GPUs, restarts and task retries.
+
+    An actor with more than one GPU holds a placement group of one bundle
+    (``{"CPU": cpus, "GPU": gpus}``, ``STRICT_PACK``: all on one node) and loads its model
+    with ``device="auto"`` (accelerate's ``device_map="auto"`` over the GPUs it sees),
+    so a model larger than one GPU is split across the bundle's GPUs inside the actor.
+    """
+    opts: dict = {"num_cpus": cpus, "num_gpus": gpus, "max_restarts": max_restarts,
+                  "max_task_retries": max_restarts}  # fmt: skip
+    if gpus > 1:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        group = ray.util.placement_group([{"CPU": cpus, "GPU": gpus}], strategy="STRICT_PACK")
+        opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            placement_group=group, placement_group_capture_child_tasks=True
+        )
+    return opts
 
 
 def make_executor(

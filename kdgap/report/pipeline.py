@@ -23,18 +23,14 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from kdgap._checks import check_int
-from kdgap.agent.prompts import check_rationale_name
 from kdgap.envs.bandit import BanditConfig
 from kdgap.hooks import ActivationStore
 from kdgap.hooks.names import resolve_hooks
-from kdgap.hooks.patch.mediation import example_heatmap, mediation_summary
-from kdgap.hooks.sites import parse_sites
 from kdgap.io import atomic_write_json
 from kdgap.models import files_fingerprint
 from kdgap.policies.reference import make_policy
@@ -42,68 +38,16 @@ from kdgap.probes import knowing_doing_summary, latent_knowledge
 from kdgap.records import StepRecord, read_records, write_records
 from kdgap.report.aiw import aiw_study
 from kdgap.report.behavior import PlayConfig, play_summary, run_freqbias, run_play
-from kdgap.report.executor import LocalExecutor, RayExecutor
-from kdgap.report.mediation_stage import decomposition_stage
+from kdgap.report.config import AnalyzeConfig
+from kdgap.report.executor import LocalExecutor, PlaySpec, RayExecutor
+from kdgap.report.mediation_stage import decomposition_stage, patching_stage
 from kdgap.report.render import render_all
-from kdgap.report.session import Session, driver_policy
+from kdgap.report.session import Session
 from kdgap.report.stages import _Stage, model_slug
 from kdgap.report.summary import build_summary, model_entry, previous_entries
 
 #: kdgap's version, part of every stage's cache key.
 _VERSION = importlib.metadata.version("kdgap")
-
-
-@dataclass(frozen=True)
-class AnalyzeConfig:
-    """Sizes and settings of one analysis (defaults fit a laptop CPU in about a minute).
-
-    Attributes:
-        episodes: bandits in the behaviour study (the model's own play).
-        horizon: steps per bandit (organisms are trained for 50).
-        record_episodes: bandits of off-policy transcripts for recording, probes and
-            patching (the model decides at every step, ``driver`` builds the history).
-        driver: reference policy that builds the off-policy histories.
-        hooks: hook spec recorded at every layer.
-        site: where probes read the residual stream.
-        n_pairs: counterfactual pairs for the conclusion- and history-edit patching.
-        decomposition_steps: steps of the mediation decomposition (history -> rationale
-            -> action), which decides the verdict.
-        freqbias_histories: bandits per repetition count in the frequency-bias protocol.
-        seed: one seed for everything.
-        device, dtype: where and how the model runs.
-        aiw: also run the Alice-in-Wonderland study (a chat model's reasoning check).
-        aiw_samples: AIW samples per variation and prompt type.
-        rationale: ``"model"`` (the model writes its rationale) or ``"scripted"`` (kdgap
-            writes the correct UCB rationale in the model's turn and the model only acts:
-            "do you act on a rationale you are given?", for any model).
-    """
-
-    episodes: int = 16
-    horizon: int = 50
-    record_episodes: int = 24
-    driver: str = "random"
-    hooks: str = "resid_post"
-    site: str = "action"
-    n_pairs: int = 32
-    decomposition_steps: int = 128
-    freqbias_histories: int = 8
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str = "float32"
-    aiw: bool = False
-    aiw_samples: int = 8
-    rationale: str = "model"
-
-    def __post_init__(self) -> None:
-        for name in ("episodes", "record_episodes", "n_pairs", "decomposition_steps",
-                     "freqbias_histories", "aiw_samples"):  # fmt: skip
-            check_int(name, getattr(self, name))
-        # The frequency-bias stage repeats one arm for up to horizon - 10 steps of history.
-        check_int("horizon", self.horizon, minimum=10,
-                  hint="(the frequency-bias protocol needs 10 steps; --steps)")  # fmt: skip
-        parse_sites([self.site])  # a malformed site or driver fails here, before model work
-        driver_policy(self.driver)
-        check_rationale_name(self.rationale)
 
 
 class Analysis:
@@ -135,6 +79,7 @@ class Analysis:
         self.timings: dict[str, float] = {}
         self._weights = files_fingerprint(model)  # before any model work: a bad spec fails
         self.ran: set[str] = set()  # stages computed (not read from the cache) in this process
+        self._played: dict[str, tuple[list[StepRecord], float]] = {}  # see play_ahead
 
     @property
     def session(self) -> Session:
@@ -173,15 +118,51 @@ class Analysis:
             cfg = PlayConfig(bandit=self.bandit, n_episodes=self.cfg.episodes,
                              seed=self.cfg.seed, counterfactual=True)  # fmt: skip
             name = self.session.agent(counterfactual=True, seed=self.cfg.seed).name
-            t0 = time.perf_counter()
-            records = self.executor.play(self.session, self.bandit, self.cfg.episodes,
-                                         seed=self.cfg.seed, counterfactual=True,
-                                         batch_size=cfg.batch_size)  # fmt: skip
-            out = play_summary(name, records, cfg, time.perf_counter() - t0)
+            records, seconds = self._play("behavior")
+            out = play_summary(name, records, cfg, seconds)
             write_records(self.dir / "behavior_records.jsonl", records)
             return out
 
-        return self._stage("behavior", self._key("episodes", "horizon", "seed"), compute)
+        return self._stage("behavior", self._behavior_key(), compute)
+
+    def _behavior_key(self) -> dict:
+        return self._key("episodes", "horizon", "seed")
+
+    def _plays(self) -> dict[str, PlaySpec]:
+        """The two plays: the model's own (behaviour, with the counterfactual) and the
+        off-policy transcripts that recording, probes and patching read."""
+        batch = PlayConfig(bandit=self.bandit, n_episodes=self.cfg.episodes).batch_size
+        seed = self.cfg.seed
+        return {
+            "behavior": (self.bandit, self.cfg.episodes,
+                         {"seed": seed, "counterfactual": True, "batch_size": batch}),
+            "transcripts": (self.bandit, self.cfg.record_episodes,
+                            {"seed": seed, "driver": self.cfg.driver}),
+        }  # fmt: skip
+
+    def _play(self, name: str) -> tuple[list[StepRecord], float]:
+        """``(records, seconds)`` of play ``name``: played in advance, or now."""
+        if name in self._played:
+            return self._played.pop(name)
+        cfg, n, kwargs = self._plays()[name]
+        t0 = time.perf_counter()
+        records = self.executor.play(self.session, cfg, n, **kwargs)
+        return records, time.perf_counter() - t0
+
+    def play_ahead(self) -> None:
+        """On several workers, play both plays at once when neither is cached: whole plays
+        go to different workers (:func:`~kdgap.report.executor.pack_plays`) instead of
+        each play's episodes being halved (every worker would pay each play's per-step
+        cost). The stages then take their records from here."""
+        behavior = _Stage(self.dir / "behavior.json", {"stage": "behavior",
+                          **self._behavior_key()}, dict, self.force)  # fmt: skip
+        if self.executor.workers < 2 or behavior.saved() is not None or self._transcripts():
+            return
+        plays = self._plays()
+        t0 = time.perf_counter()
+        got = self.executor.play_many(self.session, list(plays.values()))
+        seconds = time.perf_counter() - t0
+        self._played.update({k: (v, seconds) for k, v in zip(plays, got)})
 
     def baselines(self) -> dict:
         """The same study played by UCB and by a uniform random policy."""
@@ -210,18 +191,23 @@ class Analysis:
 
     def transcripts(self) -> list[StepRecord]:
         """Off-policy step records (cached as JSONL) used by recording, probes and patching."""
-        path = self.dir / "transcripts.jsonl"
-        key = self._key("record_episodes", "horizon", "driver", "seed")
-        key_path = self.dir / "transcripts.key.json"
-        if not self.force and path.exists() and key_path.exists():
-            if json.loads(key_path.read_text()) == key:
-                return read_records(path)
-
-        recs = self.executor.play(self.session, self.bandit, self.cfg.record_episodes,
-                                  seed=self.cfg.seed, driver=self.cfg.driver)  # fmt: skip
-        write_records(path, recs)
-        atomic_write_json(key_path, key)
+        if (cached := self._transcripts()) is not None:
+            return cached
+        recs, _ = self._play("transcripts")
+        write_records(self.dir / "transcripts.jsonl", recs)
+        atomic_write_json(self.dir / "transcripts.key.json", self._transcripts_key())
         return recs
+
+    def _transcripts_key(self) -> dict:
+        return self._key("record_episodes", "horizon", "driver", "seed")
+
+    def _transcripts(self) -> list[StepRecord] | None:
+        """The cached transcripts when their key matches (None: to be played)."""
+        path, key_path = self.dir / "transcripts.jsonl", self.dir / "transcripts.key.json"
+        if not self.force and path.exists() and key_path.exists():
+            if json.loads(key_path.read_text()) == self._transcripts_key():
+                return read_records(path)
+        return None
 
     def activations(self) -> ActivationStore:
         """The ``record`` stage: the transcripts' activations at the probe site and (when
@@ -270,33 +256,12 @@ class Analysis:
         return self._stage("probes", key, compute)
 
     def patching(self) -> dict:
-        """Mediation of conclusion edits and one example heatmap."""
+        """Mediation of conclusion and history edits and one example heatmap
+        (:func:`~kdgap.report.mediation_stage.patching_stage`)."""
 
         def compute() -> dict:
-            recs = self.transcripts()
-            model, fmt = self.session.bridge, self.session.fmt
-            text_fn = self.session.transcript_text  # chat-templated as the agent played
-            # No parsable rationale, no admissible edit, or arms that are not one token:
-            # the measurement is unavailable for this model, with the reason.
-            if not any(r.rationale_arm is not None for r in recs):
-                return {"unavailable": (
-                    f"patching: none of the {len(recs)} transcripts has a parsable rationale, "
-                    "and every edit changes one; analyse with --rationale scripted to ask "
-                    "whether the model acts on a rationale it is given."
-                )}  # fmt: skip
-            try:
-                out = mediation_summary(model, fmt, recs, n_pairs=self.cfg.n_pairs,
-                                        seed=self.cfg.seed, text_fn=text_fn)  # fmt: skip
-            except ValueError as err:
-                return {"unavailable": f"patching: {err}"}
-            out["heatmap"] = None  # an illustration: the first example record that gives one
-            for rec in _example_records(recs)[:_HEATMAP_TRIES]:
-                try:
-                    out["heatmap"] = example_heatmap(model, fmt, rec, text_fn=text_fn)
-                    break
-                except ValueError:
-                    continue
-            return out
+            return patching_stage(self.executor, self.session, self.transcripts(),
+                                  n_pairs=self.cfg.n_pairs, seed=self.cfg.seed)  # fmt: skip
 
         key = self._key("record_episodes", "horizon", "driver", "n_pairs", "seed")
         return self._stage("patching", key, compute)
@@ -345,6 +310,7 @@ class Analysis:
         ]
         if self.cfg.aiw:
             steps.append(("aiw", self.aiw))
+        self.play_ahead()
         results = {}
         for name, fn in tqdm(steps, desc=f"analyze {self.spec}", disable=not progress):
             results[name] = fn()
@@ -361,16 +327,6 @@ class Analysis:
         if self.cfg.rationale != "model":
             key["rationale"] = self.cfg.rationale
         return key
-
-
-#: Example records tried for the patching heatmap before it is left out.
-_HEATMAP_TRIES = 8
-
-
-def _example_records(records: list[StepRecord]) -> list[StepRecord]:
-    """Steps whose rationale parsed, latest step first (earliest episode first on ties)."""
-    parsed = [r for r in records if r.rationale_arm is not None and r.completion]
-    return sorted(parsed, key=lambda r: (-r.step, r.episode))
 
 
 def analyze(
@@ -391,7 +347,14 @@ def analyze(
     # Every spec is checked (Analysis.__init__) before any model work.
     analyses = [Analysis(m, out, cfg, force=force, executor=executor) for m in models]
     entries = previous_entries(out / "summary.json", exclude=models)
-    entries.update({a.spec: a.run(progress) for a in analyses})
+    # Models whose worker pools all fit the cluster at once are analysed side by side.
+    side_by_side = len(analyses) > 1 and isinstance(executor, RayExecutor)
+    if side_by_side and executor.fits(len(analyses)):
+        with ThreadPoolExecutor(len(analyses)) as pool:
+            done = list(pool.map(lambda a: a.run(progress), analyses))
+    else:
+        done = [a.run(progress) for a in analyses]
+    entries.update({a.spec: entry for a, entry in zip(analyses, done)})
     summary = build_summary(entries, cfg)
     atomic_write_json(out / "summary.json", summary)
     render_all(out)

@@ -16,14 +16,11 @@ from typing import Any
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedTokenizerBase
 
-from kdgap._checks import check_int
 from kdgap.agent.prompts import check_rationale, check_rationale_name, format_for
 from kdgap.agent.text_agent import TextAgent
 from kdgap.envs.bandit import BanditConfig
 from kdgap.envs.transcript_format import TranscriptFormat
-from kdgap.hooks.names import resolve_hooks
 from kdgap.hooks.record import record_shards, record_store
-from kdgap.hooks.sites import parse_sites
 from kdgap.hooks.store import ActivationStore
 from kdgap.models import LoadedModel, load_model
 from kdgap.models.tokens import encode
@@ -282,59 +279,4 @@ def make_agent(
     return session.agent(
         mode=mode, counterfactual=counterfactual, max_new_tokens=max_new_tokens,
         temperature=temperature, seed=seed, batch_size=batch_size,
-    )  # fmt: skip
-
-
-def record_from_model(
-    model_spec: str,
-    *,
-    episodes: int,
-    seed: int,
-    hooks: str | Sequence[str],
-    sites: str | Sequence[str],
-    out: str | os.PathLike,
-    driver: str = "random",
-    batch_size: int = 256,
-    dtype: str = "float32",
-    horizon: int = 50,
-    n_arms: int = 5,
-    progress: bool = True,
-) -> ActivationStore:
-    """Load a model, play bandit episodes with it, and record the transcripts (``kdgap record``).
-
-    The model plays as a forced-mode text agent in its own format (:class:`Session`); every
-    step record (``episodes * horizon`` of them) is then recorded, labels included.
-
-    Args:
-        model_spec: anything :func:`kdgap.models.load_model` reads, e.g. ``"organism:faithful"``.
-        episodes: episodes to play (>= 1).
-        seed: fixes the bandits, rewards and the driver; stored as a label column.
-        hooks: hook specs, e.g. ``"resid_post"``.
-        sites: site specs, e.g. ``"action,rationale.conclusion"`` or a list.
-        out: store directory (resumed when it holds the same recording).
-        driver: reference policy whose arms build the histories (off-policy play, see
-            :func:`kdgap.policies.play.play`): ``"random"``, ``"ucb"``, ...; ``"own"`` lets the
-            model's own actions build them (on-policy).
-        batch_size: transcripts recorded together (see :func:`record_store`).
-        dtype: stored dtype.
-        horizon, n_arms: the Bernoulli bandit family (colour buttons).
-        progress: progress bars.
-
-    Returns:
-        The :class:`~kdgap.hooks.store.ActivationStore` at ``out``; ``[episodes * horizon]``
-        examples, model id ``model_spec`` (e.g. ``"organism:faithful"``).
-    """
-    check_int("episodes", episodes)
-    policy = driver_policy(driver)  # a bad name fails before the model loads
-    parse_sites(sites)
-    session = Session(model_spec)
-    resolve_hooks(session.bridge, hooks)  # a bad hook spec fails before the play
-    records = session.play(
-        BanditConfig(n_arms=n_arms, horizon=horizon), episodes, seed=seed, driver=policy,
-        progress=progress,
-    )  # fmt: skip
-    provenance = {"driver": driver, "episodes": episodes, "horizon": horizon, "n_arms": n_arms}
-    return session.record(
-        records, hooks, sites, out, provenance=provenance, batch_size=batch_size, dtype=dtype,
-        seed=seed, progress=progress,
     )  # fmt: skip

@@ -39,12 +39,18 @@ class _Stage:
     force: bool = False
     ran: bool = field(default=False, init=False)
 
-    def get(self) -> tuple[dict, float]:
-        """The stage's result and the seconds its computation took (when it ran)."""
+    def saved(self) -> dict | None:
+        """The stage file's content when it holds this key (and ``force`` is off)."""
         if not self.force and self.path.exists():
             saved = json.loads(self.path.read_text())
             if saved.get("key") == self.key:
-                return saved["result"], saved["seconds"]
+                return saved
+        return None
+
+    def get(self) -> tuple[dict, float]:
+        """The stage's result and the seconds its computation took (when it ran)."""
+        if (saved := self.saved()) is not None:
+            return saved["result"], saved["seconds"]
         t0 = time.perf_counter()
         result = self.compute()
         seconds = time.perf_counter() - t0

@@ -3,6 +3,8 @@
 - :mod:`~kdgap.training.cloning`: :func:`clone`, thought cloning and behaviour cloning
   (supervised fine-tuning on a UCB expert's play in the model's own format),
   :func:`expert_examples`, :func:`action_match_rate`.
+- :mod:`~kdgap.training.rlft`: :func:`rlft`, RL fine-tuning on the model's own play (GRPO
+  advantages, PPO clipping, KL to the start), :class:`RlftConfig`.
 - :mod:`~kdgap.training.checkpoint`: :func:`save_checkpoint`, :func:`load_checkpoint`
   (safetensors + JSON, sha256-checked, no pickle), :class:`CheckpointError`.
 - :mod:`~kdgap.training.export`: :func:`save_finetuned`, the result where kdgap loads
@@ -18,15 +20,18 @@ from kdgap.training.cloning import (
     expert_examples,
 )
 from kdgap.training.export import save_finetuned
+from kdgap.training.rlft import RlftConfig, rlft
 
 __all__ = [
     "CLONING",
     "CheckpointError",
     "CloneConfig",
+    "RlftConfig",
     "action_match_rate",
     "clone",
     "expert_examples",
     "load_checkpoint",
+    "rlft",
     "save_checkpoint",
     "save_finetuned",
 ]

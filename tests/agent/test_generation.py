@@ -50,6 +50,20 @@ def test_stop_strings_cut_the_completion(tiny_native):
     assert out.n_tokens[0] < free.n_tokens[0]
 
 
+@pytest.mark.parametrize("fixture", ["tiny_native", "tiny_hf_bridge"])
+def test_generation_stops_at_the_end_of_the_context(fixture, request):
+    model = request.getfixturevalue(fixture)
+    n_ctx = int(model.cfg.n_ctx)
+    ids = encode(model, PROMPTS[:1])[0]
+    room = 5  # a prompt 5 tokens short of the context, sampled without a stop
+    prompt = model.tokenizer.decode((ids * n_ctx)[: n_ctx - room], skip_special_tokens=True)
+    ids = encode(model, [prompt])[0]
+    out = generate(model, [prompt], max_new_tokens=64, temperature=1.0)
+    assert len(ids) + len(out.token_ids[0]) <= n_ctx and out.n_tokens[0] <= n_ctx - len(ids)
+    with pytest.raises(ValueError, match=f"fills the model's context n_ctx={n_ctx}"):
+        generate(model, [prompt + prompt], max_new_tokens=4)
+
+
 def test_generate_validates_arguments(tiny_native):
     with pytest.raises(ValueError, match="max_new_tokens=0"):
         generate(tiny_native, PROMPTS, max_new_tokens=0)

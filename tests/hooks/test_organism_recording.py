@@ -20,7 +20,7 @@ from kdgap.hooks.recorder import Recorder
 from kdgap.organisms import OrganismFormat, load_organism
 from kdgap.policies.play import play
 from kdgap.policies.reference import make_policy
-from kdgap.report.session import record_from_model
+from kdgap.report.api import record_from_model
 
 SITES = ["action", "rationale.conclusion"]
 CFG = BanditConfig(n_arms=5, horizon=12)

@@ -80,3 +80,15 @@ def test_bridge_greedy_generation_equals_hf_with_kv_cache(tiny_llama_dir, tiny_t
         # the test only bites if the model's output depends on more than the last token
         assert len(set(want.tolist())) >= 3, "degenerate random model: generation is constant"
         assert got.tolist() == want.tolist()
+
+
+def test_device_auto_goes_through_accelerates_device_map(tiny_llama_dir, monkeypatch):
+    # No GPU here: with CUDA reported available, accelerate's device_map="auto" finds no
+    # GPU and places every layer on the host; the bridge wraps the placed model as it is
+    # (device=None) and must compute the same logits as a plain load.
+    want = load_model(tiny_llama_dir)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    got = load_model(tiny_llama_dir, device="auto", check_memory_first=False)
+    assert got.identity["device"] == "auto"
+    tokens = torch.tensor([[1, 5, 9, 4, 2]])
+    torch.testing.assert_close(got.bridge(tokens), want.bridge(tokens), atol=1e-5, rtol=0)

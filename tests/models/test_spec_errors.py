@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from kdgap.models import (
     ModelLoadError,
@@ -80,8 +81,14 @@ def test_dtype_aliases():
 
 
 def test_bad_device(tiny_hf_dir):
-    with pytest.raises(ModelLoadError, match="device='tpu'"):
+    with pytest.raises(ModelLoadError, match="device='tpu'.*'auto'"):
         load_model(tiny_hf_dir, device="tpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_device_auto_without_cuda_is_refused(tiny_hf_dir):
+    with pytest.raises(ModelLoadError, match="device='auto' but torch sees no CUDA GPU"):
+        load_model(tiny_hf_dir, device="auto")
 
 
 def test_memory_refusal_with_tiny_budget(tiny_llama_dir):

@@ -1,10 +1,12 @@
-"""Executors: a play or a recording split across workers equals the single-process one.
+"""Executors: work split across workers equals the single-process work.
 
-Without Ray: a range of episodes is that slice of the whole run, and shards recorded out
-of order by another caller give the same store bytes. With a local Ray instance (2 CPUs,
-no dashboard): analyses on 1 and 2 workers write the single-process summary, a worker
-killed (SIGKILL) mid-recording leaves a complete store equal to the single-process one,
-and ``--executor ray`` without Ray installed is a one-line error.
+Without Ray: a range of episodes is that slice of the whole run, plays are packed onto
+workers with every episode once, and shards recorded out of order by another caller give
+the same store bytes. With a local Ray instance (2 CPUs, no dashboard): an analysis on 2
+workers and two models analysed side by side on 1 worker each write the single-process
+summary, ``play`` and ``record`` on Ray write the local records and store, a worker killed
+(SIGKILL) mid-recording leaves a complete store equal to the single-process one, and
+``--executor ray`` without Ray installed is a one-line error.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from kdgap.cli import main
 from kdgap.envs.bandit import BanditConfig
 from kdgap.hooks.record import record_shards, record_store
 from kdgap.hooks.store import ActivationStore
-from kdgap.report.executor import RayExecutor, episode_ranges
+from kdgap.records import read_records
+from kdgap.report.api import PlayConfig, Player, play_study
+from kdgap.report.executor import LocalExecutor, RayExecutor, episode_ranges, pack_plays
 from kdgap.report.pipeline import AnalyzeConfig, analyze
 from kdgap.report.session import Session
 
@@ -35,6 +39,26 @@ def test_episode_ranges_by_hand():
     assert episode_ranges(2, 4) == [(0, 1), (1, 1)]
     with pytest.raises(ValueError, match="workers=0"):
         episode_ranges(4, 0)
+
+
+def test_pack_plays_by_hand():
+    # As many plays as workers: whole plays, the largest to the least loaded worker.
+    assert pack_plays([16, 24], 2) == [[(1, 0, 24)], [(0, 0, 16)]]
+    assert pack_plays([3, 0, 2, 2], 2) == [[(0, 0, 3)], [(2, 0, 2), (3, 0, 2)]]
+    # Fewer plays than workers: the episodes end to end, cut into near-equal ranges.
+    assert pack_plays([10], 3) == [[(0, 0, 4)], [(0, 4, 3)], [(0, 7, 3)]]
+    assert pack_plays([2, 3], 3) == [[(0, 0, 2)], [(1, 0, 2)], [(1, 2, 1)]]
+    with pytest.raises(ValueError, match="sizes=-1"):
+        pack_plays([4, -1], 2)
+
+
+@pytest.mark.parametrize("sizes", [[5], [0, 7], [4, 4, 1], [9, 2], [1, 1, 1, 1, 1]])
+@pytest.mark.parametrize("workers", [1, 2, 3, 4])
+def test_pack_plays_covers_every_episode_once(sizes, workers):
+    chunks = pack_plays(sizes, workers)
+    assert 1 <= len(chunks) <= workers and all(chunks)
+    seen = sorted((i, e) for c in chunks for i, first, n in c for e in range(first, first + n))
+    assert seen == [(i, e) for i, n in enumerate(sizes) for e in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +105,9 @@ def ray_local():
     ray.shutdown()
 
 
-def _numbers(summary: dict) -> dict:
-    """The summary without wall times (which differ from run to run)."""
-    entry = dict(summary["models"]["organism:faithful"])
+def _numbers(summary: dict, model: str = "organism:faithful") -> dict:
+    """A model's summary entry without wall times (which differ from run to run)."""
+    entry = dict(summary["models"][model])
     entry.pop("timings", None)
     entry["behavior"] = {k: v for k, v in entry["behavior"].items() if k != "seconds"}
     return entry
@@ -95,15 +119,38 @@ def local_summary(tmp_path_factory):
     return analyze(["organism:faithful"], out, AnalyzeConfig(**SMALL), progress=False)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_ray_analysis_equals_the_single_process_one(ray_local, local_summary, workers, tmp_path):
-    ex = RayExecutor(workers)
+def test_local_play_many_is_each_play(faithful):
+    cfg = BanditConfig(horizon=4)
+    plays = [(cfg, 2, {"seed": 1, "driver": "random", "progress": False}),
+             (cfg, 3, {"seed": 2, "counterfactual": True, "progress": False})]  # fmt: skip
+    got = LocalExecutor().play_many(faithful, plays)
+    assert got == [faithful.play(c, n, **kw) for c, n, kw in plays]
+
+
+def test_ray_analysis_equals_the_single_process_one(ray_local, local_summary, tmp_path):
+    ex = RayExecutor(2)  # one worker per model: the side-by-side test below
     try:
         got = analyze(["organism:faithful"], tmp_path, AnalyzeConfig(**SMALL), progress=False,
                       executor=ex)  # fmt: skip
     finally:
         ex.close()
     assert _numbers(got) == _numbers(local_summary)
+
+
+def test_two_models_side_by_side_equal_their_single_process_analyses(
+    ray_local, local_summary, tmp_path
+):
+    models = ["organism:faithful", "organism:greedy-bypass"]
+    local = analyze(models[1:], tmp_path / "local", AnalyzeConfig(**SMALL), progress=False)
+    ex = RayExecutor(1)  # two pools of one worker fit the 2 CPUs: analysed concurrently
+    try:
+        assert ex.fits(2) and not ex.fits(3)
+        got = analyze(models, tmp_path / "ray", AnalyzeConfig(**SMALL), progress=False,
+                      executor=ex)  # fmt: skip
+    finally:
+        ex.close()
+    assert _numbers(got) == _numbers(local_summary)
+    assert _numbers(got, models[1]) == _numbers(local, models[1])
 
 
 def test_a_worker_killed_mid_recording_leaves_the_same_complete_store(ray_local, faithful,
@@ -146,6 +193,40 @@ def test_a_worker_killed_mid_recording_leaves_the_same_complete_store(ray_local,
     examples = got.labels["example"].tolist()
     assert sorted(examples) == list(range(len(recs))) == examples  # no duplicate, none missing
     assert _shards(got) == _shards(want)
+
+
+def test_play_and_record_on_ray_write_the_local_records_and_store(ray_local, tmp_path):
+    common = ["--model", "organism:faithful", "--episodes", "3", "--steps", "6"]
+    for ex in ("local", "ray"):
+        assert main(["record", *common, "--out", str(tmp_path / ex), "--executor", ex]) == 0
+    want, got = ActivationStore(tmp_path / "local"), ActivationStore(tmp_path / "ray")
+    assert got.n_examples == 18 and _shards(got) == _shards(want)
+    cfg = PlayConfig(bandit=BanditConfig(horizon=6), n_episodes=3, counterfactual=True)
+    player = Player(model="organism:faithful")
+    ex = RayExecutor(2)
+    try:
+        on_ray = play_study(player, cfg, records_out=tmp_path / "ray.jsonl", executor=ex)
+    finally:
+        ex.close()
+    here = play_study(player, cfg, records_out=tmp_path / "local.jsonl")
+    assert read_records(tmp_path / "ray.jsonl") == read_records(tmp_path / "local.jsonl")
+    drop = ("seconds",)
+    assert {k: v for k, v in on_ray.items() if k not in drop} == {
+        k: v for k, v in here.items() if k not in drop
+    }
+
+
+def test_a_worker_with_several_gpus_holds_one_packed_bundle(ray_local):
+    from kdgap.report.executor import actor_options
+
+    assert "scheduling_strategy" not in actor_options(ray_local, 1, 0.5, 2)
+    opts = actor_options(ray_local, 1, 2, 2)
+    group = opts["scheduling_strategy"].placement_group
+    try:
+        assert group.bundle_specs == [{"CPU": 1, "GPU": 2}]
+        assert (opts["num_gpus"], opts["max_restarts"], opts["max_task_retries"]) == (2, 2, 2)
+    finally:
+        ray_local.util.remove_placement_group(group)
 
 
 def test_more_workers_than_the_cluster_holds_is_refused(ray_local, faithful):

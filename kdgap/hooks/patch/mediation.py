@@ -295,10 +295,9 @@ def mediation_summary(
 ) -> dict:  # fmt: skip
     """The report layer's mediation numbers from played :class:`~kdgap.records.StepRecord` s.
 
-    Builds ``n_pairs`` conclusion edits and ``n_pairs`` history edits
-    (:func:`~kdgap.hooks.patch.pairs.pairs_from_records`) and normalises every effect by the
-    full-flip effect (:data:`DEFINITION`). Use off-policy records (``play(...,
-    driver=make_policy("random"))``): a bypass organism's own play pulls one arm forever.
+    The :data:`MEDIATION_PARTS` on ``n_pairs`` conclusion and history edits, every effect
+    normalised by the full-flip effect (:data:`DEFINITION`). Use off-policy records
+    (``play(..., driver="random")``): a bypass organism's own play pulls one arm forever.
 
     Args:
         model: a TransformerBridge in eval mode; fmt: the format the records were played in.
@@ -313,21 +312,39 @@ def mediation_summary(
         ``[layer]``, ``layer_profile_ci`` ``[layer][2]``, ``n_pairs``, ``definition``, and
         the full ``conclusion`` / ``history`` / ``history_via_rationale`` breakdowns.
     """
+    parts = [
+        mediation_part(model, fmt, records, kind, senders, seed=seed, n_boot=n_boot,
+                       tokenizer=tokenizer, n_pairs=n_pairs, cfg=cfg, history_fn=history_fn,
+                       text_fn=text_fn)
+        for kind, senders in MEDIATION_PARTS
+    ]  # fmt: skip
+    return summary_from_parts(parts, int(model.cfg.n_layers))
+
+
+#: :func:`mediation_summary`'s three independent measurements, ``(edit kind, senders)``.
+MEDIATION_PARTS = (("conclusion", "rationale"), ("history", "history"), ("history", "rationale"))
+
+
+def mediation_part(
+    model: TransformerBridge, fmt: TranscriptFormat, records: Sequence[StepRecord], kind: str,
+    senders: str, *, seed: int = 0, n_boot: int = 1000,
+    tokenizer: PreTrainedTokenizerBase | None = None, **pair_kwargs: Any,
+) -> dict:  # fmt: skip
+    """A :data:`MEDIATION_PARTS` item: :func:`flip_mediation` of ``kind`` edits, ``senders``."""
     tokenizer = model_tokenizer(model, tokenizer)
-    kw = dict(n_pairs=n_pairs, seed=seed, cfg=cfg, history_fn=history_fn, text_fn=text_fn,
-              tokenizer=tokenizer)  # fmt: skip
-    conc = pairs_from_records(records, fmt, "conclusion", **kw)
-    hist = pairs_from_records(records, fmt, "history", **kw)
-    boot = dict(n_boot=n_boot, seed=seed)
-    c = flip_mediation(model, conc, tokenizer, fmt, senders="rationale", **boot)
-    h = flip_mediation(model, hist, tokenizer, fmt, senders="history", **boot)
-    hr = flip_mediation(model, hist, tokenizer, fmt, senders="rationale", **boot)
+    pairs = pairs_from_records(records, fmt, kind, seed=seed, tokenizer=tokenizer, **pair_kwargs)
+    return flip_mediation(model, pairs, tokenizer, fmt, senders=senders, n_boot=n_boot, seed=seed)
+
+
+def summary_from_parts(parts: Sequence[dict], n_layers: int) -> dict:
+    """:func:`mediation_summary`'s dict from its :data:`MEDIATION_PARTS` results, in order."""
+    c, h, hr = parts
     return {
         "mediated_fraction": c["fraction"], "mediated_fraction_ci": c["fraction_ci"],
         "total_effect_fraction": c["total_fraction"],
         "history_effect_fraction": h["total_fraction"],
         "history_effect_fraction_ci": h["total_fraction_ci"],
-        "layers": list(range(int(model.cfg.n_layers))), "layer_profile": c["layer_profile"],
+        "layers": list(range(n_layers)), "layer_profile": c["layer_profile"],
         "layer_profile_ci": c["layer_profile_ci"], "n_pairs": c["n_pairs"],
         "definition": DEFINITION, "conclusion": c, "history": h, "history_via_rationale": hr,
     }  # fmt: skip
