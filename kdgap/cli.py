@@ -184,7 +184,7 @@ def _analyze_config(args: argparse.Namespace) -> AnalyzeConfig:
 def cmd_analyze(args: argparse.Namespace) -> int:
     """``analyze`` (one ``--model``) and ``demo`` (several ``--models``) share this."""
 
-    models = list(args.models) if getattr(args, "models", None) else [args.model]
+    models = list(args.models) if getattr(args, "models", None) else list(args.model)
     cfg = _analyze_config(args)  # settings are checked before Ray or any model starts
     executor = _executor(args)
     try:
@@ -311,7 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--model",
                 required=True,
-                help="organism:NAME | local HF folder | .gguf path | smollm2",
+                action="append",
+                help="organism:NAME | local HF folder | .gguf path | smollm2; repeat it to "
+                "compare models (the first is the baseline of the report's delta table)",
             )
         else:
             p.add_argument("--models", nargs="+", default=list(DEMO_MODELS))

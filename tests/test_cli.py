@@ -37,6 +37,10 @@ def test_aiw_is_off_unless_asked():
                                                  "organism:seed-calibrated"]  # fmt: skip
     args = parser.parse_args(["analyze", "--model", "smollm2", "--out", "x", "--aiw",
                               "--aiw-samples", "4"])  # fmt: skip
+    assert args.model == ["smollm2"]  # --model repeats: several models compared
+    assert parser.parse_args(["analyze", "--model", "a", "--model", "b", "--out", "x"]).model == [
+        "a", "b"
+    ]  # fmt: skip
     cfg = _analyze_config(args)
     assert cfg.aiw is True and cfg.aiw_samples == 4
     assert _analyze_config(demo).aiw is False
@@ -101,6 +105,7 @@ def _fails_before_model_work(argv, needle, capsys, out):
         (["--steps", "60"], "n_ctx=79"),  # the organisms' context holds 55 steps
         (["--driver", "thompson"], "thompson"),
         (["--rationale", "scripted", "--pairs", "0"], "n_pairs=0"),
+        (["--model", "organism:faithful"], "names a model twice"),
     ],
 )
 def test_analyze_refuses_bad_input_before_any_play(extra, needle, tmp_path, capsys):

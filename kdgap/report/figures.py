@@ -39,6 +39,11 @@ CAPTIONS = {
     "the history's direct effect moves the action: an edited history, the rationale text "
     "held, read through the rationale positions (hatched) or directly at the history "
     "positions (white).",
+    "overlay": "The models' layer profiles overlaid (each model against the first: e.g. "
+    "before and after fine-tuning). Left: the indirect effect read at the action position, "
+    "layer by layer (the rationale written under an edited history, the history held). "
+    "Right: conclusion edits, the share of a full flip carried by the action position's "
+    "attention to the rationale, layer by layer. Bands: 95% bootstrap intervals.",
     "kd_matrix": "Knowing-doing matrix: share of all steps by rationale correctness and action "
     "class (optimal wins ties with greedy). The seed paper's Gemma2 27B values are shown in "
     "brackets.",
@@ -287,5 +292,48 @@ def frequency_bias(
             ax.set_xlabel("repetitions of the last action")
         axes[0].legend(frameon=False, fontsize=6)
         axes[1].legend(frameon=False, fontsize=6)
+        fig.suptitle(title)
+        return save(fig, stem)
+
+
+#: Panels of :func:`profile_overlay`: (summary path of a model's block, profile key, y label).
+OVERLAY_PANELS = (
+    ("decomposition.activation", "read_layer_profile", "indirect effect read (share of a flip)"),
+    ("patching", "layer_profile", "conclusion edit via rationale (share of a flip)"),
+)
+
+
+def profile_overlay(
+    blocks: Mapping[str, Sequence[Mapping | None]], stem: str | Path, *, title: str = ""
+) -> list[Path]:
+    """The layer profiles of several models on shared axes, one panel per
+    :data:`OVERLAY_PANELS` entry that some model has.
+
+    Args:
+        blocks: ``{model: [the model's block for each panel, or None]}``; a block holds
+            ``layers``, the profile and ``<profile>_ci``.
+    """
+    panels = [i for i, (_, key, _) in enumerate(OVERLAY_PANELS)
+              if any(b[i] and b[i].get(key) is not None for b in blocks.values())]  # fmt: skip
+    if not panels:
+        raise ValueError("blocks hold no layer profile to overlay.")
+    with paper_style():
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 2.6), squeeze=False)
+        for ax, i in zip(axes[0], panels):
+            _, key, ylabel = OVERLAY_PANELS[i]
+            for j, (name, b) in enumerate(blocks.items()):
+                block = b[i]
+                if not block or block.get(key) is None:
+                    continue
+                layers = np.asarray(block["layers"])
+                prof = np.asarray(block[key], dtype=float)
+                band = np.asarray(block[f"{key}_ci"], dtype=float)
+                style = series(j)
+                ax.plot(layers, prof, label=name, **style)
+                ax.fill_between(layers, band[:, 0], band[:, 1], color=style["color"], alpha=0.15)
+            ax.set_xlabel("layer")
+            ax.set_ylabel(ylabel)
+            ax.axhline(0, color="black", linewidth=0.8)
+            ax.legend(frameon=False, fontsize=6)
         fig.suptitle(title)
         return save(fig, stem)

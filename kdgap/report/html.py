@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from kdgap.io import atomic_write_text
+from kdgap.report.compare import delta_html
 from kdgap.report.figures import CAPTIONS
 
 CSS = """
@@ -104,6 +105,11 @@ def render_report(summary: Mapping, figures: Mapping[str, Mapping[str, str]], ou
             f"<td>{_fmt(p.get('divergence_layer'))}</td></tr>"
         )
     parts.append("</table>")
+    parts.extend(delta_html(models))
+    n = 0
+    if figures.get("_all", {}).get("overlay"):
+        n += 1
+        parts.append(_figure(figures["_all"]["overlay"], "overlay", n))
     parts.extend(_battery_table(models))
     missing = [
         (name, m[part]["unavailable"]) for name, m in models.items()
@@ -117,7 +123,6 @@ def render_report(summary: Mapping, figures: Mapping[str, Mapping[str, str]], ou
     rule = next((m.get("verdict_rule") for m in models.values() if m.get("verdict_rule")), None)
     if rule:
         parts.append(f"<p>Verdict rule: {html.escape(rule)}</p>")
-    n = 0
     for key in ("behavior", "freqbias"):
         src = figures.get("_all", {}).get(key)
         if src:

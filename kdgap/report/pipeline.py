@@ -341,6 +341,8 @@ def analyze(
     """Analyse ``models`` into ``out`` (stage files, ``summary.json``, figures, ``report.html``),
     the plays on ``executor`` (default: this process). Returns the summary dict."""
     cfg = cfg or AnalyzeConfig()
+    if len(set(models)) != len(models):
+        raise ValueError(f"models={models!r} names a model twice; pass each --model once.")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out={str(out)!r} is a file; pass a folder (created if missing).")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kdgap.report import figures as F
+from kdgap.report.compare import at_path
 from kdgap.report.html import render_report
 from kdgap.report.stages import model_slug
 from kdgap.report.summary import SCHEMA_VERSION
@@ -93,6 +94,12 @@ def render_all(out: str | Path) -> Path:
     if fb_curves:
         figs["_all"]["freqbias"] = rel(F.frequency_bias(fb_curves, fdir / "frequency_bias"))
 
+    overlay = {model: [at_path(entry, path) for path, _, _ in F.OVERLAY_PANELS]
+               for model, entry in summary["models"].items()}  # fmt: skip
+    profiles = [b.get(key) for blocks in overlay.values()
+                for b, (_, key, _) in zip(blocks, F.OVERLAY_PANELS) if b]  # fmt: skip
+    if len(overlay) > 1 and any(p is not None for p in profiles):
+        figs["_all"]["overlay"] = rel(F.profile_overlay(overlay, fdir / "profile_overlay"))
     for model, entry in summary["models"].items():
         slug, mine = model_slug(model), {}
         kd = entry["behavior"].get("kd_matrix")

@@ -28,9 +28,9 @@ def test_summary_alone_renders_byte_identical_figures_and_report(analysis_dir, t
     render_all(alone)
     again = _rendered(alone)
     assert sorted(again) == sorted(full)
-    # 2 shared + 5 per model (the last: the layer profile of the indirect effect).
-    assert len([p for p in full if p.endswith(".png")]) == 12
-    assert len([p for p in full if p.endswith(".pdf")]) == 12
+    # 3 shared (the last: the layer profiles overlaid) + 5 per model.
+    assert len([p for p in full if p.endswith(".png")]) == 13
+    assert len([p for p in full if p.endswith(".pdf")]) == 13
     different = [p for p in full if full[p] != again[p]]
     assert different == []
 

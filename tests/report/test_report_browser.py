@@ -24,6 +24,9 @@ PROBE = """<script>window.addEventListener('load', () => {
   const imgs = [...document.images].map(i => ({src: i.getAttribute('src'),
     ok: i.complete && i.naturalWidth > 0, w: i.naturalWidth}));
   document.body.setAttribute('data-images', JSON.stringify(imgs));
+  const delta = document.querySelector('table.delta');
+  const rows = delta ? [...delta.rows].map(r => [...r.cells].map(c => c.textContent)) : [];
+  document.body.setAttribute('data-delta', JSON.stringify(rows));
 });</script>"""
 
 
@@ -41,8 +44,15 @@ def test_report_opens_in_chromium_with_every_figure_loaded(analysis_dir, tmp_pat
     match = re.search(r"data-images=\"([^\"]*)\"", dom)
     assert match, "the page did not finish loading"
     images = json.loads(match.group(1).replace("&quot;", '"'))
-    assert len(images) == 12
+    assert len(images) == 13  # 3 shared (with the layer profiles overlaid) + 5 per model
     assert all(i["ok"] and i["w"] > 100 for i in images), images
+    assert "figures/profile_overlay.png" in [i["src"] for i in images]
+    # The delta table as the browser lays it out: a header with both models, then one row
+    # per measurement whose second model's cell carries its difference from the first.
+    delta = json.loads(re.search(r"data-delta=\"([^\"]*)\"", dom).group(1).replace("&quot;", '"'))
+    assert delta[0] == ["measurement", "organism:faithful", "organism:greedy-bypass"]
+    follows = next(r for r in delta if r[0] == "action follows rationale")
+    assert follows[1:] == ["1.000", "0.050 (-0.950)"]
     shot = tmp_path / "report.png"
     subprocess.run(
         [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", f"--screenshot={shot}",
