@@ -7,9 +7,9 @@ import json
 import sys
 
 from kdgap.report.api import (
-    CLONING,
     DEMO_MODELS,
     EXECUTORS,
+    FINETUNE_METHODS,
     ActivationStore,
     AnalyzeConfig,
     BanditConfig,
@@ -18,6 +18,7 @@ from kdgap.report.api import (
     PlayConfig,
     Player,
     RayExecutor,
+    RlftConfig,
     StoreError,
     analyze,
     bandit_config,
@@ -196,13 +197,24 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    cfg = CloneConfig(method=args.method, episodes=args.episodes, horizon=args.steps,
-                      updates=args.updates, batch_size=args.batch_size, lr=args.lr,
-                      seed=args.seed)  # fmt: skip
+    # Settings left out take the method's own defaults (RLFT and cloning differ).
+    pairs = (("episodes", args.episodes), ("horizon", args.steps), ("updates", args.updates),
+             ("lr", args.lr))  # fmt: skip
+    given = {k: v for k, v in pairs if v is not None}
+    if args.method == "rlft":
+        cfg = RlftConfig(group=args.group, temperature=args.temperature, kl_coef=args.kl_coef,
+                         seed=args.seed, **given)  # fmt: skip
+    else:
+        cfg = CloneConfig(method=args.method, batch_size=args.batch_size, seed=args.seed,
+                          **given)  # fmt: skip
     res = finetune(args.model, args.out, cfg, device=args.device)
-    matches = res["curves"]["action_matches_expert"]
-    print(f"{args.method}: {res['step']} updates, action matches the expert "
-          f"{matches[0]:.2f} -> {matches[-1]:.2f}; model: {res['model']}")  # fmt: skip
+    c = res["curves"]
+    if args.method == "rlft":
+        got = f"reward {c['reward'][0]:.3f} -> {c['reward'][-1]:.3f}, KL {c['kl'][-1]:.4f}"
+    else:
+        got = (f"action matches the expert {c['action_matches_expert'][0]:.2f} -> "
+               f"{c['action_matches_expert'][-1]:.2f}")  # fmt: skip
+    print(f"{args.method}: {res['step']} updates, {got}; model: {res['model']}")
     return 0
 
 
@@ -344,14 +356,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("finetune", help="fine-tune a model toward the UCB expert; save it")
-    p.add_argument("--method", required=True, choices=CLONING)
+    p.add_argument("--method", required=True, choices=FINETUNE_METHODS)
     p.add_argument("--model", required=True, help="organism:NAME | local HF folder | ...")
     p.add_argument("--out", required=True, help="folder: run/ (checkpoints), model/, curves")
-    p.add_argument("--episodes", type=int, default=CloneConfig.episodes, help="expert bandits")
-    p.add_argument("--steps", type=int, default=CloneConfig.horizon, help="horizon")
-    p.add_argument("--updates", type=int, default=CloneConfig.updates)
-    p.add_argument("--batch-size", type=int, default=CloneConfig.batch_size)
-    p.add_argument("--lr", type=float, default=CloneConfig.lr)
+    p.add_argument("--episodes", type=int, default=None,
+                   help=f"bandits: expert play ({CloneConfig.episodes}) or per RLFT update "
+                   f"({RlftConfig.episodes})")  # fmt: skip
+    p.add_argument("--steps", type=int, default=None, help="horizon (50)")
+    p.add_argument("--updates", type=int, default=None,
+                   help=f"cloning {CloneConfig.updates}, rlft {RlftConfig.updates}")  # fmt: skip
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"cloning {CloneConfig.lr}, rlft {RlftConfig.lr}")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=CloneConfig.batch_size, help="cloning")
+    p.add_argument("--group", type=int, default=RlftConfig.group, help="rlft: rollouts per bandit")
+    p.add_argument("--temperature", type=float, default=RlftConfig.temperature,
+                   help="rlft: sampling temperature")  # fmt: skip
+    p.add_argument("--kl-coef", type=float, default=RlftConfig.kl_coef,
+                   help="rlft: KL penalty to the start")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_finetune)

@@ -36,14 +36,19 @@ from kdgap.report.executor import EXECUTORS, LocalExecutor, RayExecutor, make_ex
 from kdgap.report.pipeline import AnalyzeConfig, analyze
 from kdgap.report.render import render_all
 from kdgap.report.session import Session, driver_policy, make_agent
-from kdgap.training import CLONING, CloneConfig, clone
+from kdgap.training import CLONING, CloneConfig, RlftConfig, clone, rlft
 from kdgap.training.export import save_finetuned
+
+#: ``kdgap finetune --method`` choices.
+FINETUNE_METHODS = (*CLONING, "rlft")
 
 __all__ = [
     "CLONING",
+    "FINETUNE_METHODS",
     "ActivationStore",
     "LocalExecutor",
     "RayExecutor",
+    "RlftConfig",
     "DEMO_MODELS",
     "EXECUTORS",
     "AnalyzeConfig",
@@ -246,20 +251,25 @@ def organisms_table(*, json_out: str | os.PathLike | None = None) -> list[dict[s
 
 
 def finetune(
-    model: str, out: str | os.PathLike, cfg: CloneConfig, *, device: str = "cpu",
+    model: str, out: str | os.PathLike, cfg: CloneConfig | RlftConfig, *, device: str = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
-    """``kdgap finetune``: fine-tune ``model`` by ``cfg.method`` (resuming from
-    ``out/run/checkpoint``), save it to ``out/model`` where kdgap loads models from, and
-    write the curves to ``out/curves.json``. Returns ``{"model": spec of the result,
-    "curves": ..., "step": ...}``."""
+    """``kdgap finetune``: fine-tune ``model`` by cloning (``cfg.method``) or RLFT (an
+    :class:`RlftConfig`), resuming from ``out/run/checkpoint``; save it to ``out/model``
+    where kdgap loads models from, and write the curves to ``out/curves.json``. Returns
+    ``{"model": spec of the result, "curves": ..., "step": ...}``."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out={str(out)!r} is a file; pass a folder (created if missing).")
     session = Session(model, device=device)
-    state = clone(session.agent(seed=cfg.seed), cfg, out / "run", progress=progress)
+    if isinstance(cfg, RlftConfig):
+        method, state = "rlft", rlft(session.agent(seed=cfg.seed), cfg, out / "run",
+                                     progress=progress)  # fmt: skip
+    else:
+        method = cfg.method
+        state = clone(session.agent(seed=cfg.seed), cfg, out / "run", progress=progress)
     spec = save_finetuned(session.bridge, session.tokenizer, model, out / "model",
-                          {"method": cfg.method, "updates": state["step"]})  # fmt: skip
+                          {"method": method, "updates": state["step"]})  # fmt: skip
     result = {"model": spec, **state}
     atomic_write_json(out / "curves.json", result)
     return result

@@ -11,6 +11,7 @@ from kdgap.cli import main
 from kdgap.models import load_model
 from kdgap.organisms.registry import organism_config
 from kdgap.report.session import Session
+from kdgap.training import RlftConfig
 from kdgap.training.export import save_finetuned
 
 
@@ -30,6 +31,18 @@ def test_finetune_cli_saves_a_loadable_organism(tmp_path, capsys):
     assert "mechanism" not in cfg  # the planted rule no longer describes the weights
     assert cfg["finetuned_from"]["mechanism"] == organism_config("seed-calibrated")["mechanism"]
     assert cfg["finetuned_from"]["method"] == "behavior-cloning"
+
+
+def test_finetune_cli_rlft_writes_its_curves_and_a_loadable_model(tmp_path, capsys):
+    out = tmp_path / "rl"
+    rc = main(["finetune", "--method", "rlft", "--model", "organism:faithful", "--out", str(out),
+               "--episodes", "2", "--steps", "4", "--updates", "2", "--group", "2"])  # fmt: skip
+    assert rc == 0 and "rlft: 2 updates, reward" in capsys.readouterr().out
+    curves = json.loads((out / "curves.json").read_text())
+    assert curves["config"]["group"] == 2 and curves["config"]["lr"] == RlftConfig.lr
+    assert all(len(curves["curves"][k]) == 2 for k in ("reward", "kl", "no_signal"))
+    assert Session(curves["model"]).bridge.cfg.n_layers > 0  # loads like any organism
+    assert organism_config(str(out / "model"))["finetuned_from"]["method"] == "rlft"
 
 
 def test_a_hugging_face_model_saves_as_a_folder_with_its_weights(hf_models, tmp_path):
