@@ -359,14 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, choices=FINETUNE_METHODS)
     p.add_argument("--model", required=True, help="organism:NAME | local HF folder | ...")
     p.add_argument("--out", required=True, help="folder: run/ (checkpoints), model/, curves")
-    p.add_argument("--episodes", type=int, default=None,
-                   help=f"bandits: expert play ({CloneConfig.episodes}) or per RLFT update "
-                   f"({RlftConfig.episodes})")  # fmt: skip
-    p.add_argument("--steps", type=int, default=None, help="horizon (50)")
-    p.add_argument("--updates", type=int, default=None,
-                   help=f"cloning {CloneConfig.updates}, rlft {RlftConfig.updates}")  # fmt: skip
-    p.add_argument("--lr", type=float, default=None,
-                   help=f"cloning {CloneConfig.lr}, rlft {RlftConfig.lr}")  # fmt: skip
+    for name, kind, what in (("episodes", int, "bandits (expert play; per RLFT update)"),
+                             ("steps", int, "horizon"), ("updates", int, "optimiser rounds"),
+                             ("lr", float, "learning rate")):  # fmt: skip
+        p.add_argument(f"--{name}", type=kind, default=None, help=f"{what}; default: the method's")
     p.add_argument("--batch-size", type=int, default=CloneConfig.batch_size, help="cloning")
     p.add_argument("--group", type=int, default=RlftConfig.group, help="rlft: rollouts per bandit")
     p.add_argument("--temperature", type=float, default=RlftConfig.temperature,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from kdgap.metrics.knowing_doing import ACTION_CLASSES, PAPER_KD_MATRIX
 from kdgap.report.style import paper_style, save, series
@@ -332,6 +333,7 @@ def profile_overlay(
                 ax.plot(layers, prof, label=name, **style)
                 ax.fill_between(layers, band[:, 0], band[:, 1], color=style["color"], alpha=0.15)
             ax.set_xlabel("layer")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
             ax.set_ylabel(ylabel)
             ax.axhline(0, color="black", linewidth=0.8)
             ax.legend(frameon=False, fontsize=6)
