@@ -8,7 +8,7 @@ play) and (2) the RLFT curves of a short run at the paper's temperature 1, inclu
 ``no_signal`` (the share of steps with advantage 0) and the KL to the start.
 
     python experiments/rlft_signal.py --json experiments/results/rlft_signal.json \
-        [--organism seed-calibrated] [--updates 4]
+        [--organism seed-calibrated] [--updates 4] [--lr 2e-5]
 """
 
 from __future__ import annotations
@@ -40,13 +40,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", required=True)
     ap.add_argument("--organism", default="seed-calibrated")
     ap.add_argument("--updates", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=RlftConfig.lr)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     session = Session(f"organism:{args.organism}")
     margins = action_margins(session, 16, 50, args.seed)
     cfg = RlftConfig(horizon=50, episodes=8, group=4, updates=args.updates, seed=args.seed,
-                     ckpt_every=args.updates)  # fmt: skip
+                     lr=args.lr, ckpt_every=args.updates)  # fmt: skip
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         state = rlft(session.agent(seed=args.seed), cfg, out, progress=True)
@@ -61,7 +62,7 @@ def main(argv=None) -> dict:
         "curves": state["curves"],
         "seconds_per_update": (time.perf_counter() - t0) / args.updates,
         "command": "python experiments/rlft_signal.py --json OUT "
-        f"--organism {args.organism} --updates {args.updates}",
+        f"--organism {args.organism} --updates {args.updates} --lr {args.lr}",
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))

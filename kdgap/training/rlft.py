@@ -91,10 +91,10 @@ class RlftConfig:
     gap: float | None = None
     episodes: int = 8
     group: int = 4
-    updates: int = 40
+    updates: int = 20
     epochs: int = 2
     minibatch: int = 64
-    lr: float = 1e-4
+    lr: float = 2e-5
     clip: float = 0.2
     kl_coef: float = 0.05
     gamma: float = 0.9
