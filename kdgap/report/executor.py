@@ -1,4 +1,9 @@
-"""Where a play runs: in this process, or split by episode ranges across Ray actors.
+"""Where the model work runs: in this process, or as tasks on Ray actors.
+
+Both executors offer one engine, ``map(session, fn, items, shared)``: ``fn(session,
+*shared, *item)`` for each item, results in order. On it run plays (whole plays, or
+ranges of episodes: :func:`pack_plays`), recording shards (:func:`record_shard`) and the
+patching stage's measurements (:mod:`kdgap.report.mediation_stage`).
 
 A play is a function of the model, its settings and the episode index alone: every
 bandit, reward and seeded draw (the agent's, the driver's) depends on the episode index,
@@ -6,7 +11,8 @@ not on which other episodes share a batch (:func:`kdgap.policies.play.play`), an
 model's forward on one episode does not depend on its batch neighbours. So the records
 of episodes ``k .. k + n - 1`` played by one worker are those of the single-process run,
 and the workers' ranges, concatenated, are the whole run: ``--executor ray`` with any
-number of workers gives the same records and the same summary (tested bit for bit).
+number of workers gives the same records and the same summary (tested bit for bit, every
+process at one torch thread: other thread counts round float reductions differently).
 Recording splits the same way: a store's shards are fixed input ranges whose bytes depend
 only on the range, so workers record and write shards (files named by their range) and
 this process lists each in the manifest, in order, as it arrives
@@ -14,7 +20,7 @@ this process lists each in the manifest, in order, as it arrives
 leaves an unlisted file that the retried task rewrites.
 
 Each Ray worker is an actor that loads the model once (one :class:`Session`, on its GPU
-share or a CPU slice with ``threads`` torch threads) and plays the ranges it is given;
+share or a CPU slice with ``threads`` torch threads) and runs the tasks it is given;
 an actor that dies is restarted by Ray and its task retried (``max_restarts``,
 ``max_task_retries``), which repeats a deterministic computation. Ray is an optional
 extra (``pip install 'kdgap[ray]'``).
@@ -212,6 +218,7 @@ class RayExecutor:
         self._cpus, self._gpus = (self.threads if gpus_per_worker == 0 else 1), gpus_per_worker
         self._max_restarts = max_restarts
         self._actors: dict[tuple, list] = {}
+        self._groups: list = []  # placement groups of multi-GPU workers
         self._next = 0  # round-robin position: successive submissions interleave
         self._lock = threading.Lock()  # models analysed concurrently share the executor
 
@@ -228,7 +235,8 @@ class RayExecutor:
 
     def _start(self, settings: dict) -> Any:
         opts = actor_options(self.ray, self._cpus, self._gpus, self._max_restarts)
-        if self._gpus > 1:
+        if "scheduling_strategy" in opts:  # a bundle of several GPUs: released by close()
+            self._groups.append(opts["scheduling_strategy"].placement_group)
             settings = {**settings, "device": "auto"}  # spread over the bundle's GPUs
         return self.ray.remote(_Worker).options(**opts).remote(settings, self.threads)
 
@@ -299,11 +307,15 @@ class RayExecutor:
         return session.record(records, hooks, sites, out, map_shards=map_shards, **options)
 
     def close(self) -> None:
-        """Kill this executor's actors (the Ray instance stays up)."""
+        """Kill this executor's actors and release their placement groups (the Ray
+        instance stays up)."""
         for actors in self._actors.values():
             for actor in actors:
                 self.ray.kill(actor)
         self._actors.clear()
+        for group in self._groups:
+            self.ray.util.remove_placement_group(group)
+        self._groups.clear()
 
 
 def actor_options(ray: Any, cpus: float, gpus: float, max_restarts: int) -> dict:

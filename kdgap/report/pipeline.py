@@ -156,7 +156,8 @@ class Analysis:
         cost). The stages then take their records from here."""
         behavior = _Stage(self.dir / "behavior.json", {"stage": "behavior",
                           **self._behavior_key()}, dict, self.force)  # fmt: skip
-        if self.executor.workers < 2 or behavior.saved() is not None or self._transcripts():
+        cached = behavior.saved() is not None or self._transcripts() is not None
+        if self.executor.workers < 2 or cached:
             return
         plays = self._plays()
         t0 = time.perf_counter()

@@ -19,6 +19,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from kdgap.cli import main
 from kdgap.envs.bandit import BanditConfig
@@ -59,6 +60,16 @@ def test_pack_plays_covers_every_episode_once(sizes, workers):
     assert 1 <= len(chunks) <= workers and all(chunks)
     seen = sorted((i, e) for c in chunks for i, first, n in c for e in range(first, first + n))
     assert seen == [(i, e) for i, n in enumerate(sizes) for e in range(n)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Workers run one torch thread each; a float reduction split over another number of
+    # threads rounds differently (1e-8 here), so the reference runs one thread too.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
