@@ -7,7 +7,9 @@ value received and what to pass instead.
 
 from __future__ import annotations
 
+import os
 from numbers import Integral
+from pathlib import Path
 
 
 def check_int(
@@ -47,6 +49,14 @@ def check_int(
     tail = " or None" if optional else ""
     extra = f" {hint}" if hint else ""
     raise ValueError(f"{name}={value!r} must be an integer {bound}{tail}.{extra}")
+
+
+def check_out_folder(out: str | os.PathLike) -> Path:
+    """``out`` as a Path, or a ``ValueError`` when it names an existing file."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out={str(out)!r} is a file; pass a folder (created if missing).")
+    return out
 
 
 def check_ints(minimum: int = 1, **values: object) -> None:

@@ -19,10 +19,9 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from kdgap._checks import check_int
+from kdgap._checks import check_int, check_out_folder
 from kdgap.envs.bandit import BanditConfig
 from kdgap.hooks.names import resolve_hooks
 from kdgap.hooks.sites import parse_sites
@@ -258,9 +257,7 @@ def finetune(
     :class:`RlftConfig`), resuming from ``out/run/checkpoint``; save it to ``out/model``
     where kdgap loads models from, and write the curves to ``out/curves.json``. Returns
     ``{"model": spec of the result, "curves": ..., "step": ...}``."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out={str(out)!r} is a file; pass a folder (created if missing).")
+    out = check_out_folder(out)
     session = Session(model, device=device)
     if isinstance(cfg, RlftConfig):
         method, state = "rlft", rlft(session.agent(seed=cfg.seed), cfg, out / "run",

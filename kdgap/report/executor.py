@@ -130,7 +130,20 @@ def _assemble(plays: Sequence[PlaySpec], chunks: list, results: Iterable[list]) 
     return [sorted(p, key=lambda r: (r.episode, r.step)) for p in parts]
 
 
-class LocalExecutor:
+class _Executor:
+    """What both executors share: a single play is :meth:`play_many` of one."""
+
+    def play_many(self, session: Session, plays: Sequence[PlaySpec]) -> list[list[StepRecord]]:
+        raise NotImplementedError
+
+    def play(
+        self, session: Session, cfg: BanditConfig, n_episodes: int, **kwargs: Any
+    ) -> list[StepRecord]:
+        """:meth:`Session.play` of ``n_episodes`` (``kwargs``: its keyword arguments)."""
+        return self.play_many(session, [(cfg, n_episodes, kwargs)])[0]
+
+
+class LocalExecutor(_Executor):
     """Runs everything in this process, on the analysis's own :class:`Session`."""
 
     name = "local"
@@ -145,12 +158,6 @@ class LocalExecutor:
     def play_many(self, session: Session, plays: Sequence[PlaySpec]) -> list[list[StepRecord]]:
         """:meth:`Session.play` of each ``(cfg, n_episodes, kwargs)``, one after another."""
         return [session.play(cfg, n, **kwargs) for cfg, n, kwargs in plays]
-
-    def play(
-        self, session: Session, cfg: BanditConfig, n_episodes: int, **kwargs: Any
-    ) -> list[StepRecord]:
-        """:meth:`Session.play` (``kwargs``: its keyword arguments)."""
-        return self.play_many(session, [(cfg, n_episodes, kwargs)])[0]
 
     def record(
         self, session: Session, records: list[StepRecord], hooks: str, sites: list[str],
@@ -181,7 +188,7 @@ class _Worker:
         return os.getpid()
 
 
-class RayExecutor:
+class RayExecutor(_Executor):
     """Spreads plays, recording shards and patching across ``workers`` Ray actors per model.
 
     Args:
@@ -279,16 +286,9 @@ class RayExecutor:
         """:meth:`Session.play` of each ``(cfg, n_episodes, kwargs)``: the episodes of all
         of them packed onto the actors (:func:`pack_plays`), the records reassembled."""
         chunks = pack_plays([n for _, n, _ in plays], len(self._pool(session)))
-        plays = [(cfg, n, {k: v for k, v in kw.items() if k != "progress"})
-                 for cfg, n, kw in plays]  # fmt: skip
+        # play_pieces turns each actor's progress bar off.
         results = self.map(session, play_pieces, [(c,) for c in chunks], shared=(plays,))
         return _assemble(plays, chunks, results)
-
-    def play(
-        self, session: Session, cfg: BanditConfig, n_episodes: int, **kwargs: Any
-    ) -> list[StepRecord]:
-        """:meth:`Session.play`'s records, each actor playing one range of episodes."""
-        return self.play_many(session, [(cfg, n_episodes, kwargs)])[0]
 
     def record(
         self, session: Session, records: list[StepRecord], hooks: str, sites: list[str],

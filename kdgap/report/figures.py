@@ -304,6 +304,12 @@ OVERLAY_PANELS = (
 )
 
 
+def overlay_panels(blocks: Mapping[str, Sequence[Mapping | None]]) -> list[int]:
+    """Indices of the :data:`OVERLAY_PANELS` some model of ``blocks`` has a profile for."""
+    return [i for i, (_, key, _) in enumerate(OVERLAY_PANELS)
+            if any(b[i] and b[i].get(key) is not None for b in blocks.values())]  # fmt: skip
+
+
 def profile_overlay(
     blocks: Mapping[str, Sequence[Mapping | None]], stem: str | Path, *, title: str = ""
 ) -> list[Path]:
@@ -314,8 +320,7 @@ def profile_overlay(
         blocks: ``{model: [the model's block for each panel, or None]}``; a block holds
             ``layers``, the profile and ``<profile>_ci``.
     """
-    panels = [i for i, (_, key, _) in enumerate(OVERLAY_PANELS)
-              if any(b[i] and b[i].get(key) is not None for b in blocks.values())]  # fmt: skip
+    panels = overlay_panels(blocks)
     if not panels:
         raise ValueError("blocks hold no layer profile to overlay.")
     with paper_style():

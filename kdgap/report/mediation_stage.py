@@ -48,7 +48,7 @@ def patching_stage(
             "and every edit changes one; analyse with --rationale scripted to ask "
             "whether the model acts on a rationale it is given."
         )}  # fmt: skip
-    tasks = [(kind, senders) for kind, senders in MEDIATION_PARTS] + [("heatmap", None)]
+    tasks = [*MEDIATION_PARTS, ("heatmap", None)]
     *parts, heatmap = executor.map(session, _patching_task, tasks, shared=(records, n_pairs, seed))
     for part in parts:
         if isinstance(part, str):

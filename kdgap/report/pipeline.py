@@ -28,6 +28,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from kdgap._checks import check_out_folder
 from kdgap.envs.bandit import BanditConfig
 from kdgap.hooks import ActivationStore
 from kdgap.hooks.names import resolve_hooks
@@ -101,10 +102,13 @@ class Analysis:
         """The bandit family every stage plays."""
         return BanditConfig(horizon=self.cfg.horizon)
 
+    def _stage_file(self, name: str, key: dict, compute: Callable[[], dict] = dict) -> _Stage:
+        return _Stage(self.dir / f"{name}.json", {"stage": name, **key}, compute, self.force)
+
     def _stage(self, name: str, key: dict, compute: Callable[[], dict]) -> dict:
         # Timings are those of the computation that produced the cached result, so a
         # resumed or repeated analysis writes the same summary as an uninterrupted one.
-        stage = _Stage(self.dir / f"{name}.json", {"stage": name, **key}, compute, self.force)
+        stage = self._stage_file(name, key, compute)
         out, self.timings[name] = stage.get()
         if stage.ran:
             self.ran.add(name)
@@ -154,8 +158,7 @@ class Analysis:
         go to different workers (:func:`~kdgap.report.executor.pack_plays`) instead of
         each play's episodes being halved (every worker would pay each play's per-step
         cost). The stages then take their records from here."""
-        behavior = _Stage(self.dir / "behavior.json", {"stage": "behavior",
-                          **self._behavior_key()}, dict, self.force)  # fmt: skip
+        behavior = self._stage_file("behavior", self._behavior_key())
         cached = behavior.saved() is not None or self._transcripts() is not None
         if self.executor.workers < 2 or cached:
             return
@@ -344,9 +347,7 @@ def analyze(
     cfg = cfg or AnalyzeConfig()
     if len(set(models)) != len(models):
         raise ValueError(f"models={models!r} names a model twice; pass each --model once.")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out={str(out)!r} is a file; pass a folder (created if missing).")
+    out = check_out_folder(out)
     # Every spec is checked (Analysis.__init__) before any model work.
     analyses = [Analysis(m, out, cfg, force=force, executor=executor) for m in models]
     entries = previous_entries(out / "summary.json", exclude=models)

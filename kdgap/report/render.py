@@ -96,9 +96,7 @@ def render_all(out: str | Path) -> Path:
 
     overlay = {model: [at_path(entry, path) for path, _, _ in F.OVERLAY_PANELS]
                for model, entry in summary["models"].items()}  # fmt: skip
-    profiles = [b.get(key) for blocks in overlay.values()
-                for b, (_, key, _) in zip(blocks, F.OVERLAY_PANELS) if b]  # fmt: skip
-    if len(overlay) > 1 and any(p is not None for p in profiles):
+    if len(overlay) > 1 and F.overlay_panels(overlay):
         figs["_all"]["overlay"] = rel(F.profile_overlay(overlay, fdir / "profile_overlay"))
     for model, entry in summary["models"].items():
         slug, mine = model_slug(model), {}

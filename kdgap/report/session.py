@@ -215,11 +215,8 @@ class Session:
         transcripts were played) filled in; ``options`` are ``record_store``'s other
         keyword arguments (``seed``, ``batch_size``, ``dtype``, ``progress``, ...).
         """
-        return record_store(
-            self.bridge, self.fmt, records, hooks, sites, out, model_id=self.model_id,
-            tokenizer=self.tokenizer, model_identity={**self.identity, **(provenance or {})},
-            **options,
-        )  # fmt: skip
+        return record_store(self.bridge, self.fmt, records, hooks, sites, out,
+                            **self._store_args(provenance), **options)  # fmt: skip
 
     def record_shards(
         self,
@@ -234,11 +231,14 @@ class Session:
     ) -> list[tuple[dict, list[int]]]:
         """A worker's share of :meth:`record` (same arguments): the shards ``ranges``
         recorded and written, not listed (:func:`kdgap.hooks.record.record_shards`)."""
-        return record_shards(
-            self.bridge, self.fmt, records, hooks, sites, out, ranges, model_id=self.model_id,
-            tokenizer=self.tokenizer, model_identity={**self.identity, **(provenance or {})},
-            **options,
-        )  # fmt: skip
+        return record_shards(self.bridge, self.fmt, records, hooks, sites, out, ranges,
+                             **self._store_args(provenance), **options)  # fmt: skip
+
+    def _store_args(self, provenance: Mapping[str, Any] | None) -> dict[str, Any]:
+        """What a store records of this model: its id, tokenizer and identity (plus how the
+        transcripts were played)."""
+        return {"model_id": self.model_id, "tokenizer": self.tokenizer,
+                "model_identity": {**self.identity, **(provenance or {})}}  # fmt: skip
 
 
 def driver_policy(driver: str | Policy | None) -> Policy | None:

@@ -32,6 +32,12 @@ class CheckpointError(ValueError):
     """A checkpoint is unreadable, altered or belongs to another run."""
 
 
+def save_weights(path: str | os.PathLike, model: torch.nn.Module) -> None:
+    """``model``'s state dict as one safetensors file at ``path``, written atomically."""
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(weights, tmp))
+
+
 def save_checkpoint(
     folder: str | os.PathLike,
     model: torch.nn.Module,
@@ -42,7 +48,7 @@ def save_checkpoint(
     curves, config) to ``folder``; returns the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_weights(folder / WEIGHTS, model)
     opt = optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, per in opt["state"].items():
@@ -51,7 +57,6 @@ def save_checkpoint(
                 tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{index}.{name}"] = value
-    atomic_write(folder / WEIGHTS, lambda tmp: save_file(weights, tmp))
     atomic_write(folder / OPTIMIZER, lambda tmp: save_file(tensors, tmp))
     meta = {
         **state,

@@ -46,17 +46,21 @@ from pathlib import Path
 import numpy as np
 import torch
 from jaxtyping import Float, Int
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from kdgap._checks import check_int
 from kdgap.agent.text_agent import TextAgent
 from kdgap.envs.bandit import BanditConfig
-from kdgap.io import atomic_write
 from kdgap.models.tokens import _pad_id
 from kdgap.policies.play import play
 from kdgap.records import StepRecord
-from kdgap.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from kdgap.training.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+    save_weights,
+)
 from kdgap.training.cloning import _batch, _tokens
 
 #: The starting weights (the KL reference), saved beside the checkpoint.
@@ -132,6 +136,8 @@ def rollouts(
     of bandit ``e`` at ``[(g * episodes + e) * horizon : ... + horizon]``; ``rewards``
     is the bandit reward, or ``invalid_penalty`` where the action was invalid.
     """
+    # The same seed for every member: same bandits and reward draws, own sampling.
+    seed = int(np.random.SeedSequence([cfg.seed, update]).generate_state(1)[0])
     records = []
     for g in range(cfg.group):
         sampler = TextAgent(
@@ -139,10 +145,7 @@ def rollouts(
             max_new_tokens=cfg.max_new_tokens or agent.max_new_tokens,
             seed=g, tokenizer=agent.tokenizer, batch_size=agent.batch_size,
         )  # fmt: skip
-        # The same seed for every member: same bandits and reward draws, own sampling.
-        records += play(sampler, cfg.bandit, n_episodes=cfg.episodes,
-                        seed=int(np.random.SeedSequence([cfg.seed, update]).generate_state(1)[0]),
-                        progress=False)  # fmt: skip
+        records += play(sampler, cfg.bandit, n_episodes=cfg.episodes, seed=seed, progress=False)
     rewards = np.array([r.reward if r.valid else cfg.invalid_penalty for r in records])
     return records, rewards
 
@@ -291,8 +294,7 @@ def _append(curves: dict, update: int, records: list[StepRecord], stats: dict) -
 
 def _save_start(ckpt: Path, model: torch.nn.Module) -> None:
     ckpt.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(ckpt / START, lambda tmp: save_file(weights, tmp))
+    save_weights(ckpt / START, model)
 
 
 def _start_weights(ckpt: Path) -> dict:
