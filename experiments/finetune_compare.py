@@ -6,7 +6,11 @@ the three results into one folder (the report's delta table compares each with t
 and writes the wall times and the compared measurements to ``--json``. Every step resumes:
 fine-tunes from their checkpoints, the analysis from its cached stages.
 
-    python experiments/finetune_compare.py --out runs/finetune --json OUT
+    python experiments/finetune_compare.py --out runs/finetune --json OUT [--ship]
+
+``--ship`` copies the three fine-tuned models into ``kdgap/organisms/finetuned/`` as
+``seed-calibrated-<method>`` (with their training curves in ``finetune.json``): the
+checkpoints ``kdgap demo`` and the docs load by name.
 """
 
 from __future__ import annotations
@@ -14,21 +18,37 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from kdgap.organisms.registry import FINETUNED_DIR
 from kdgap.report.api import CloneConfig, RlftConfig, analyze, finetune
 from kdgap.report.compare import delta_table
 
 START = "organism:seed-calibrated"
 
 
+def ship(run: Path, method: str) -> str:
+    """Copy ``run/model`` to ``FINETUNED_DIR/seed-calibrated-<method>``; returns its spec."""
+    name = f"{START.split(':')[1]}-{method}"
+    dst = FINETUNED_DIR / name
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(run / "model", dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**cfg, "name": name}, indent=2))
+    curves = json.loads((run / "curves.json").read_text())
+    (dst / "finetune.json").write_text(json.dumps({**curves, "model": f"organism:{name}"}))
+    return f"organism:{name}"
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="folder of the runs and the analysis")
     ap.add_argument("--json", required=True)
+    ap.add_argument("--ship", action="store_true", help="copy the models into the package")
     args = ap.parse_args(argv)
     out = Path(args.out)
     configs = {
@@ -43,6 +63,8 @@ def main(argv=None) -> dict:
         seconds[name] = time.perf_counter() - t0
         models.append(res["model"])
         curves[name] = res["curves"]
+        if args.ship:
+            ship(out / name, name)
     summary = analyze(models, out / "analysis")
     table = delta_table(summary["models"])
     result = {

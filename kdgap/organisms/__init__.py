@@ -7,7 +7,12 @@ See :mod:`~kdgap.organisms.language` (transcript language), :mod:`~kdgap.organis
 
 from kdgap.organisms.language import OrganismLanguage
 from kdgap.organisms.mechanisms import MECHANISMS, Mechanism, get_mechanism
-from kdgap.organisms.registry import list_organisms, load_organism, shipped_names
+from kdgap.organisms.registry import (
+    finetuned_names,
+    list_organisms,
+    load_organism,
+    shipped_names,
+)
 from kdgap.organisms.train import TrainConfig, train_organism
 from kdgap.organisms.transcript import OrganismFormat
 
@@ -17,6 +22,7 @@ __all__ = [
     "OrganismFormat",
     "OrganismLanguage",
     "TrainConfig",
+    "finetuned_names",
     "get_mechanism",
     "list_organisms",
     "load_organism",

@@ -1,4 +1,5 @@
-"""Organism folders: build, save, load and list (shipped ones live in ``shipped/<name>/``).
+"""Organism folders: build, save, load and list (shipped ones live in ``shipped/<name>/``,
+shipped fine-tuned ones in ``finetuned/<name>/``).
 
 An organism folder holds::
 
@@ -13,6 +14,13 @@ An organism folder holds::
 :func:`load_organism` accepts a shipped name (``"faithful"``), ``"organism:<name>"``, or a
 path to any such folder (``"organism:/path/to/folder"`` works too), needs no network and
 returns the bridge in eval mode with its tokenizer.
+
+``finetuned/`` holds organisms that ``kdgap finetune`` made from a shipped one
+(``experiments/finetune_compare.py``): ``seed-calibrated`` after thought cloning,
+behaviour cloning and RLFT. They load by name like the shipped ones but carry no planted
+mechanism (training changed what the weights compute; ``finetuned_from`` in their config
+says where they came from), so :func:`shipped_names` and :func:`list_organisms` leave
+them out and :func:`finetuned_names` lists them.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ if TYPE_CHECKING:  # annotations only: importing transformers here would slow ev
     from transformers import PreTrainedTokenizerBase
 
 SHIPPED_DIR = Path(__file__).parent / "shipped"
+FINETUNED_DIR = Path(__file__).parent / "finetuned"
 FORMAT_TAG = "kdgap-organism"
 
 
@@ -137,13 +146,13 @@ def resolve_organism(name_or_path: str | os.PathLike) -> Path:
     s = str(name_or_path)
     if s.startswith("organism:"):
         s = s[len("organism:") :]
-    shipped = SHIPPED_DIR / s
-    if "/" not in s and (shipped / "config.json").exists():
-        return shipped
+    for root in (SHIPPED_DIR, FINETUNED_DIR):
+        if "/" not in s and (root / s / "config.json").exists():
+            return root / s
     path = Path(s).expanduser()
     if (path / "config.json").exists():
         return path
-    names = ", ".join(shipped_names()) or "none shipped yet"
+    names = ", ".join(shipped_names() + finetuned_names()) or "none shipped yet"
     raise FileNotFoundError(
         f"name_or_path={str(name_or_path)!r} is neither a shipped organism ({names}) nor a "
         "folder with config.json; train one with experiments/train_organisms.py."
@@ -185,11 +194,20 @@ def organism_config(name_or_path: str | os.PathLike) -> dict:
     return json.loads((resolve_organism(name_or_path) / "config.json").read_text())
 
 
-def shipped_names() -> list[str]:
-    """Names of the organisms shipped inside the package."""
-    if not SHIPPED_DIR.exists():
+def _names(root: Path) -> list[str]:
+    if not root.exists():
         return []
-    return sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / "config.json").exists())
+    return sorted(p.name for p in root.iterdir() if (p / "config.json").exists())
+
+
+def shipped_names() -> list[str]:
+    """Names of the organisms with a planted mechanism shipped inside the package."""
+    return _names(SHIPPED_DIR)
+
+
+def finetuned_names() -> list[str]:
+    """Names of the fine-tuned organisms shipped inside the package (no planted mechanism)."""
+    return _names(FINETUNED_DIR)
 
 
 def list_organisms() -> list[dict]:
