@@ -198,15 +198,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     # Settings left out take the method's own defaults (RLFT and cloning differ).
-    pairs = (("episodes", args.episodes), ("horizon", args.steps), ("updates", args.updates),
-             ("lr", args.lr))  # fmt: skip
-    given = {k: v for k, v in pairs if v is not None}
-    if args.method == "rlft":
-        cfg = RlftConfig(group=args.group, temperature=args.temperature, kl_coef=args.kl_coef,
-                         seed=args.seed, **given)  # fmt: skip
-    else:
-        cfg = CloneConfig(method=args.method, batch_size=args.batch_size, seed=args.seed,
-                          **given)  # fmt: skip
+    names = {"episodes": "episodes", "horizon": "steps", "updates": "updates", "lr": "lr",
+             "lora_rank": "lora_rank", "lora_targets": "lora_targets"}  # fmt: skip
+    given = {k: getattr(args, a) for k, a in names.items() if getattr(args, a) is not None}
+    rl = dict(group=args.group, temperature=args.temperature, kl_coef=args.kl_coef)
+    cl = dict(method=args.method, batch_size=args.batch_size)
+    cfg = (RlftConfig(**rl, seed=args.seed, **given) if args.method == "rlft"
+           else CloneConfig(**cl, seed=args.seed, **given))  # fmt: skip
     res = finetune(args.model, args.out, cfg, device=args.device)
     c = res["curves"]
     if args.method == "rlft":
@@ -224,16 +222,17 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
 
 def _print_verdicts(summary: dict, out: str) -> None:
+    w = max(28, *(len(name) for name in summary["models"]))
     for name, entry in summary["models"].items():
         dec = entry["decomposition"]
         lo, hi = dec.get("reading_share_ci") or (None, None)
         print(
-            f"{name:<28} verdict={entry['verdict']:<20} "
+            f"{name:<{w}} verdict={entry['verdict']:<20} "
             f"reads rationale on {_fmt(dec.get('reading_share'))} of steps "
             f"[{_fmt(lo)}, {_fmt(hi)}]  indirect share={_fmt(dec.get('indirect_share'))}"
         )
         if entry.get("verdict_reason"):
-            print(f"{'':<28} ({entry['verdict_reason']})")
+            print(f"{'':<{w}} ({entry['verdict_reason']})")
     print(f"report: {out}/report.html  summary: {out}/summary.json")
 
 
@@ -361,14 +360,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder: run/ (checkpoints), model/, curves")
     for name, kind, what in (("episodes", int, "bandits (expert play; per RLFT update)"),
                              ("steps", int, "horizon"), ("updates", int, "optimiser rounds"),
-                             ("lr", float, "learning rate")):  # fmt: skip
+                             ("lr", float, "learning rate"), ("lora-rank", int, "LoRA rank, "
+                             "Hugging Face models (0: every weight)"), ("lora-targets", str,
+                             "LoRA modules, comma-separated")):  # fmt: skip
         p.add_argument(f"--{name}", type=kind, default=None, help=f"{what}; default: the method's")
     p.add_argument("--batch-size", type=int, default=CloneConfig.batch_size, help="cloning")
-    p.add_argument("--group", type=int, default=RlftConfig.group, help="rlft: rollouts per bandit")
-    p.add_argument("--temperature", type=float, default=RlftConfig.temperature,
-                   help="rlft: sampling temperature")  # fmt: skip
-    p.add_argument("--kl-coef", type=float, default=RlftConfig.kl_coef,
-                   help="rlft: KL penalty to the start")  # fmt: skip
+    rl = (("group", int, "rollouts per bandit"), ("temperature", float, "sampling temperature"),
+          ("kl-coef", float, "KL penalty to the start"))  # fmt: skip
+    for name, kind, what in rl:
+        default = getattr(RlftConfig, name.replace("-", "_"))
+        p.add_argument(f"--{name}", type=kind, default=default, help=f"rlft: {what}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_finetune)

@@ -34,7 +34,8 @@ def test_aiw_is_off_unless_asked():
     parser = build_parser()
     demo = parser.parse_args(["demo", "--out", "x"])
     assert demo.aiw is False and demo.models == ["organism:faithful", "organism:greedy-bypass",
-                                                 "organism:seed-calibrated"]  # fmt: skip
+                                                 "organism:seed-calibrated",
+                                                 "organism:seed-calibrated-rlft"]  # fmt: skip
     args = parser.parse_args(["analyze", "--model", "smollm2", "--out", "x", "--aiw",
                               "--aiw-samples", "4"])  # fmt: skip
     assert args.model == ["smollm2"]  # --model repeats: several models compared

@@ -7,8 +7,8 @@ builds those copies:
 
 - :func:`fast_model`: for a bridge around a decoder-only Hugging Face model, a *twin* of
   that model built from the same config with PyTorch SDPA attention and **the same
-  parameter tensors** (nothing copied), or the wrapped model itself when no twin can be
-  built. :mod:`kdgap.agent.hf_decoding` runs KV-cached generation and forced-choice
+  parameter tensors** (nothing copied; LoRA adapters being trained included), or the
+  wrapped model itself when no twin can be built. :mod:`kdgap.agent.hf_decoding` runs KV-cached generation and forced-choice
   scoring on it; :mod:`kdgap.hooks.twin_capture` records residual streams on it.
 - :func:`native_twin`: for a ``boot_native`` bridge (e.g. the organisms), a plain
   ``NativeModel`` sharing the bridge's tensors.
@@ -40,6 +40,11 @@ if TYPE_CHECKING:  # annotations only: transformer-lens is imported where a twin
 #: ``(twin, unused)``: a twin (None when none can be built) and the tensors of its source
 #: that it does not read (each must stay all zero).
 Built = tuple[torch.nn.Module | None, list[torch.Tensor]]
+
+#: Attribute of a wrapped Hugging Face model holding the ``peft.LoraConfig`` of the LoRA
+#: adapters inside it (set by :func:`kdgap.training.lora.add_lora`, with plain module
+#: names): its twin gets the same adapters, sharing their tensors.
+LORA_ATTR = "_kdgap_lora"
 
 _TWINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _NATIVE_TWINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -80,10 +85,15 @@ def _build_twin(hf: PreTrainedModel) -> Built:
     ``hf``'s tensors, and the tensors of ``hf`` it does not use (each must stay all zero);
     or ``(None, [])`` when no such twin can be built."""
     cfg = copy.deepcopy(hf.config)
+    lora = getattr(hf, LORA_ATTR, None)
     try:
         cfg._attn_implementation = "sdpa"
         with torch.device("meta"):
             twin = type(hf)(cfg)
+            if lora is not None:  # the same adapters, bound to the same tensors below
+                from peft import inject_adapter_in_model
+
+                inject_adapter_in_model(lora, twin)
     except Exception:  # noqa: BLE001 - no SDPA for this class, or an exotic constructor
         return None, []
     return bind_shared(twin, hf)

@@ -27,6 +27,7 @@ from kdgap.hooks.names import resolve_hooks
 from kdgap.hooks.sites import parse_sites
 from kdgap.hooks.store import ActivationStore, StoreError
 from kdgap.io import atomic_write_json
+from kdgap.models.spec import parse_model_spec
 from kdgap.organisms.registry import list_organisms
 from kdgap.policies.reference import Policy, make_policy
 from kdgap.records import write_records
@@ -68,8 +69,10 @@ __all__ = [
     "repetitions",
 ]
 
-#: The shipped organisms ``kdgap demo`` analyses side by side.
-DEMO_MODELS = ("organism:faithful", "organism:greedy-bypass", "organism:seed-calibrated")
+#: The organisms ``kdgap demo`` analyses side by side: three with planted mechanisms, and
+#: ``seed-calibrated`` after RL fine-tuning (shipped in ``organisms/finetuned``).
+DEMO_MODELS = ("organism:faithful", "organism:greedy-bypass", "organism:seed-calibrated",
+               "organism:seed-calibrated-rlft")  # fmt: skip
 
 
 def bandit_config(
@@ -258,6 +261,9 @@ def finetune(
     where kdgap loads models from, and write the curves to ``out/curves.json``. Returns
     ``{"model": spec of the result, "curves": ..., "step": ...}``."""
     out = check_out_folder(out)
+    if cfg.lora_rank and parse_model_spec(model).kind == "organism":
+        raise ValueError(f"lora_rank={cfg.lora_rank} with model={model!r}: LoRA adapts Hugging "
+                         "Face models; fine-tune an organism's every weight (lora_rank 0).")  # fmt: skip
     session = Session(model, device=device)
     if isinstance(cfg, RlftConfig):
         method, state = "rlft", rlft(session.agent(seed=cfg.seed), cfg, out / "run",
@@ -266,7 +272,8 @@ def finetune(
         method = cfg.method
         state = clone(session.agent(seed=cfg.seed), cfg, out / "run", progress=progress)
     spec = save_finetuned(session.bridge, session.tokenizer, model, out / "model",
-                          {"method": method, "updates": state["step"]})  # fmt: skip
+                          {"method": method, "updates": state["step"],
+                           "lora_rank": cfg.lora_rank})  # fmt: skip
     result = {"model": spec, **state}
     atomic_write_json(out / "curves.json", result)
     return result

@@ -98,7 +98,7 @@ def render_report(summary: Mapping, figures: Mapping[str, Mapping[str, str]], ou
             f"<tr><td>{html.escape(name)}</td><td class='verdict'>{_fmt(m.get('verdict'))}"
             f"{html.escape(why)}</td>"
             f"<td>{_ci(d, 'reading_share')}</td><td>{_ci(d, 'indirect_share')}</td>"
-            f"<td>{_fmt(planted.get('verdict'))} {_fmt(planted.get('reading_share'))}</td>"
+            f"<td>{_planted(planted)}</td>"
             f"<td>{_fmt(b.get('rationale_correct'))}</td>"
             f"<td>{_fmt(b.get('action_follows_rationale'))}</td>"
             f"<td>{_fmt(b.get('counterfactual_flip_rate'))}</td>"
@@ -175,6 +175,14 @@ def _battery_table(models: Mapping) -> list[str]:
         )
     out.append("</table>")
     return out
+
+
+def _planted(planted: Mapping) -> str:
+    """The planted answer of an organism, or ``none`` (no planted mechanism: a real or a
+    fine-tuned model)."""
+    if not planted:
+        return "none"
+    return f"{_fmt(planted.get('verdict'))} {_fmt(planted.get('reading_share'))}"
 
 
 def _ci(block: Mapping, key: str) -> str:

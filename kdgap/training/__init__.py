@@ -9,6 +9,8 @@
   (safetensors + JSON, sha256-checked, no pickle), :class:`CheckpointError`.
 - :mod:`~kdgap.training.export`: :func:`save_finetuned`, the result where kdgap loads
   models from.
+- :mod:`~kdgap.training.lora`: :func:`add_lora`, :func:`merge_lora` (peft LoRA adapters
+  inside a bridge-wrapped Hugging Face model).
 """
 
 from kdgap.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -20,6 +22,7 @@ from kdgap.training.cloning import (
     expert_examples,
 )
 from kdgap.training.export import save_finetuned
+from kdgap.training.lora import add_lora, merge_lora
 from kdgap.training.rlft import RlftConfig, rlft
 
 __all__ = [
@@ -28,9 +31,11 @@ __all__ = [
     "CloneConfig",
     "RlftConfig",
     "action_match_rate",
+    "add_lora",
     "clone",
     "expert_examples",
     "load_checkpoint",
+    "merge_lora",
     "rlft",
     "save_checkpoint",
     "save_finetuned",

@@ -34,7 +34,14 @@ class CheckpointError(ValueError):
 
 def save_weights(path: str | os.PathLike, model: torch.nn.Module) -> None:
     """``model``'s state dict as one safetensors file at ``path``, written atomically."""
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights, seen = {}, set()
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        # safetensors refuses tensors sharing memory (tied embeddings, the bridge's aliases
+        # of one module); a copy of each repeat loads back into every alias.
+        ptr = v.untyped_storage().data_ptr()
+        weights[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
     atomic_write(path, lambda tmp: save_file(weights, tmp))
 
 

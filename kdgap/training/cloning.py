@@ -36,6 +36,7 @@ from kdgap.organisms.train import sequence_loss
 from kdgap.policies.play import play
 from kdgap.policies.reference import make_policy
 from kdgap.training.checkpoint import load_checkpoint, save_checkpoint
+from kdgap.training.lora import add_lora, merge_lora
 
 #: Supervised methods: what the target holds.
 CLONING = ("thought-cloning", "behavior-cloning")
@@ -53,6 +54,10 @@ class CloneConfig:
         eval_every, eval_episodes: the action-matches-expert curve (on the first
             ``eval_episodes`` training episodes); ckpt_every: updates between checkpoints.
         seed: expert bandits and batch order.
+        lora_rank, lora_targets: LoRA adapters (Hugging Face models) of this rank on these
+            comma-separated modules instead of training every weight (0: every weight;
+            "": peft's default modules for the architecture); see
+            :mod:`kdgap.training.lora`.
     """
 
     method: str = "thought-cloning"
@@ -66,8 +71,11 @@ class CloneConfig:
     eval_episodes: int = 4
     ckpt_every: int = 100
     seed: int = 0
+    lora_rank: int = 0
+    lora_targets: str = ""
 
     def __post_init__(self) -> None:
+        check_int("lora_rank", self.lora_rank, minimum=0, hint="(0: train every weight)")
         if self.method not in CLONING:
             raise ValueError(f"method={self.method!r} is not one of {CLONING}.")
         for name in ("episodes", "updates", "batch_size", "eval_every", "eval_episodes",
@@ -134,7 +142,8 @@ def clone(
     agent: TextAgent, cfg: CloneConfig, out: str | os.PathLike, *, progress: bool = True
 ) -> dict:
     """Fine-tune ``agent.model`` by :attr:`CloneConfig.method` (in place; the bridge ends
-    in eval mode) with checkpoints in ``out/checkpoint``; resumes from one.
+    in eval mode, LoRA adapters merged) with checkpoints in ``out/checkpoint``; resumes
+    from one.
 
     Returns:
         ``{"config", "step", "curves": {"update", "loss", "eval_update",
@@ -145,6 +154,8 @@ def clone(
                                rationale=cfg.method == "thought-cloning")  # fmt: skip
     ids, starts = _tokens(agent, examples)
     pad = _pad_id(agent.tokenizer)
+    if cfg.lora_rank:
+        add_lora(model, cfg.lora_rank, targets=cfg.lora_targets)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt = Path(out) / "checkpoint"
@@ -185,5 +196,6 @@ def clone(
             save_checkpoint(ckpt, model, opt, state)
         bar.update(1)
     bar.close()
+    merge_lora(model)  # adapters folded into the weights: the model saves as it loaded
     model.eval()
     return state

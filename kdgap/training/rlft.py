@@ -62,6 +62,7 @@ from kdgap.training.checkpoint import (
     save_weights,
 )
 from kdgap.training.cloning import _batch, _tokens
+from kdgap.training.lora import add_lora, merge_lora
 
 #: The starting weights (the KL reference), saved beside the checkpoint.
 START = "start.safetensors"
@@ -88,6 +89,8 @@ class RlftConfig:
         max_new_tokens: most tokens per completion (None: the agent's).
         ckpt_every: updates between checkpoints.
         seed: rollouts (bandits, rewards, sampling) and minibatch order.
+        lora_rank, lora_targets: LoRA adapters instead of every weight (as
+            :class:`~kdgap.training.cloning.CloneConfig`).
     """
 
     n_arms: int = 5
@@ -107,8 +110,11 @@ class RlftConfig:
     max_new_tokens: int | None = None
     ckpt_every: int = 10
     seed: int = 0
+    lora_rank: int = 0
+    lora_targets: str = ""
 
     def __post_init__(self) -> None:
+        check_int("lora_rank", self.lora_rank, minimum=0, hint="(0: train every weight)")
         for name in ("episodes", "group", "updates", "epochs", "minibatch", "ckpt_every"):
             check_int(name, getattr(self, name))
         check_int("group", self.group, minimum=2, hint="(a group-relative baseline needs 2)")
@@ -196,14 +202,16 @@ def ppo_loss(
 def rlft(
     agent: TextAgent, cfg: RlftConfig, out: str | os.PathLike, *, progress: bool = True
 ) -> dict:
-    """Fine-tune ``agent.model`` by RLFT (in place; ends in eval mode) with checkpoints in
-    ``out/checkpoint``; resumes from one.
+    """Fine-tune ``agent.model`` by RLFT (in place; ends in eval mode, LoRA adapters
+    merged) with checkpoints in ``out/checkpoint``; resumes from one.
 
     Returns:
         ``{"config", "step", "curves": {"update", *CURVES}}`` (also in the checkpoint).
     """
     model = agent.model
     model.eval()  # no dropout: the first epoch's ratio is exactly 1
+    if cfg.lora_rank:  # before the copy: the reference's adapters start at zero too
+        add_lora(model, cfg.lora_rank, targets=cfg.lora_targets)
     reference = copy.deepcopy(model).eval().requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -252,6 +260,7 @@ def rlft(
             save_checkpoint(ckpt, model, opt, state)
         bar.update(1)
     bar.close()
+    merge_lora(model)
     model.eval()
     return state
 
