@@ -8,8 +8,9 @@ builds those copies:
 - :func:`fast_model`: for a bridge around a decoder-only Hugging Face model, a *twin* of
   that model built from the same config with PyTorch SDPA attention and **the same
   parameter tensors** (nothing copied; LoRA adapters being trained included), or the
-  wrapped model itself when no twin can be built. :mod:`kdgap.agent.hf_decoding` runs KV-cached generation and forced-choice
-  scoring on it; :mod:`kdgap.hooks.twin_capture` records residual streams on it.
+  wrapped model itself when no twin can be built. :mod:`kdgap.agent.hf_decoding` runs
+  KV-cached generation and forced-choice scoring on it; :mod:`kdgap.hooks.twin_capture`
+  records residual streams on it.
 - :func:`native_twin`: for a ``boot_native`` bridge (e.g. the organisms), a plain
   ``NativeModel`` sharing the bridge's tensors.
 

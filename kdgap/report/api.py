@@ -262,8 +262,9 @@ def finetune(
     ``{"model": spec of the result, "curves": ..., "step": ...}``."""
     out = check_out_folder(out)
     if cfg.lora_rank and parse_model_spec(model).kind == "organism":
-        raise ValueError(f"lora_rank={cfg.lora_rank} with model={model!r}: LoRA adapts Hugging "
-                         "Face models; fine-tune an organism's every weight (lora_rank 0).")  # fmt: skip
+        raise ValueError(f"lora_rank={cfg.lora_rank} with model={model!r}: LoRA adapts "
+                         "Hugging Face models; fine-tune an organism's every weight "
+                         "(lora_rank 0).")  # fmt: skip
     session = Session(model, device=device)
     if isinstance(cfg, RlftConfig):
         method, state = "rlft", rlft(session.agent(seed=cfg.seed), cfg, out / "run",
