@@ -8,8 +8,8 @@
   token of every example sits at position ``pos - 1``, where the next-token prediction
   (the action) is read. :func:`tokenize_like_agent` gives the agent's ids with offsets.
 - **Arm tokens.** :func:`arm_spellings` is the one place an arm name becomes token ids
-  (every spelling a format allows after its action marker); :func:`arm_token_ids` and
-  :func:`arm_token` are the views steering, ablation and patching metrics read.
+  (every spelling a format allows after its action marker); :func:`arm_token_ids` is the
+  view steering, ablation and patching metrics read.
 """
 
 from __future__ import annotations
@@ -271,21 +271,3 @@ def arm_token_ids(
             )
         out.append(ids)
     return out
-
-
-def arm_token(tokenizer: PreTrainedTokenizerBase, fmt: TranscriptFormat, arm_name: str) -> int:
-    """The single token of ``arm_name``'s first spelling after the action marker.
-
-    A logit difference between two arms is exact only when each arm is one token.
-
-    Raises:
-        ValueError: that spelling is not exactly one token (the message names the arm).
-    """
-    spelling, ids = arm_spellings(tokenizer, fmt, [arm_name])[0][0]
-    if len(ids) != 1:
-        raise ValueError(
-            f"arm {arm_name!r}: its spelling {spelling!r} after the action marker tokenises "
-            f"to {len(ids)} tokens {ids}, not 1; a logit difference needs one-token arms. "
-            "Use arm names that are single tokens (e.g. BanditConfig(arm_style='numbers'))."
-        )
-    return ids[0]

@@ -40,7 +40,7 @@ def patching_stage(
     """The ``patching`` stage: :func:`~kdgap.hooks.patch.mediation.mediation_summary` on
     the off-policy transcripts, each of its parts (and the heatmap) one task of
     ``executor.map``; ``{"unavailable": reason}`` when the model gives nothing to patch."""
-    # No parsable rationale, no admissible edit, or arms that are not one token: the
+    # No parsable rationale, no admissible edit, or arms that share a token: the
     # measurement is unavailable for this model, with the reason.
     if not any(r.rationale_arm is not None for r in records):
         return {"unavailable": (

@@ -8,7 +8,6 @@ import pytest
 
 from kdgap.models.tokens import (
     arm_spellings,
-    arm_token,
     arm_token_ids,
     encode,
     left_pad,
@@ -118,8 +117,6 @@ def test_arm_tokens_come_from_every_spelling(tiny_tokenizer):
         arm_token_ids(tiny_tokenizer, _Spellings({"none": [""]}), ["none"])
 
 
-def test_arm_token_is_one_token_or_a_clear_error():
+def test_an_organism_arm_is_one_token():
     tok = OrganismLanguage(n_arms=5, horizon=20).build_tokenizer()
-    assert arm_token(tok, OrganismFormat(), "green") == tok.convert_tokens_to_ids("green")
-    with pytest.raises(ValueError, match="arm 'red'.*2 tokens"):
-        arm_token(tok, _Spellings({"red": [" red red"]}), "red")
+    assert arm_token_ids(tok, OrganismFormat(), ["green"]) == [[tok.convert_tokens_to_ids("green")]]

@@ -10,10 +10,9 @@ why (and leaves its numbers null), the behaviour numbers are in range, the laten
 whatever probes and patching could run cover both layers, and the model has its own stage
 folder and the figures its entry calls for.
 
-A random model may always pick one arm (no probe of its action can be trained) or put its
-action's mass on another spelling of the arm than the one patching reads (no pair with a
-positive logit difference): those measurements are then unavailable, with the reason, which
-is what is checked for them.
+A random model may always pick one arm (no probe of its action can be trained) or prefer
+no arm of a pair by a positive logit difference (no pair to patch): those measurements are
+then unavailable, with the reason, which is what is checked for them.
 """
 
 from __future__ import annotations

@@ -50,46 +50,55 @@ Tokens = Int[torch.Tensor, "batch pos"]
 
 @dataclass(frozen=True)
 class LogitDiff:
-    """Metric: ``logit[token_a] - logit[token_b]`` at ``position`` of each prompt.
+    """Metric: arm A's logit minus arm B's at ``position`` of each prompt.
+
+    An arm may be given as several token ids (the first tokens of its spellings,
+    :func:`kdgap.models.tokens.arm_token_ids`): it then reads as the log-sum-exp of their
+    logits, the log of the arm's next-token probability mass up to the normaliser both arms
+    share, as forced choice sums an arm's spellings. With one id per arm this is exactly
+    the plain logit difference (``transformer_lens``'s patching metric).
 
     Attributes:
-        token_a: ``[batch]`` token id of arm A (e.g. the clean rationale's arm).
-        token_b: ``[batch]`` token id of arm B (the corrupt arm).
+        token_a: ``[batch k]`` token ids of arm A (e.g. the clean rationale's arm), padded
+            with -1.
+        token_b: ``[batch k]`` token ids of arm B (the corrupt arm), padded with -1.
         position: ``[batch]`` position whose next-token logits are read (-1: the last).
     """
 
-    token_a: Int[torch.Tensor, " batch"]
-    token_b: Int[torch.Tensor, " batch"]
+    token_a: Int[torch.Tensor, "batch k"]
+    token_b: Int[torch.Tensor, "batch k"]
     position: Int[torch.Tensor, " batch"]
 
     @classmethod
     def of(
         cls,
-        token_a: int | Sequence[int] | torch.Tensor,
-        token_b: int | Sequence[int] | torch.Tensor,
+        token_a: int | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor,
+        token_b: int | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor,
         position: int | Sequence[int] | torch.Tensor = -1,
         batch: int | None = None,
     ) -> LogitDiff:
-        """Build from ints or sequences; scalars are broadcast to ``batch`` prompts.
+        """Build from an id, one id per prompt, or a list of ids per prompt; scalars are
+        broadcast to ``batch`` prompts.
 
         Raises:
-            ValueError: an arm pair uses the same token (the difference would be 0 always).
+            ValueError: the two arms of a prompt share a token (their difference would
+                not separate them).
         """
         n = batch or max(
             (len(x) for x in (token_a, token_b, position) if not isinstance(x, int)), default=1
         )
-
-        def vec(x):
-            t = torch.as_tensor(x, dtype=torch.long).flatten()
-            return t.expand(n).clone() if t.numel() == 1 else t
-
-        a, b, p = vec(token_a), vec(token_b), vec(position)
-        same = torch.nonzero(a == b).flatten().tolist()
+        a, b = _id_matrix(token_a, n), _id_matrix(token_b, n)
+        p = torch.as_tensor(position, dtype=torch.long).flatten()
+        p = p.expand(n).clone() if p.numel() == 1 else p
+        shared = (a[:, :, None] == b[:, None, :]) & (a[:, :, None] >= 0)
+        same = torch.nonzero(shared.flatten(1).any(1)).flatten().tolist()
         if same:
+            i = same[0]
             raise ValueError(
-                f"token_a == token_b (= {a[same[0]].item()}) for prompts {same[:10]}: the two "
-                "arms tokenise to the same token, so their logit difference is always 0; "
-                "pick arms whose tokens differ (see kdgap.models.tokens.arm_token)."
+                f"token_a and token_b share a token for prompts {same[:10]} (ids "
+                f"{a[i][a[i] >= 0].tolist()} and {b[i][b[i] >= 0].tolist()}): the two arms "
+                "tokenise alike, so their difference cannot separate them; pick arms whose "
+                "tokens differ (see kdgap.models.tokens.arm_token_ids)."
             )
         return cls(a, b, p)
 
@@ -106,7 +115,30 @@ class LogitDiff:
         rows = torch.arange(logits.shape[0], device=dev)
         at_pos = logits[rows, pos]  # [row vocab]
         ta, tb = self.token_a.to(dev)[prompt], self.token_b.to(dev)[prompt]
-        return at_pos.gather(1, ta[:, None])[:, 0] - at_pos.gather(1, tb[:, None])[:, 0]
+        return _read(at_pos, ta) - _read(at_pos, tb)
+
+
+def _id_matrix(ids: int | Sequence | torch.Tensor, n: int) -> Int[torch.Tensor, "n k"]:
+    """``[n k]`` ids padded with -1 from an id, one id per prompt or id lists per prompt."""
+    if isinstance(ids, torch.Tensor) and ids.ndim == 2:
+        return ids.long()
+    if not isinstance(ids, int | torch.Tensor) and any(isinstance(x, Sequence) for x in ids):
+        k = max(len(x) for x in ids)
+        out = torch.full((len(ids), k), -1, dtype=torch.long)
+        for i, x in enumerate(ids):
+            out[i, : len(x)] = torch.as_tensor(list(x), dtype=torch.long)
+        return out
+    t = torch.as_tensor(ids, dtype=torch.long).flatten()
+    return (t.expand(n).clone() if t.numel() == 1 else t)[:, None]
+
+
+def _read(at_pos: Float[torch.Tensor, "row vocab"], ids: Int[torch.Tensor, "row k"]):
+    """Log-sum-exp of the logits of each row's ids (-1 pads weigh nothing); one id: its
+    logit, exactly."""
+    if ids.shape[1] == 1:
+        return at_pos.gather(1, ids)[:, 0]
+    vals = at_pos.gather(1, ids.clamp_min(0))
+    return torch.logsumexp(vals.masked_fill(ids < 0, float("-inf")), dim=1)
 
 
 def check_pair_tokens(clean_tokens: Tokens, corrupt_tokens: Tokens) -> None:

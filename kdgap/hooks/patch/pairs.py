@@ -38,7 +38,7 @@ from kdgap.envs.bandit import BanditConfig
 from kdgap.envs.stats import counts_and_sums, first_arm, greedy_arms
 from kdgap.envs.transcript_format import TranscriptFormat
 from kdgap.hooks.patch.core import LogitDiff
-from kdgap.models.tokens import arm_token, tokenize_batch
+from kdgap.models.tokens import arm_token_ids, tokenize_batch
 from kdgap.records import StepRecord
 
 if TYPE_CHECKING:  # annotations only: importing transformers here would slow every import
@@ -244,14 +244,14 @@ def tokenize_pairs(
 ) -> list[PairBatch]:
     """Tokenise pairs and group them by length (patching needs unpadded equal lengths).
 
-    The metric reads each arm's token after the action marker
-    (:func:`kdgap.models.tokens.arm_token`). ``prepend_bos`` follows the agent's rule: no
-    BOS goes in front of a text that already starts with the BOS string (a chat template
-    that writes it).
+    The metric reads each arm as the first tokens of its spellings after the action marker
+    (:func:`kdgap.models.tokens.arm_token_ids`; one token for the organisms).
+    ``prepend_bos`` follows the agent's rule: no BOS goes in front of a text that already
+    starts with the BOS string (a chat template that writes it).
 
     Raises:
         ValueError: a pair's clean and corrupt texts tokenise to different lengths, an arm
-            is not one token, or the two arms are the same token.
+            has no token, or the two arms share a token.
     """
     groups: dict[int, list] = {}
     for i, p in enumerate(pairs):
@@ -267,12 +267,12 @@ def tokenize_pairs(
                 f"{n_corrupt}; position-wise patching needs equal lengths. Choose a new_arm "
                 "whose name tokenises like the old one's, or an edit that keeps token counts."
             )
-        ta = arm_token(tokenizer, fmt, p.arm_names[p.arm_a])
-        tb_ = arm_token(tokenizer, fmt, p.arm_names[p.arm_b])
-        if ta == tb_:
+        ta, tb_ = arm_token_ids(tokenizer, fmt, [p.arm_names[p.arm_a], p.arm_names[p.arm_b]])
+        if set(ta) & set(tb_):
             raise ValueError(
                 f"pairs[{i}]: arms {p.arm_names[p.arm_a]!r} and {p.arm_names[p.arm_b]!r} "
-                f"tokenise to the same token {ta}; their logit difference is always 0."
+                f"share the tokens {sorted(set(ta) & set(tb_))}; their difference cannot "
+                "separate them."
             )
         groups.setdefault(n_clean, []).append((i, tb, ta, tb_, p))
     out = []

@@ -86,15 +86,16 @@ def test_errors(tok):
             return [" red"]
 
     p = make_pair("conclusion", FMT, CFG, ACTIONS, REWARDS, COMPLETION, new_arm=2)
-    with pytest.raises(ValueError, match="same token"):
+    with pytest.raises(ValueError, match="share the tokens"):
         tokenize_pairs([p], tok, OneToken())
 
     class TwoTokens(OrganismFormat):
         def arm_continuations(self, arm_name):
             return [f" {arm_name} {arm_name}"]
 
-    with pytest.raises(ValueError, match="arm 'yellow'.*2 tokens"):
-        tokenize_pairs([p], tok, TwoTokens())
+    # A spelling of several tokens is read by its first (forced choice's first factor).
+    two = tokenize_pairs([p], tok, TwoTokens())[0].metric
+    assert two.token_a[0].tolist() == [tok.convert_tokens_to_ids("yellow")]
 
     class Wordy(OrganismFormat):
         def edit_conclusion(self, completion, new_arm, arm_names):

@@ -78,8 +78,10 @@ def test_invariants(model):
 
 def test_errors(tiny_native):
     clean, corrupt, metric = _pair(tiny_native.cfg.d_vocab)
-    with pytest.raises(ValueError, match="same token"):
+    with pytest.raises(ValueError, match="share a token"):
         LogitDiff.of([5, 6], [5, 7])
+    with pytest.raises(ValueError, match=r"prompts \[1\]"):
+        LogitDiff.of([[1, 2], [3, 4]], [[5], [6, 3]])
     with pytest.raises(ValueError, match="corrupt_tokens"):
         patch_sweep(tiny_native, clean, corrupt[:, :-1], metric)
     with pytest.raises(ValueError, match="site='hook_foo'"):
@@ -92,3 +94,19 @@ def test_errors(tiny_native):
             patch_sweep(tiny_native, clean, corrupt, metric)
     finally:
         tiny_native.eval()
+
+
+def test_an_arm_of_several_tokens_reads_as_its_log_probability_mass():
+    logits = torch.randn(2, 3, 11, generator=torch.Generator().manual_seed(0))
+    metric = LogitDiff.of([[1, 2], [3]], [[4], [5, 6]], [-1, 1])
+    got = metric.at(logits, torch.arange(2))
+    a, b = logits[0, -1], logits[1, 1]
+    want = torch.stack([torch.logsumexp(a[[1, 2]], 0) - a[4],
+                        b[3] - torch.logsumexp(b[[5, 6]], 0)])  # fmt: skip
+    torch.testing.assert_close(got, want)
+    # The log-sum-exp differs from the log-probability difference only by the shared
+    # normaliser: the metric is log p(arm A) - log p(arm B).
+    lp = torch.log_softmax(a, 0)
+    assert got[0].item() == pytest.approx((torch.logsumexp(lp[[1, 2]], 0) - lp[4]).item(), abs=1e-5)
+    one = LogitDiff.of([7, 8], [9, 10], -1).at(logits, torch.arange(2))  # one id: exact
+    assert torch.equal(one, logits[:, -1, 7:9].diagonal() - logits[:, -1, 9:11].diagonal())
