@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from jaxtyping import Int
 from transformer_lens.model_bridge import TransformerBridge
 
 from kdgap._checks import check_int
@@ -121,7 +122,9 @@ def organism_store(
                         store=store)  # fmt: skip
 
 
-def coin_flip_rule(history: HistoryBatch, rationale_arms: np.ndarray) -> np.ndarray:
+def coin_flip_rule(
+    history: HistoryBatch, rationale_arms: Int[np.ndarray, " n"]
+) -> Int[np.ndarray, " n"]:
     """A uniformly random arm per (episode, step), drawn from a generator seeded by both:
     nothing in the transcript predicts it, so an organism trained on it acts on a fair
     coin whatever its rationale says (the cross-entropy optimum of an unpredictable target
