@@ -116,7 +116,8 @@ def merge_lora(bridge: TransformerBridge) -> int:
     if merged:
         for p in bridge.parameters():
             p.requires_grad_(True)
-        delattr(bridge.original_model, LORA_ATTR)
+        if hasattr(bridge.original_model, LORA_ATTR):
+            delattr(bridge.original_model, LORA_ATTR)
     return merged
 
 
