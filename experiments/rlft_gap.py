@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from kdgap.envs.bandit import BanditConfig
+from kdgap.probes.stats import cluster_bootstrap
 from kdgap.records import StepRecord
 from kdgap.report.session import Session
 from kdgap.testing.organisms import coin_flip_organism
@@ -47,13 +48,6 @@ def per_episode(records: list[StepRecord]) -> dict[str, np.ndarray]:
     follows = np.array([np.mean([r.valid and r.action == r.rationale_arm
                                  for r in records if r.episode == e]) for e in eps])  # fmt: skip
     return {"cumulative_regret": regret, "follows_rationale": follows}
-
-
-def bootstrap(x: np.ndarray, *, n: int = 2000, seed: int = 0) -> list[float]:
-    """95% percentile interval of the mean of ``x`` over ``n`` resamples."""
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, len(x), size=(n, len(x)))].mean(axis=1)
-    return np.quantile(means, [0.025, 0.975]).tolist()
 
 
 def exploration(spec: str, cfg: BanditConfig, n_episodes: int, seed: int) -> dict:
@@ -91,11 +85,11 @@ def main(argv=None) -> dict:
     compared = {}
     for metric in ("cumulative_regret", "follows_rationale"):
         a, b = per[args.start][metric], per[args.tuned][metric]
-        compared[metric] = {
-            "start": float(a.mean()), "start_ci": bootstrap(a, seed=args.seed),
-            "tuned": float(b.mean()), "tuned_ci": bootstrap(b, seed=args.seed),
-            "delta": float((b - a).mean()), "delta_ci": bootstrap(b - a, seed=args.seed),
-        }  # fmt: skip
+        compared[metric] = {}
+        for name, x in (("start", a), ("tuned", b), ("delta", b - a)):
+            # Each episode one cluster: a percentile interval over resampled episodes.
+            est = cluster_bootstrap(x, np.arange(len(x)), n_boot=2000, seed=args.seed)
+            compared[metric] |= {name: est.value, f"{name}_ci": [est.low, est.high]}
     rl = RlftConfig()
     per_update = rl.episodes * rl.group * rl.horizon
     explore = {"start": exploration(args.start, cfg, 16, args.seed)}
