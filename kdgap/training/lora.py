@@ -20,6 +20,7 @@ Which modules to adapt defaults to peft's table for the architecture (``q_proj``
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 from typing import TYPE_CHECKING
@@ -82,12 +83,12 @@ def add_lora(
     names = [t.strip() for t in targets.split(",") if t.strip()] or list(
         default_targets(hf.config.model_type)
     )
+    config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0,
+                        target_modules=names)  # fmt: skip
+    # Inside the bridge the modules sit one level down, as a component's original.
     pattern = rf".*\.({'|'.join(map(re.escape, names))})\._original_component"
     try:
-        inject_adapter_in_model(
-            LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0,
-                       target_modules=pattern), bridge,
-        )  # fmt: skip
+        inject_adapter_in_model(dataclasses.replace(config, target_modules=pattern), bridge)
     except ValueError as err:
         first = str(err).splitlines()[0]
         raise ValueError(f"lora_targets={','.join(names)!r} match no module of "
@@ -95,8 +96,7 @@ def add_lora(
     adapted = [n for n, m in bridge.named_modules() if _is_lora(m)]
     _check_runs_adapters(bridge, names)
     # The hook-free twin (generation, scoring) rebuilds the same adapters from this.
-    setattr(hf, LORA_ATTR, LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0,
-                                      target_modules=names))  # fmt: skip
+    setattr(hf, LORA_ATTR, config)
     for name, p in bridge.named_parameters():
         p.requires_grad_("lora_" in name)
     return adapted
