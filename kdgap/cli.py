@@ -10,6 +10,7 @@ from kdgap.report.api import (
     DEMO_MODELS,
     EXECUTORS,
     FINETUNE_METHODS,
+    SIZE_PRESETS,
     ActivationStore,
     AnalyzeConfig,
     BanditConfig,
@@ -70,7 +71,9 @@ _PLAYER = {name: name for name in ("policy", "model", "mode", "max_new_tokens", 
 _ANALYZE = {"episodes": "episodes", "horizon": "steps", "record_episodes": "record_episodes",
             "driver": "driver", "n_pairs": "pairs", "seed": "seed", "device": "device",
             "dtype": "dtype", "aiw": "aiw", "aiw_samples": "aiw_samples",
-            "rationale": "rationale", "decomposition_steps": "decomposition_steps"}  # fmt: skip
+            "rationale": "rationale", "decomposition_steps": "decomposition_steps",
+            "freqbias_histories": "freqbias_histories", "sizes": "sizes",
+            "max_new_tokens": "max_new_tokens"}  # fmt: skip
 
 
 def _add_executor_args(p: argparse.ArgumentParser) -> None:
@@ -100,13 +103,8 @@ def _player(args: argparse.Namespace) -> Player:
 
 
 def cmd_play(args: argparse.Namespace) -> int:
-    cfg = PlayConfig(
-        bandit=_bandit(args),
-        n_episodes=args.episodes,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        counterfactual=args.counterfactual,
-    )
+    cfg = PlayConfig(bandit=_bandit(args), n_episodes=args.episodes, seed=args.seed,
+                     batch_size=args.batch_size, counterfactual=args.counterfactual)  # fmt: skip
     player = _player(args)
     executor = _executor(args) if player.model else None  # policies always play here
     try:
@@ -163,19 +161,10 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 def _record(args: argparse.Namespace, executor: LocalExecutor | RayExecutor) -> ActivationStore:
     return record_from_model(
-        args.model,
-        episodes=args.episodes,
-        seed=args.seed,
-        hooks=args.hooks,
-        sites=args.sites,
-        out=args.out,
-        driver=args.driver,
-        batch_size=args.batch_size,
-        dtype=args.store_dtype,
-        horizon=args.steps,
-        n_arms=args.arms,
-        executor=executor,
-    )
+        args.model, episodes=args.episodes, seed=args.seed, hooks=args.hooks, sites=args.sites,
+        out=args.out, driver=args.driver, batch_size=args.batch_size, dtype=args.store_dtype,
+        horizon=args.steps, n_arms=args.arms, executor=executor,
+    )  # fmt: skip
 
 
 def _analyze_config(args: argparse.Namespace) -> AnalyzeConfig:
@@ -329,17 +318,23 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--models", nargs="+", default=list(DEMO_MODELS))
         p.add_argument("--out", required=True, help="output folder (stages cached here)")
-        p.add_argument("--episodes", type=int, default=16, help="bandits, own play")
-        p.add_argument("--steps", type=int, default=50, help="horizon")
-        p.add_argument("--record-episodes", type=int, default=24, help="off-policy bandits")
-        p.add_argument("--driver", default="random", help="policy building off-policy histories")
-        p.add_argument("--pairs", type=int, default=32, help="counterfactual pairs")
+        for flag, what in (("episodes", "bandits, own play"), ("steps", "horizon"),
+                           ("record-episodes", "off-policy bandits"),
+                           ("pairs", "counterfactual pairs"),
+                           ("decomposition-steps", "steps of the mediation decomposition "
+                            "(it decides the verdict)"),
+                           ("freqbias-histories", "bandits per repetition count in the "
+                            "frequency-bias protocol")):  # fmt: skip
+            p.add_argument(f"--{flag}", type=int, default=None, help=f"{what}; default: --sizes")
         p.add_argument(
-            "--decomposition-steps",
-            type=int,
-            default=AnalyzeConfig.decomposition_steps,
-            help="steps of the mediation decomposition (it decides the verdict)",
-        )
+            "--sizes", default="auto", choices=SIZE_PRESETS,
+            help="preset of the sizes not given: standard (16 bandits x 50 steps, ...), quick "
+            "(4 x 20, ...; fits a ~100M-parameter model on 2 CPU cores), auto: quick for a "
+            "language model on the CPU, standard for organisms and on GPUs",
+        )  # fmt: skip
+        p.add_argument("--driver", default="random", help="policy building off-policy histories")
+        p.add_argument("--max-new-tokens", type=int, default=None,
+                       help="rationale tokens per step at most (default: 128)")  # fmt: skip
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (all GPUs)")
         p.add_argument("--dtype", default="float32")

@@ -60,7 +60,7 @@ def run(spec: str, executor, cfg: AnalyzeConfig) -> tuple[float, dict[str, float
         analysis = Analysis(spec, Path(out), cfg, executor=executor)
         analysis.session  # noqa: B018 - loaded before the clock starts, as every variant
         t0 = time.perf_counter()
-        analysis.play_ahead()  # as Analysis.run: on several workers both plays at once
+        analysis.play_ahead()  # as Analysis.run: both plays at once, in lockstep
         behavior, store, patching = analysis.behavior(), analysis.activations(), analysis.patching()
         seconds = time.perf_counter() - t0
         labels = store.labels

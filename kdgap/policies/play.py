@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
 from jaxtyping import Int
 from tqdm.auto import tqdm
@@ -23,6 +26,25 @@ def history_of(env: VectorBandit, episodes: Int[np.ndarray, " n"]) -> HistoryBat
         sums=env.sums.copy(),
         episodes=episodes,
     )
+
+
+@dataclass(frozen=True)
+class Group:
+    """Episodes played in lockstep with others (:func:`play_together`).
+
+    Attributes:
+        n_episodes: number of episodes.
+        first_episode: index of the first (see :func:`play`).
+        driver: a policy whose arms are executed instead (off-policy histories; see
+            :func:`play`), or None (the policy's own arms).
+        counterfactual: keep the policy's counterfactual fields in the records (False:
+            ``cf_rationale_arm`` and ``cf_action`` stay None, as from a policy without them).
+    """
+
+    n_episodes: int
+    first_episode: int = 0
+    driver: Policy | None = None
+    counterfactual: bool = True
 
 
 def play(
@@ -69,63 +91,114 @@ def play(
     n_episodes = check_int("n_episodes", n_episodes)
     batch_size = check_int("batch_size", batch_size, optional=True) or n_episodes
     first_episode = check_int("first_episode", first_episode, minimum=0)
+    groups = [Group(min(batch_size, n_episodes - start), first_episode + start, driver)
+              for start in range(0, n_episodes, batch_size)]  # fmt: skip
+    # One batch after another: each batch is a lockstep of one group.
+    with _bar(policy, n_episodes * cfg.horizon, progress) as bar:
+        return [r for g in groups for r in _lockstep(policy, cfg, [g], seed, bar)[0]]
+
+
+def play_together(
+    policy: Policy, cfg: BanditConfig, groups: Sequence[Group], *, seed: int = 0,
+    progress: bool = True,
+) -> list[list[StepRecord]]:  # fmt: skip
+    """Play several groups of episodes in lockstep: one ``policy.act`` per step for all.
+
+    The records of each group are those of :func:`play` with the group's settings and the
+    same ``seed`` (every draw depends on the seed and the episode index, not on the batch),
+    but a language model generates one batch per step instead of one per group: its steps
+    are sequential, so two plays of one model take about the time of one.
+
+    Returns:
+        ``[records]`` per group, as :func:`play` orders them.
+    """
+    for g in groups:
+        check_int("n_episodes", g.n_episodes)
+        check_int("first_episode", g.first_episode, minimum=0)
+    total = sum(g.n_episodes for g in groups) * cfg.horizon
+    with _bar(policy, total, progress) as bar:
+        return _lockstep(policy, cfg, list(groups), seed, bar)
+
+
+def _bar(policy: Policy, total: int, progress: bool) -> tqdm:
+    return tqdm(total=total, desc=f"play {policy.name}", disable=not progress)
+
+
+def _lockstep(
+    policy: Policy, cfg: BanditConfig, groups: list[Group], seed: int, bar: tqdm
+) -> list[list[StepRecord]]:
+    """Step every group's bandits together; ``[records]`` per group."""
     policy.reset(cfg, seed)
-    if driver is not None:
-        driver.reset(cfg, seed)
-    records: list[StepRecord] = []
-    starts = range(0, n_episodes, batch_size)
-    bar = tqdm(total=n_episodes * cfg.horizon, desc=f"play {policy.name}", disable=not progress)
-    for start in starts:
-        stop = min(start + batch_size, n_episodes)
-        episodes = np.arange(first_episode + start, first_episode + stop)
-        env = VectorBandit(cfg, len(episodes), first_episode=int(first_episode + start))
+    envs, eps = [], []
+    for g in groups:
+        if g.driver is not None:
+            g.driver.reset(cfg, seed)
+        env = VectorBandit(cfg, g.n_episodes, first_episode=g.first_episode)
         env.reset(seed=seed)
-        for _ in range(cfg.horizon):
-            hist = history_of(env, episodes)
-            labels = _labels(hist)
-            dec = policy.act(hist)
+        envs.append(env)
+        eps.append(np.arange(g.first_episode, g.first_episode + g.n_episodes))
+    out: list[list[StepRecord]] = [[] for _ in groups]
+    for _ in range(cfg.horizon):
+        hists = [history_of(env, e) for env, e in zip(envs, eps)]
+        dec = policy.act(hists[0] if len(hists) == 1 else _concat(hists))
+        lo = 0
+        for g, env, hist, records in zip(groups, envs, hists, out):
+            rows = slice(lo, lo + hist.n)
+            lo += hist.n
+            actions = dec.actions[rows]
             # The reward and regret of the policy's own arm, before the env moves on.
-            own_reward, own_regret = env.peek(dec.actions)
-            executed = dec.actions if driver is None else driver.act(hist).actions
+            own_reward, own_regret = env.peek(actions)
+            executed = actions if g.driver is None else g.driver.act(hist).actions
             env.step(executed)
-            for j, ep in enumerate(episodes):
+            labels = _labels(hist)
+            for j in range(hist.n):
+                k = rows.start + j
                 records.append(
                     StepRecord(
-                        episode=int(ep),
+                        episode=int(hist.episodes[j]),
                         step=hist.t,
                         n_arms=cfg.n_arms,
-                        action=int(dec.actions[j]),
+                        action=int(actions[j]),
                         reward=float(own_reward[j]),
                         regret=float(own_regret[j]),
-                        valid=bool(dec.valid[j]),
+                        valid=bool(dec.valid[k]),
                         best_arm=int(env.best_arms[j]),
                         ucb_arms=labels[0][j],
                         greedy_arms=labels[1][j],
                         frequent_arms=labels[2][j],
                         rationale_arm=(
-                            None if dec.rationale_arms[j] < 0 else int(dec.rationale_arms[j])
+                            None if dec.rationale_arms[k] < 0 else int(dec.rationale_arms[k])
                         ),
                         action_probs=(
                             None
                             if dec.action_probs is None
-                            else tuple(float(p) for p in dec.action_probs[j])
+                            else tuple(float(p) for p in dec.action_probs[k])
                         ),
-                        prompt=None if dec.prompts is None else dec.prompts[j],
-                        completion=None if dec.completions is None else dec.completions[j],
-                        cf_rationale_arm=_extra(dec, "cf_rationale_arms", j),
-                        cf_action=_extra(dec, "cf_actions", j),
-                        executed_action=None if driver is None else int(executed[j]),
+                        prompt=None if dec.prompts is None else dec.prompts[k],
+                        completion=None if dec.completions is None else dec.completions[k],
+                        cf_rationale_arm=_extra(dec, "cf_rationale_arms", k, g.counterfactual),
+                        cf_action=_extra(dec, "cf_actions", k, g.counterfactual),
+                        executed_action=None if g.driver is None else int(executed[j]),
                     )
                 )
-            bar.update(len(episodes))
-    bar.close()
-    records.sort(key=lambda r: (r.episode, r.step))
-    return records
+            bar.update(hist.n)
+    for records in out:
+        records.sort(key=lambda r: (r.episode, r.step))
+    return out
 
 
-def _extra(dec: Decisions, key: str, j: int) -> int | None:
+def _concat(hists: list[HistoryBatch]) -> HistoryBatch:
+    """The histories of several groups at the same step as one batch."""
+    return HistoryBatch(
+        cfg=hists[0].cfg,
+        **{k: np.concatenate([getattr(h, k) for h in hists])
+           for k in ("actions", "rewards", "counts", "sums", "episodes")},
+    )  # fmt: skip
+
+
+def _extra(dec: Decisions, key: str, j: int, keep: bool = True) -> int | None:
     arr = dec.extras.get(key)
-    if arr is None or arr[j] < 0:
+    if not keep or arr is None or arr[j] < 0:
         return None
     return int(arr[j])
 

@@ -32,6 +32,7 @@ from kdgap.organisms.registry import list_organisms
 from kdgap.policies.reference import Policy, make_policy
 from kdgap.records import write_records
 from kdgap.report.behavior import PlayConfig, play_summary, run_freqbias, run_play
+from kdgap.report.config import SIZE_PRESETS
 from kdgap.report.executor import EXECUTORS, LocalExecutor, RayExecutor, make_executor
 from kdgap.report.pipeline import AnalyzeConfig, analyze
 from kdgap.report.render import render_all
@@ -49,6 +50,7 @@ __all__ = [
     "LocalExecutor",
     "RayExecutor",
     "RlftConfig",
+    "SIZE_PRESETS",
     "DEMO_MODELS",
     "EXECUTORS",
     "AnalyzeConfig",

@@ -76,21 +76,13 @@ def pack_plays(sizes: Sequence[int], workers: int) -> list[list[tuple[int, int, 
     """Plays of ``sizes`` episodes shared by ``workers``: one list of
     ``(play index, first episode, count)`` pieces per worker (idle workers left out).
 
-    With at least as many plays as workers, every play stays whole (the largest first, to
-    the least loaded worker): a play's cost per step has a part that does not shrink with
-    its episodes (one batched forward per step), which a split play pays twice. With
-    fewer plays, the plays' episodes, end to end, are cut into :func:`episode_ranges`.
+    The plays' episodes, end to end, are cut into :func:`episode_ranges`. A worker plays
+    its pieces in lockstep (:meth:`~kdgap.report.session.Session.play_many`: one forward
+    per step for all of them), so what it pays is one chain of sequential steps and a
+    batch of its share of the episodes, whichever plays they come from.
     """
     sizes = [check_int("sizes", n, minimum=0) for n in sizes]
     workers = check_int("workers", workers)
-    if len(sizes) >= workers:
-        chunks: list[list[tuple[int, int, int]]] = [[] for _ in range(workers)]
-        loads = [0] * workers
-        for i in sorted((i for i in range(len(sizes)) if sizes[i]), key=lambda i: -sizes[i]):
-            w = loads.index(min(loads))
-            chunks[w].append((i, 0, sizes[i]))
-            loads[w] += sizes[i]
-        return [sorted(c) for c in chunks if c]
     ends = np.cumsum([0, *sizes])
     chunks = []
     for start, count in episode_ranges(int(ends[-1]), workers):
@@ -109,12 +101,10 @@ PlaySpec = tuple[BanditConfig, int, dict]
 
 def play_pieces(session: Session, plays: Sequence[PlaySpec], pieces: list) -> list:
     """``[records]`` of each ``(play index, first, count)`` piece of ``plays``."""
-    out = []
-    for i, first, count in pieces:
-        cfg, _, kwargs = plays[i]
-        out.append(session.play(cfg, count, **{**kwargs, "progress": False,
-                                               "first_episode": first}))  # fmt: skip
-    return out
+    return session.play_many([
+        (plays[i][0], count, {**plays[i][2], "progress": False, "first_episode": first})
+        for i, first, count in pieces
+    ])  # fmt: skip
 
 
 def record_shard(session: Session, args: tuple, options: dict, shard: tuple[int, int]) -> tuple:
@@ -156,8 +146,9 @@ class LocalExecutor(_Executor):
         return (fn(session, *shared, *item) for item in items)
 
     def play_many(self, session: Session, plays: Sequence[PlaySpec]) -> list[list[StepRecord]]:
-        """:meth:`Session.play` of each ``(cfg, n_episodes, kwargs)``, one after another."""
-        return [session.play(cfg, n, **kwargs) for cfg, n, kwargs in plays]
+        """:meth:`Session.play` of each ``(cfg, n_episodes, kwargs)``
+        (:meth:`Session.play_many`: compatible plays in lockstep)."""
+        return session.play_many(plays)
 
     def record(
         self, session: Session, records: list[StepRecord], hooks: str, sites: list[str],

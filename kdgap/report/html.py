@@ -105,6 +105,7 @@ def render_report(summary: Mapping, figures: Mapping[str, Mapping[str, str]], ou
             f"<td>{_fmt(p.get('divergence_layer'))}</td></tr>"
         )
     parts.append("</table>")
+    parts.extend(_sizes(models))
     parts.extend(delta_html(models))
     n = 0
     if figures.get("_all", {}).get("overlay"):
@@ -148,6 +149,22 @@ def render_report(summary: Mapping, figures: Mapping[str, Mapping[str, str]], ou
     parts.append("</body></html>\n")
     atomic_write_text(Path(out), "\n".join(parts))
     return Path(out)
+
+
+def _sizes(models: dict) -> list[str]:
+    """One line per model: the sizes it was analysed at (the preset may differ by model)."""
+    rows = []
+    for name, m in models.items():
+        c = m.get("config") or {}
+        if c.get("episodes") is None:
+            continue
+        rows.append(
+            f"<li>{html.escape(name)}: {c['episodes']} bandits x {c['horizon']} steps of own "
+            f"play, {c['record_episodes']} off-policy bandits, {c['n_pairs']} pairs, "
+            f"{c['decomposition_steps']} decomposition steps, {c['freqbias_histories']} "
+            f"frequency-bias histories per repetition count ({_fmt(c.get('sizes'))} sizes)</li>"
+        )
+    return ["<p>Sizes:</p><ul>", *rows, "</ul>"] if rows else []
 
 
 def _battery_table(models: Mapping) -> list[str]:

@@ -57,7 +57,8 @@ class Analysis:
     Args:
         model: the model spec.
         out: the analysis folder (this model's stages go to ``out/models/<slug>/``).
-        cfg: sizes and settings.
+        cfg: sizes and settings; sizes left unset take ``model``'s preset
+            (:meth:`~kdgap.report.config.AnalyzeConfig.for_model`).
         force: recompute every stage.
         session: an already loaded model to analyse (its device and dtype are used).
         executor: where the plays run (:mod:`kdgap.report.executor`; default: here).
@@ -73,7 +74,7 @@ class Analysis:
         session: Session | None = None,
         executor: LocalExecutor | RayExecutor | None = None,
     ) -> None:
-        self.spec, self.cfg, self.force = model, cfg, force
+        self.spec, self.cfg, self.force = model, cfg.for_model(model), force
         self.executor = executor or LocalExecutor()
         self.dir = Path(out) / "models" / model_slug(model)
         self._session = session
@@ -91,7 +92,8 @@ class Analysis:
         """
         if self._session is None:
             session = Session(self.spec, device=self.cfg.device, dtype=self.cfg.dtype,
-                              rationale=self.cfg.rationale)  # fmt: skip
+                              rationale=self.cfg.rationale,
+                              max_new_tokens=self.cfg.max_new_tokens)  # fmt: skip
             resolve_hooks(session.bridge, self.cfg.hooks)
             session.check_fits(self.bandit)
             self._session = session
@@ -130,7 +132,7 @@ class Analysis:
         return self._stage("behavior", self._behavior_key(), compute)
 
     def _behavior_key(self) -> dict:
-        return self._key("episodes", "horizon", "seed")
+        return self._key("episodes", "horizon", "seed", "max_new_tokens")
 
     def _plays(self) -> dict[str, PlaySpec]:
         """The two plays: the model's own (behaviour, with the counterfactual) and the
@@ -154,13 +156,13 @@ class Analysis:
         return records, time.perf_counter() - t0
 
     def play_ahead(self) -> None:
-        """On several workers, play both plays at once when neither is cached: whole plays
-        go to different workers (:func:`~kdgap.report.executor.pack_plays`) instead of
-        each play's episodes being halved (every worker would pay each play's per-step
-        cost). The stages then take their records from here."""
+        """Play both plays at once when neither is cached: in lockstep
+        (:meth:`Session.play_many`: a model's steps are sequential, so two plays cost about
+        one's steps), their episodes shared by the workers
+        (:func:`~kdgap.report.executor.pack_plays`). The stages then take their records
+        from here."""
         behavior = self._stage_file("behavior", self._behavior_key())
-        cached = behavior.saved() is not None or self._transcripts() is not None
-        if self.executor.workers < 2 or cached:
+        if behavior.saved() is not None or self._transcripts() is not None:
             return
         plays = self._plays()
         t0 = time.perf_counter()
@@ -191,7 +193,11 @@ class Analysis:
             return run_freqbias(agent, self.bandit, n_histories=self.cfg.freqbias_histories,
                                 repetitions=reps, seed=self.cfg.seed)  # fmt: skip
 
-        return self._stage("freqbias", self._key("freqbias_histories", "horizon", "seed"), compute)
+        return self._stage(
+            "freqbias",
+            self._key("freqbias_histories", "horizon", "seed", "max_new_tokens"),
+            compute,
+        )
 
     def transcripts(self) -> list[StepRecord]:
         """Off-policy step records (cached as JSONL) used by recording, probes and patching."""
@@ -203,7 +209,7 @@ class Analysis:
         return recs
 
     def _transcripts_key(self) -> dict:
-        return self._key("record_episodes", "horizon", "driver", "seed")
+        return self._key("record_episodes", "horizon", "driver", "seed", "max_new_tokens")
 
     def _transcripts(self) -> list[StepRecord] | None:
         """The cached transcripts when their key matches (None: to be played)."""
@@ -237,7 +243,7 @@ class Analysis:
             return {"path": str(store.path), "n_examples": store.n_examples,
                     "hooks": list(store.hooks), "sites": list(store.sites)}  # fmt: skip
 
-        key = self._key("record_episodes", "horizon", "driver", "hooks", "site", "seed")
+        key = self._transcripts_key() | self._key("hooks", "site")
         info = self._stage("record", key, compute)
         return ActivationStore(info["path"])
 
@@ -256,7 +262,7 @@ class Analysis:
             out["latent"] = latent_knowledge(store, site=self.cfg.site, seed=self.cfg.seed)
             return out
 
-        key = self._key("record_episodes", "horizon", "driver", "hooks", "site", "seed")
+        key = self._transcripts_key() | self._key("hooks", "site")
         return self._stage("probes", key, compute)
 
     def patching(self) -> dict:
@@ -267,7 +273,7 @@ class Analysis:
             return patching_stage(self.executor, self.session, self.transcripts(),
                                   n_pairs=self.cfg.n_pairs, seed=self.cfg.seed)  # fmt: skip
 
-        key = self._key("record_episodes", "horizon", "driver", "n_pairs", "seed")
+        key = self._transcripts_key() | self._key("n_pairs")
         return self._stage("patching", key, compute)
 
     def decomposition(self) -> dict:
@@ -279,7 +285,7 @@ class Analysis:
             recs = self.transcripts()
             return decomposition_stage(self.session, recs, self.bandit, n_steps=steps, seed=seed)
 
-        key = self._key("record_episodes", "horizon", "driver", "decomposition_steps", "seed")
+        key = self._transcripts_key() | self._key("decomposition_steps")
         return self._stage("decomposition", key, compute)
 
     def aiw(self) -> dict:
@@ -323,11 +329,13 @@ class Analysis:
     def _key(self, *names: str) -> dict:
         # The weights' files, how the model runs and kdgap's version key every stage, so a
         # retrained model, another dtype or a new kdgap never reads an old result.
+        # A setting left at None (the agent's default budget) adds nothing, nor does the
+        # default rationale, so the stage keys (and cached stages) of analyses without them
+        # are those they always had.
+        given = {n: getattr(self.cfg, n) for n in names}
         key = {"model": self.spec, "weights": self._weights, "device": self.cfg.device,
                "dtype": self.cfg.dtype, "kdgap": _VERSION,
-               **{n: getattr(self.cfg, n) for n in names}}  # fmt: skip
-        # The default adds nothing, so analyses of models writing their own rationale keep
-        # the stage keys (and cached stages) they always had.
+               **{n: v for n, v in given.items() if v is not None}}  # fmt: skip
         if self.cfg.rationale != "model":
             key["rationale"] = self.cfg.rationale
         return key

@@ -24,12 +24,15 @@ from kdgap.hooks.record import record_shards, record_store
 from kdgap.hooks.store import ActivationStore
 from kdgap.models import LoadedModel, load_model
 from kdgap.models.tokens import encode
-from kdgap.policies.play import play
+from kdgap.policies.play import Group, play, play_together
 from kdgap.policies.reference import Policy, make_policy
 from kdgap.records import StepRecord
 
 #: ``driver`` value of on-policy play: the model's own actions build the histories.
 OWN = "own"
+#: :meth:`Session.play` keyword arguments that plays in lockstep must share.
+_SHARED_ARGS = ("seed", "mode", "max_new_tokens", "temperature", "progress")
+_PLAY_ARGS = {*_SHARED_ARGS, "driver", "counterfactual", "batch_size", "first_episode"}
 
 
 @dataclass(eq=False)
@@ -48,6 +51,7 @@ class Session:
         rationale: ``"model"`` (the model writes its rationale) or ``"scripted"`` (kdgap
             writes the correct one and the model only acts; see
             :class:`~kdgap.agent.text_agent.TextAgent`).
+        max_new_tokens: the agents' generation budget (None: the agent's default).
         loaded: the :class:`~kdgap.models.LoadedModel`.
         fmt: the transcript format.
     """
@@ -57,6 +61,7 @@ class Session:
     dtype: str = "float32"
     knowing_doing: bool = True
     rationale: str = "model"
+    max_new_tokens: int | None = None
     loaded: LoadedModel = field(init=False, repr=False)
     fmt: TranscriptFormat = field(init=False)
 
@@ -103,12 +108,13 @@ class Session:
         Args:
             mode: ``"forced"`` (score every arm after the rationale) or ``"free"``.
             counterfactual: also edit each rationale's conclusion and act again.
-            max_new_tokens: generation budget (None: the agent's default).
+            max_new_tokens: generation budget (None: the session's).
             temperature: 0 decodes greedily.
             seed: combined with the run seed of each play.
             batch_size: rows generated together (None: all).
         """
-        kwargs = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+        budget = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        kwargs = {} if budget is None else {"max_new_tokens": budget}
         return TextAgent(
             self.bridge, self.fmt, mode=mode, temperature=temperature, seed=seed,
             batch_size=batch_size, counterfactual=counterfactual, tokenizer=self.tokenizer,
@@ -197,6 +203,46 @@ class Session:
             agent, cfg, n_episodes=n_episodes, seed=seed, batch_size=batch_size,
             progress=progress, driver=driver_policy(driver), first_episode=first_episode,
         )  # fmt: skip
+
+    def play_many(self, plays: Sequence[tuple[BanditConfig, int, dict]]) -> list[list[StepRecord]]:
+        """:meth:`play` of each ``(cfg, n_episodes, kwargs)``, same records.
+
+        Plays of one bandit family that differ only in their episodes, driver and
+        counterfactual (and leave ``batch_size`` unset) run in lockstep
+        (:func:`~kdgap.policies.play.play_together`): one generation per step for all of
+        them, so the behaviour study and the off-policy transcripts of an analysis cost
+        about one play's sequential steps instead of two.
+        """
+        out: list[list[StepRecord] | None] = [None] * len(plays)
+        buckets: dict[tuple, list[int]] = {}
+        for i, (cfg, _, kwargs) in enumerate(plays):
+            unknown = set(kwargs) - _PLAY_ARGS
+            if unknown:
+                raise TypeError(f"plays[{i}] has unknown play arguments {sorted(unknown)}.")
+            if kwargs.get("batch_size") is not None:
+                out[i] = self.play(cfg, plays[i][1], **kwargs)
+                continue
+            shared = tuple(kwargs.get(k) for k in _SHARED_ARGS)
+            buckets.setdefault((cfg, shared), []).append(i)
+        for (cfg, shared), idx in buckets.items():
+            opts = {k: v for k, v in zip(_SHARED_ARGS, shared) if v is not None}
+            groups = [
+                Group(plays[i][1], plays[i][2].get("first_episode", 0),
+                      driver_policy(plays[i][2].get("driver")),
+                      bool(plays[i][2].get("counterfactual", False)))
+                for i in idx
+            ]  # fmt: skip
+            self.check_fits(cfg)
+            agent = self.agent(
+                mode=opts.get("mode", "forced"), max_new_tokens=opts.get("max_new_tokens"),
+                temperature=opts.get("temperature", 0.0), seed=opts.get("seed", 0),
+                counterfactual=any(g.counterfactual for g in groups),
+            )  # fmt: skip
+            got = play_together(agent, cfg, groups, seed=opts.get("seed", 0),
+                                progress=opts.get("progress", True))  # fmt: skip
+            for i, records in zip(idx, got):
+                out[i] = records
+        return out  # type: ignore[return-value]
 
     def record(
         self,

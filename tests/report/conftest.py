@@ -170,6 +170,6 @@ def analysis_dir(tmp_path):
             (d / f"{name}.json").write_text(
                 json.dumps({"key": {}, "seconds": 1.0, "result": result})
             )
-        entries[model] = model_entry(model, res, cfg, {"behavior": 1.0})
+        entries[model] = model_entry(model, res, cfg.for_model(model), {"behavior": 1.0})
     (tmp_path / "summary.json").write_text(json.dumps(build_summary(entries, cfg)))
     return tmp_path

@@ -43,10 +43,10 @@ def test_episode_ranges_by_hand():
 
 
 def test_pack_plays_by_hand():
-    # As many plays as workers: whole plays, the largest to the least loaded worker.
-    assert pack_plays([16, 24], 2) == [[(1, 0, 24)], [(0, 0, 16)]]
-    assert pack_plays([3, 0, 2, 2], 2) == [[(0, 0, 3)], [(2, 0, 2), (3, 0, 2)]]
-    # Fewer plays than workers: the episodes end to end, cut into near-equal ranges.
+    # The episodes end to end, cut into near-equal ranges (a worker plays its pieces in
+    # lockstep, so a play split over two workers costs no extra chain of steps).
+    assert pack_plays([16, 24], 2) == [[(0, 0, 16), (1, 0, 4)], [(1, 4, 20)]]
+    assert pack_plays([3, 0, 2, 2], 2) == [[(0, 0, 3), (2, 0, 1)], [(2, 1, 1), (3, 0, 2)]]
     assert pack_plays([10], 3) == [[(0, 0, 4)], [(0, 4, 3)], [(0, 7, 3)]]
     assert pack_plays([2, 3], 3) == [[(0, 0, 2)], [(1, 0, 2)], [(1, 2, 1)]]
     with pytest.raises(ValueError, match="sizes=-1"):
@@ -136,6 +136,15 @@ def test_local_play_many_is_each_play(faithful):
              (cfg, 3, {"seed": 2, "counterfactual": True, "progress": False})]  # fmt: skip
     got = LocalExecutor().play_many(faithful, plays)
     assert got == [faithful.play(c, n, **kw) for c, n, kw in plays]
+    # An analysis's two plays share the seed: they run in lockstep, with the same records.
+    plays = [(cfg, 3, {"seed": 1, "counterfactual": True, "progress": False}),
+             (cfg, 2, {"seed": 1, "driver": "random", "progress": False}),
+             (cfg, 2, {"seed": 1, "first_episode": 5, "progress": False})]  # fmt: skip
+    got = LocalExecutor().play_many(faithful, plays)
+    assert got == [faithful.play(c, n, **kw) for c, n, kw in plays]
+    assert all(r.cf_action is None for r in got[1] + got[2])  # as without the counterfactual
+    assert any(r.cf_action is not None for r in got[0])
+    assert [r.episode for r in got[2]] == [e for e in (5, 6) for _ in range(4)]
 
 
 def test_ray_analysis_equals_the_single_process_one(ray_local, local_summary, tmp_path):

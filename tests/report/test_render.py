@@ -21,6 +21,8 @@ def test_render_writes_report_with_every_figure_and_summary_numbers(analysis_dir
         assert f"{entry['decomposition']['reading_share']:.3f}" in html
         assert f"{entry['battery']['early_answering']['area']:.3f}" in html
         assert entry["verdict"] in html
+        c = entry["config"]  # the sizes each model was analysed at
+        assert f"{name}: {c['episodes']} bandits x {c['horizon']} steps" in html
     assert summary["models"]["organism:faithful"]["verdict"] == "rationale-mediated"
     assert summary["models"]["organism:greedy-bypass"]["verdict"] == "bypass"
 

@@ -56,6 +56,10 @@ def test_a_changed_setting_reruns_exactly_the_stages_that_depend_on_it(organism_
     assert _run(spec, out, replace(CFG, n_pairs=5)) == {"patching"}
     assert _run(spec, out, replace(CFG, n_pairs=5, decomposition_steps=12)) == {"decomposition"}
     assert _run(spec, out, replace(CFG, n_pairs=5)) == {"decomposition"}  # its own key again
+    # The generation budget: every stage that generates or reads generated transcripts.
+    wrote = set(STAGES) - {"baselines"}
+    assert _run(spec, out, replace(CFG, n_pairs=5, max_new_tokens=12)) == wrote
+    assert _run(spec, out, replace(CFG, n_pairs=5)) == wrote  # the default budget again
     acts = out / "models" / model_slug(spec) / "acts"
     (first,) = acts.iterdir()
     assert _run(spec, out, replace(CFG, n_pairs=5, dtype="bfloat16")) == set(STAGES)
