@@ -76,13 +76,23 @@ def pack_plays(sizes: Sequence[int], workers: int) -> list[list[tuple[int, int, 
     """Plays of ``sizes`` episodes shared by ``workers``: one list of
     ``(play index, first episode, count)`` pieces per worker (idle workers left out).
 
-    The plays' episodes, end to end, are cut into :func:`episode_ranges`. A worker plays
-    its pieces in lockstep (:meth:`~kdgap.report.session.Session.play_many`: one forward
-    per step for all of them), so what it pays is one chain of sequential steps and a
-    batch of its share of the episodes, whichever plays they come from.
+    With at least as many plays as workers, every play stays whole (the largest first, to
+    the least loaded worker): a play's cost per step has a part that does not shrink with
+    its episodes (one batched forward per step), which a split play pays on every worker.
+    With fewer plays, the plays' episodes, end to end, are cut into :func:`episode_ranges`.
+    A worker plays the pieces it holds in lockstep
+    (:meth:`~kdgap.report.session.Session.play_many`), paying that part once.
     """
     sizes = [check_int("sizes", n, minimum=0) for n in sizes]
     workers = check_int("workers", workers)
+    if len(sizes) >= workers:
+        chunks: list[list[tuple[int, int, int]]] = [[] for _ in range(workers)]
+        loads = [0] * workers
+        for i in sorted((i for i in range(len(sizes)) if sizes[i]), key=lambda i: -sizes[i]):
+            w = loads.index(min(loads))
+            chunks[w].append((i, 0, sizes[i]))
+            loads[w] += sizes[i]
+        return [sorted(c) for c in chunks if c]
     ends = np.cumsum([0, *sizes])
     chunks = []
     for start, count in episode_ranges(int(ends[-1]), workers):

@@ -156,11 +156,12 @@ class Analysis:
         return records, time.perf_counter() - t0
 
     def play_ahead(self) -> None:
-        """Play both plays at once when neither is cached: in lockstep
-        (:meth:`Session.play_many`: a model's steps are sequential, so two plays cost about
-        one's steps), their episodes shared by the workers
-        (:func:`~kdgap.report.executor.pack_plays`). The stages then take their records
-        from here."""
+        """Play both plays at once when neither is cached. In one process they run in
+        lockstep (:meth:`Session.play_many`: a model's steps are sequential, so two plays
+        cost about one's steps); on several workers whole plays go to different workers
+        (:func:`~kdgap.report.executor.pack_plays`) instead of each play's episodes being
+        halved (every worker would pay each play's per-step cost). The stages then take
+        their records from here."""
         behavior = self._stage_file("behavior", self._behavior_key())
         if behavior.saved() is not None or self._transcripts() is not None:
             return

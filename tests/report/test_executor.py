@@ -43,10 +43,10 @@ def test_episode_ranges_by_hand():
 
 
 def test_pack_plays_by_hand():
-    # The episodes end to end, cut into near-equal ranges (a worker plays its pieces in
-    # lockstep, so a play split over two workers costs no extra chain of steps).
-    assert pack_plays([16, 24], 2) == [[(0, 0, 16), (1, 0, 4)], [(1, 4, 20)]]
-    assert pack_plays([3, 0, 2, 2], 2) == [[(0, 0, 3), (2, 0, 1)], [(2, 1, 1), (3, 0, 2)]]
+    # As many plays as workers: whole plays, the largest to the least loaded worker.
+    assert pack_plays([16, 24], 2) == [[(1, 0, 24)], [(0, 0, 16)]]
+    assert pack_plays([3, 0, 2, 2], 2) == [[(0, 0, 3)], [(2, 0, 2), (3, 0, 2)]]
+    # Fewer plays than workers: the episodes end to end, cut into near-equal ranges.
     assert pack_plays([10], 3) == [[(0, 0, 4)], [(0, 4, 3)], [(0, 7, 3)]]
     assert pack_plays([2, 3], 3) == [[(0, 0, 2)], [(1, 0, 2)], [(1, 2, 1)]]
     with pytest.raises(ValueError, match="sizes=-1"):
