@@ -14,7 +14,8 @@ from kdgap.report.session import driver_policy
 
 #: The size presets. ``standard`` fits an organism (a few million parameters) on a laptop
 #: CPU in about a minute and any model on a GPU. ``quick`` fits a ~100M-parameter language
-#: model on two CPU cores in about ten minutes: every step there generates up to 128 tokens
+#: model on two CPU cores within a quarter of an hour (SmolLM2's run in
+#: docs/benchmarks.md): every step there generates up to 128 tokens
 #: of rationale one token at a time, so the horizon (sequential steps) sets the wall time,
 #: and 20 steps still cover the part of an episode where coverage grows (the seed paper:
 #: it stops growing after about 10) and the suffix from step 10 on. Six off-policy bandits
