@@ -2,10 +2,11 @@
 
 :mod:`~kdgap.policies.reference` holds the policy protocol and the UCB, greedy,
 epsilon-greedy and random policies; :mod:`~kdgap.policies.play` plays a policy (or a text
-agent, which satisfies the same protocol) and writes step records.
+agent, which satisfies the same protocol) and writes step records; ``play_together``
+plays several groups of episodes in lockstep.
 """
 
-from kdgap.policies.play import history_of, play
+from kdgap.policies.play import Group, history_of, play, play_together
 from kdgap.policies.reference import (
     REFERENCE_POLICIES,
     Decisions,
@@ -23,6 +24,7 @@ __all__ = [
     "Decisions",
     "EpsilonGreedyPolicy",
     "GreedyPolicy",
+    "Group",
     "HistoryBatch",
     "Policy",
     "RandomPolicy",
@@ -30,4 +32,5 @@ __all__ = [
     "history_of",
     "make_policy",
     "play",
+    "play_together",
 ]
