@@ -222,10 +222,11 @@ class Session:
             if kwargs.get("batch_size") is not None:
                 out[i] = self.play(cfg, plays[i][1], **kwargs)
                 continue
-            shared = tuple(kwargs.get(k) for k in _SHARED_ARGS)
+            shared = tuple(sorted((k, v) for k, v in kwargs.items() if k in _SHARED_ARGS))
             buckets.setdefault((cfg, shared), []).append(i)
         for (cfg, shared), idx in buckets.items():
-            opts = {k: v for k, v in zip(_SHARED_ARGS, shared) if v is not None}
+            opts = dict(shared)
+            progress = opts.pop("progress", True)
             groups = [
                 Group(plays[i][1], plays[i][2].get("first_episode", 0),
                       driver_policy(plays[i][2].get("driver")),
@@ -233,13 +234,9 @@ class Session:
                 for i in idx
             ]  # fmt: skip
             self.check_fits(cfg)
-            agent = self.agent(
-                mode=opts.get("mode", "forced"), max_new_tokens=opts.get("max_new_tokens"),
-                temperature=opts.get("temperature", 0.0), seed=opts.get("seed", 0),
-                counterfactual=any(g.counterfactual for g in groups),
-            )  # fmt: skip
-            got = play_together(agent, cfg, groups, seed=opts.get("seed", 0),
-                                progress=opts.get("progress", True))  # fmt: skip
+            # The agent's own defaults fill what the plays leave out, as in :meth:`play`.
+            agent = self.agent(**opts, counterfactual=any(g.counterfactual for g in groups))
+            got = play_together(agent, cfg, groups, seed=agent.seed, progress=progress)
             for i, records in zip(idx, got):
                 out[i] = records
         return out  # type: ignore[return-value]
